@@ -1,0 +1,397 @@
+"""Typed configuration: dataclasses loaded from YAML, with `extends:` inheritance and dotted overrides.
+
+A config file is a mapping whose top-level keys are the fields of `Config` (plus an optional
+`extends: other.yaml`, resolved relative to the file). Command lines add `a.b=c` overrides whose
+values are parsed as YAML scalars. Every key is checked against the dataclass fields and every
+value against the field's type, so a typo fails loudly with the key, the file and the allowed keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from mtlxray.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "PhaseConfig",
+    "RunConfig", "LaunchConfig", "Config", "ConfigError", "load_config", "config_to_dict",
+    "dump_config", "apply_overrides",
+]
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Training-time augmentation, applied identically to the image and its masks.
+
+    There is deliberately no horizontal flip: chest anatomy is not left-right symmetric.
+    """
+
+    enabled: bool = True
+    rotate_deg: float = 7.0
+    """Maximum absolute rotation, degrees."""
+    translate: float = 0.05
+    """Maximum shift as a fraction of the image side."""
+    scale: float = 0.05
+    """Maximum relative zoom (0.05 means 0.95..1.05)."""
+    brightness: float = 0.1
+    """Maximum additive brightness change on the [0, 1] image."""
+    contrast: float = 0.1
+    """Maximum relative contrast change."""
+
+    def __post_init__(self) -> None:
+        for name in ("rotate_deg", "translate", "scale", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards are and how they are streamed."""
+
+    shards: str = "shards/synthetic"
+    """Shard root holding manifest.json and <subset>/<split>-NNNNNN.tar."""
+    subset: Literal["lung", "infection", "mixed", "alternate"] = "lung"
+    """Training subset; `mixed` interleaves lung and infection samples, `alternate` whole batches."""
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 16
+    """Per-process batch size."""
+    eval_batch_size: int = 32
+    workers: int = 4
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    samples_per_epoch: Optional[int] = None
+    """Global samples per training epoch; default: the manifest's count for the training split."""
+    verify: bool = False
+    """Check every shard's sha256 against the manifest before training."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The multi-task Swin-UNet (or a baseline from the registry)."""
+
+    name: str = "mtl_swin_unet"
+    img_size: int = 256
+    in_chans: int = 1
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+    ppm_bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    ppm_channels: int = 192
+    decoder_channels: list[int] = field(default_factory=lambda: [384, 192, 96, 48])
+    cross_attn_heads: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    head_channels: int = 24
+    num_classes: int = 3
+    cls_channels: int = 64
+    cls_use_bottleneck: bool = False
+    """Also feed pooled bottleneck features to the class head (off: the paper's mask-only head)."""
+    grad_checkpoint: Literal["none", "attention", "block"] = "none"
+    attention: Literal["auto", "sdpa", "explicit"] = "auto"
+    """Window-attention kernel; `auto` picks the measured-faster one per dtype."""
+
+    def __post_init__(self) -> None:
+        if len(self.depths) != len(self.num_heads):
+            raise ConfigError("model.depths and model.num_heads must have the same length")
+        if len(self.decoder_channels) != len(self.cross_attn_heads):
+            raise ConfigError("model.decoder_channels and model.cross_attn_heads must have the same length")
+        if self.img_size % (self.patch_size * 2 ** (len(self.depths) - 1)) != 0:
+            raise ConfigError(
+                f"model.img_size={self.img_size} must be divisible by "
+                f"patch_size*2^(stages-1)={self.patch_size * 2 ** (len(self.depths) - 1)}"
+            )
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ConfigError("optim.grad_accum must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Cosine learning-rate schedule from optim.lr down to min_lr, with optional linear warmup."""
+
+    epochs: int = 50
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs × steps per epoch when set)."""
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("schedule.epochs must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("schedule.max_steps must be >= 1")
+
+
+@dataclass(kw_only=True)
+class PhaseConfig:
+    """What a training phase trains: freezing, loss weights and learning-rate multipliers, as data."""
+
+    name: Literal["phase1", "phase2"] = "phase1"
+    """Selects the class head's input (phase1: lung mask; phase2: lung + infection masks)."""
+    frozen: list[str] = field(default_factory=lambda: ["inf_decoder", "inf_head"])
+    """Module-name prefixes whose parameters get requires_grad=False before wrapping."""
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"lung": 1.0, "inf": 0.0, "cls": 0.5})
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Module-name prefix -> learning-rate multiplier; key `default` covers everything else."""
+    infection_classes: list[int] = field(default_factory=lambda: [2])
+    """Labels whose infection loss counts (COVID-19 only in the paper)."""
+    init_from: Optional[str] = None
+    """Checkpoint (a run's checkpoint folder or model.safetensors) to start from."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.loss_weights) - {"lung", "inf", "cls"}
+        if unknown:
+            raise ConfigError(f"phase.loss_weights has unknown task(s) {sorted(unknown)}; allowed: lung, inf, cls")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where outputs go and how the loop behaves."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON (configs/deepspeed/zero2.json, ...) when backend is deepspeed."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 means at the end of each epoch."""
+    save_every: int = 200
+    """Write the `last` checkpoint every N optimizer steps (and at each epoch end)."""
+    best_metric: str = "val/lung_dice"
+    best_mode: Literal["max", "min"] = "max"
+    nan_skip_budget: int = 0
+    """Non-finite losses tolerated (step skipped) before the run fails; 0 fails on the first."""
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """Cluster resources for `mtlxray submit` (submitit) and the sbatch scripts' defaults."""
+
+    executor: Literal["slurm", "local"] = "slurm"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    mem_gb: int = 0
+    """0 leaves memory to the cluster default."""
+    timeout_min: int = 24 * 60
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    requeue_signal_delay_s: int = 120
+    slurm_extra: dict[str, str] = field(default_factory=dict)
+    """Extra sbatch parameters, passed through to submitit's slurm_additional_parameters."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; `over` wins. Lists are replaced, not concatenated."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file and resolve its `extends:` chain (relative to the file)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular `extends` ({' -> '.join(str(p) for p in seen + (path,))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_yaml(path.parent / parent, seen + (path,))
+    return _merge(base, raw)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int -> float. Returns the value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(
+        f"{source}: `{key}` expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: `{key}` must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float:
+        # YAML 1.1 reads `3e-4` (no dot) as a string; accept any string float() accepts.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _build(cls: type, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `{prefix or 'config'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            allowed = sorted(fields)
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean `{(prefix + '.' if prefix else '') + close[0]}`?)" if close else ""
+            raise ConfigError(f"{source}: unknown key `{dotted}`{hint}; allowed keys: {', '.join(allowed)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted, source)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override `{item}` has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a raw config mapping."""
+    data = dict(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (following `extends:`), apply overrides, and validate into a `Config`."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    return _build(Config, raw, "", source)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
