@@ -1,0 +1,1 @@
+"""Data: synthetic phantoms, dataset readers, the shard builder and the WebDataset loaders."""

@@ -1,0 +1,241 @@
+"""Synthetic phantom chest X-rays with exact masks, written in the COVID-QU-Ex on-disk layout.
+
+Each image is a deterministic function of (seed, subset, split, class, index), so the output does
+not depend on the number of worker processes. The classes are visible in the image:
+
+- Normal: clear lungs.
+- Non-COVID: a unilateral lobar consolidation or a pleural effusion.
+- COVID-19: bilateral, peripheral, lower-zone ground-glass opacities; these are the infection mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mtlxray import CLASS_NAMES
+from mtlxray.data.sources import SPLIT_DIRS, SUBSET_DIRS
+from mtlxray.errors import DataError
+
+__all__ = [
+    "SCALE_COUNTS", "PhantomSpec", "plan", "file_name", "render_phantom",
+    "synthesize", "cli_main",
+]
+
+log = logging.getLogger(__name__)
+
+_TABLE_I = {"Normal": (6849, 1712, 2140), "Non-COVID": (7208, 1802, 2253), "COVID-19": (7658, 1903, 2395)}
+_TABLE_II = {"Normal": (932, 233, 291), "Non-COVID": (932, 233, 292), "COVID-19": (1864, 466, 583)}
+
+
+def _counts(lung: dict[str, tuple[int, int, int]], inf: dict[str, tuple[int, int, int]]) -> dict:
+    return {
+        subset: {split: {c: table[c][i] for c in CLASS_NAMES} for i, split in enumerate(SPLIT_DIRS)}
+        for subset, table in (("lung", lung), ("infection", inf))
+    }
+
+
+SCALE_COUNTS: dict[str, dict[str, dict[str, dict[str, int]]]] = {
+    "tiny": _counts({c: (6, 2, 2) for c in CLASS_NAMES},
+                    {"Normal": (2, 1, 1), "Non-COVID": (2, 1, 1), "COVID-19": (4, 2, 2)}),
+    "small": _counts({c: (60, 15, 15) for c in CLASS_NAMES},
+                     {"Normal": (12, 4, 4), "Non-COVID": (12, 4, 4), "COVID-19": (24, 8, 8)}),
+    "paper": _counts(_TABLE_I, _TABLE_II),
+}
+"""scale -> subset -> split -> class -> number of images (paper = Table I / Table II)."""
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """One image to render: where it goes and what determines its pixels."""
+
+    subset: str
+    split: str
+    class_name: str
+    index: int
+
+    @property
+    def folder(self) -> Path:
+        """Class folder relative to the output root, e.g. `Lung Segmentation Data/Lung .../Train/Normal`."""
+        top = SUBSET_DIRS[self.subset]
+        return Path(top) / top / SPLIT_DIRS[self.split] / self.class_name
+
+    @property
+    def name(self) -> str:
+        return file_name(self.class_name, self.index)
+
+
+def file_name(class_name: str, index: int) -> str:
+    """Real-release style file name: `covid_989.png`, `non_COVID (3300).png`, `Normal (84).png`."""
+    return {"COVID-19": f"covid_{index}.png", "Non-COVID": f"non_COVID ({index}).png",
+            "Normal": f"Normal ({index}).png"}[class_name]
+
+
+def plan(scale: str) -> list[PhantomSpec]:
+    """Every image a scale writes, in a fixed order; indices run 1.. per (subset, class) across splits."""
+    if scale not in SCALE_COUNTS:
+        raise DataError(f"unknown synthetic scale {scale!r}; choose one of {sorted(SCALE_COUNTS)}")
+    specs = []
+    for subset, splits in SCALE_COUNTS[scale].items():
+        for class_name in CLASS_NAMES:
+            index = 1
+            for split in SPLIT_DIRS:
+                for _ in range(splits[split][class_name]):
+                    specs.append(PhantomSpec(subset, split, class_name, index))
+                    index += 1
+    return specs
+
+
+def _spec_rng(seed: int, spec: PhantomSpec) -> np.random.Generator:
+    ids = (seed, list(SUBSET_DIRS).index(spec.subset), list(SPLIT_DIRS).index(spec.split),
+           CLASS_NAMES.index(spec.class_name), spec.index)
+    return np.random.default_rng(ids)
+
+
+def _lung_field(u: np.ndarray, v: np.ndarray, cx: float, cy: float, a: float, b: float,
+                angle: float, p: float, wobble: float, phase: float) -> np.ndarray:
+    """A rotated superellipse with a low-frequency boundary wobble -> bool mask."""
+    # Evaluate only inside the circle that bounds the shape: pow and arctan2 dominate the cost.
+    reach = np.hypot(a, b) * (1.0 + wobble)
+    cols = np.flatnonzero(np.abs(u[0] - cx) <= reach)
+    rows = np.flatnonzero(np.abs(v[:, 0] - cy) <= reach)
+    out = np.zeros(u.shape, dtype=bool)
+    if cols.size == 0 or rows.size == 0:
+        return out
+    win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    c, s = np.cos(angle), np.sin(angle)
+    du, dv = u[win] - cx, v[win] - cy
+    x, y = du * c + dv * s, -du * s + dv * c
+    r = (np.abs(x / a) ** p + np.abs(y / b) ** p) ** (1.0 / p)
+    out[win] = r < 1.0 + wobble * np.sin(2 * np.arctan2(y, x) + phase)
+    return out
+
+
+def _ellipse(u: np.ndarray, v: np.ndarray, cx: float, cy: float, a: float, b: float) -> np.ndarray:
+    return ((u - cx) / a) ** 2 + ((v - cy) / b) ** 2 < 1.0
+
+
+def render_phantom(rng: np.random.Generator, class_name: str, size: int) -> tuple[np.ndarray, ...]:
+    """Render one phantom -> (image uint8, lung mask bool, infection mask bool), each (size, size)."""
+    g = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    u, v = np.meshgrid(g, g)  # u: x to the right, v: y downwards
+    img = np.full((size, size), 0.04, np.float32)
+    body = _ellipse(u, v, rng.uniform(-0.03, 0.03), 0.08, rng.uniform(0.82, 0.92), 1.05)
+    img[body] = 0.55
+
+    # Two lung fields; the patient's right lung is on the image's left.
+    dy, sc = rng.uniform(-0.06, 0.06), rng.uniform(0.9, 1.08)
+    lungs = []
+    for side in (-1, 1):
+        lung = _lung_field(
+            u, v, cx=side * rng.uniform(0.36, 0.42), cy=-0.02 + dy + rng.uniform(-0.03, 0.03),
+            a=0.23 * sc * rng.uniform(0.9, 1.1), b=0.55 * sc * rng.uniform(0.9, 1.05),
+            angle=side * np.deg2rad(rng.uniform(-4, 10)), p=rng.uniform(2.0, 3.0),
+            wobble=rng.uniform(0.0, 0.06), phase=rng.uniform(0, 2 * np.pi))
+        lungs.append(lung & body)
+    heart = _ellipse(u, v, rng.uniform(0.08, 0.16), 0.32 + dy, rng.uniform(0.26, 0.32), rng.uniform(0.2, 0.26))
+    lungs[1] &= ~heart  # the cardiac notch of the left lung
+    lung = lungs[0] | lungs[1]
+    img[lung] = 0.2
+    mediastinum = body & ~lung & (np.abs(u) < 0.1 + 0.04 * (v > 0))
+    img[mediastinum] = 0.78
+    img[heart & body & ~lung] = 0.72
+
+    # Ribs: curved bright bands across the thorax, over the lungs.
+    ribs = np.zeros_like(img)
+    for k in range(9):
+        y0 = -0.62 + 0.15 * k + dy + rng.uniform(-0.02, 0.02)
+        band = np.abs(v - (y0 + 0.35 * u ** 2)) < 0.025
+        ribs[band & (np.abs(u) > 0.08) & (np.abs(u) < 0.8)] = 0.12
+    img += ribs * body
+
+    inf = np.zeros_like(lung)
+    if class_name == "COVID-19":
+        for side_lung in lungs:
+            ys, xs = np.nonzero(side_lung)
+            lx = g[xs]
+            ly0, ly1 = g[ys].min(), g[ys].max()
+            lateral = lx.min() if lx.mean() < 0 else lx.max()
+            for _ in range(int(rng.integers(2, 4))):
+                cx = lateral - np.sign(lateral) * rng.uniform(0.02, 0.1)
+                cy = ly0 + (ly1 - ly0) * rng.uniform(0.55, 0.85)
+                inf |= _ellipse(u, v, cx, cy, rng.uniform(0.07, 0.13), rng.uniform(0.07, 0.14))
+        inf &= lung
+        img[inf] += 0.22 + 0.04 * rng.standard_normal(int(inf.sum())).astype(np.float32)
+    elif class_name == "Non-COVID":
+        side_lung = lungs[int(rng.integers(0, 2))]
+        ys = np.nonzero(side_lung)[0]
+        ly0, ly1 = g[ys].min(), g[ys].max()
+        if rng.random() < 0.5:  # lobar consolidation: a dense upper or lower lobe
+            cut = ly0 + (ly1 - ly0) * rng.uniform(0.35, 0.55)
+            slope = rng.uniform(-0.4, 0.4)
+            lobe = (v < cut + slope * u) if rng.random() < 0.5 else (v > cut + slope * u)
+            region = side_lung & lobe
+            img[region] = 0.5 + 0.05 * rng.standard_normal(int(region.sum())).astype(np.float32)
+        else:  # effusion: homogeneous fluid at the base with a meniscus
+            level = ly1 - (ly1 - ly0) * rng.uniform(0.2, 0.4)
+            ux = g[np.nonzero(side_lung)[1]].mean()
+            region = side_lung & (v > level - 0.3 * np.abs(u - ux))
+            img[region] = 0.62
+
+    img += rng.normal(0.0, 0.025, img.shape).astype(np.float32)
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), lung, inf
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array, mode="L").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _render_and_write(job: tuple[str, int, int, PhantomSpec]) -> None:
+    root, seed, size, spec = job
+    img, lung, inf = render_phantom(_spec_rng(seed, spec), spec.class_name, size)
+    folder = Path(root) / spec.folder
+    _write_png(folder / "images" / spec.name, img)
+    _write_png(folder / "lung masks" / spec.name, lung.astype(np.uint8) * 255)
+    if spec.subset == "infection":
+        _write_png(folder / "infection masks" / spec.name, inf.astype(np.uint8) * 255)
+
+
+def synthesize(output: str | Path, scale: str = "small", seed: int = 0, size: int = 256,
+               workers: int = 0, progress: bool = True) -> dict:
+    """Write a phantom tree under `output`; returns SCALE_COUNTS[scale] (what was written)."""
+    if size < 32:
+        raise DataError(f"synthetic image size must be >= 32, got {size}")
+    specs = plan(scale)
+    root = Path(output)
+    for spec in specs:
+        for sub in ("images", "lung masks") + (("infection masks",) if spec.subset == "infection" else ()):
+            (root / spec.folder / sub).mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root), seed, size, spec) for spec in specs]
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress)
+    if workers == 1:
+        for job in jobs:
+            _render_and_write(job)
+            bar.update()
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_render_and_write, jobs, chunksize=8):
+                bar.update()
+    bar.close()
+    log.info("wrote %d synthetic images (scale %s, seed %d) under %s", len(jobs), scale, seed, root)
+    return SCALE_COUNTS[scale]
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    counts = synthesize(args.output, args.scale, args.seed, args.size, args.workers)
+    for subset, splits in counts.items():
+        total = sum(sum(c.values()) for c in splits.values())
+        print(f"{subset}: {total} images  " + "  ".join(
+            f"{split}={sum(c.values())}" for split, c in splits.items()))
+    return 0
