@@ -1,0 +1,67 @@
+"""Output heads: per-pixel mask logits and the image-level class head over the predicted masks."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["MaskHead", "ClassHead", "Mode"]
+
+Mode = Literal["phase1", "phase2"]
+
+
+class MaskHead(nn.Module):
+    """3×3 conv C→mid, ReLU, 1×1 conv mid→1, bilinear upsample to the image size. Returns logits.
+
+    With C=48, mid=24: 10,392 + 25 = 10,417 parameters. The sigmoid lives in the loss.
+    """
+
+    def __init__(self, in_chs: int = 48, mid_chs: int = 24) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, mid_chs, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Conv2d(mid_chs, 1, 1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.out(self.act(self.conv(x)))  # B, 1, h, w
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # B, 1, H, W
+
+
+class ClassHead(nn.Module):
+    """Classify from the predicted mask probabilities: 3×3 conv -> BN -> ReLU -> GAP -> FC.
+
+    Holds one input conv per phase: `conv_phase1` over the lung mask (1→C) and `conv_phase2` over
+    the lung and infection masks (2→C); BN and FC are shared. `set_mode` sets requires_grad=False
+    on the conv the mode does not use, so DDP without unused-parameter search works. With
+    `bottleneck_chs` > 0 the pooled bottleneck features are concatenated before the FC.
+    """
+
+    def __init__(self, channels: int = 64, num_classes: int = 3, bottleneck_chs: int = 0) -> None:
+        super().__init__()
+        self.conv_phase1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv_phase2 = nn.Conv2d(2, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(channels + bottleneck_chs, num_classes)
+        self.bottleneck_chs = bottleneck_chs
+        self._parked: Optional[str] = None
+        self.set_mode("phase1")
+
+    def set_mode(self, mode: Mode) -> None:
+        """Freeze the other phase's input conv; re-enable this phase's conv if `set_mode` froze it."""
+        active, idle = ("conv_phase1", "conv_phase2") if mode == "phase1" else ("conv_phase2", "conv_phase1")
+        if self._parked == active:
+            getattr(self, active).requires_grad_(True)
+        getattr(self, idle).requires_grad_(False)
+        self._parked = idle
+
+    def forward(self, masks: torch.Tensor, bottleneck: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """masks: (B, 1|2, H, W) probabilities; bottleneck: (B, Cb) pooled features -> (B, classes)."""
+        conv = self.conv_phase1 if masks.shape[1] == 1 else self.conv_phase2
+        x = self.act(self.bn(conv(masks))).mean(dim=(2, 3))  # B, C
+        if self.bottleneck_chs:
+            x = torch.cat([x, bottleneck.to(x.dtype)], dim=1)  # B, C + Cb
+        return self.fc(x)

@@ -1,0 +1,97 @@
+"""Parameter counts per part (beside the paper's figures) and FLOPs per image: `mtlxray model-summary`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["PART_PAPER_PARAMS", "count_params_by_part", "count_flops", "cli_main"]
+
+log = logging.getLogger(__name__)
+
+# The paper's parameter count for each part of the multi-task Swin-UNet.
+PART_PAPER_PARAMS: dict[str, float] = {
+    "encoder": 27.52e6,
+    "ppm": 1.78e6,
+    "decoders": 14.77e6,
+    "lung_head": 10.44e3,
+    "infection_head": 10.44e3,
+    "cls_head": 2.18e3,
+    "total": 44.09e6,
+}
+
+_PARTS = {
+    "encoder": ("encoder",),
+    "ppm": ("ppm",),
+    "decoders": ("lung_decoder", "inf_decoder"),
+    "lung_head": ("lung_head",),
+    "infection_head": ("inf_head",),
+    "cls_head": ("cls_head",),
+}
+
+
+def _numel(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def count_params_by_part(model: nn.Module) -> dict[str, int]:
+    """Parameters of each part (keys of PART_PAPER_PARAMS), counting frozen ones too."""
+    counts = {part: sum(_numel(getattr(model, name, None)) for name in names) for part, names in _PARTS.items()}
+    counts["total"] = _numel(model)
+    return counts
+
+
+def count_flops(model: nn.Module, img_size: int, in_chans: int = 1, mode: str = "phase2") -> dict[str, float]:
+    """FLOPs for one image: forward, and forward + backward of the summed outputs."""
+    was_training = model.training
+    model.eval()  # batch 1 cannot train BatchNorm on 1×1 pooled maps; eval counts the same FLOPs
+    x = torch.rand(1, in_chans, img_size, img_size)
+    try:
+        with FlopCounterMode(display=False) as fwd:
+            with torch.no_grad():
+                model(x, mode=mode)
+        with FlopCounterMode(display=False) as both:
+            out = model(x, mode=mode)
+            sum(v.float().sum() for v in out.values() if v is not None).backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {"forward": float(fwd.get_total_flops()), "forward_backward": float(both.get_total_flops())}
+
+
+def _table(counts: dict[str, int], flops: dict[str, float], name: str, img_size: int, mode: str) -> str:
+    lines = [f"model {name}, {img_size}x{img_size} input, {mode}",
+             f"{'part':<16}{'params':>14}{'paper':>14}{'ratio':>8}"]
+    for part, n in counts.items():
+        paper = PART_PAPER_PARAMS[part]
+        lines.append(f"{part:<16}{n:>14,}{paper:>14,.0f}{n / paper:>8.3f}")
+    lines.append(f"GFLOPs/image: forward {flops['forward'] / 1e9:.2f}, "
+                 f"forward+backward {flops['forward_backward'] / 1e9:.2f}")
+    return "\n".join(lines)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """`mtlxray model-summary [--config C] [--json] [overrides]`."""
+    from mtlxray.config import load_config
+    from mtlxray.model.net import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model)
+    mode = cfg.phase.name
+    model.set_mode(mode)
+    counts = count_params_by_part(model)
+    flops = count_flops(model, cfg.model.img_size, cfg.model.in_chans, mode)
+    if args.json:
+        print(json.dumps({
+            "model": cfg.model.name, "img_size": cfg.model.img_size, "mode": mode,
+            "params": counts, "paper_params": PART_PAPER_PARAMS,
+            "gflops": {k: v / 1e9 for k, v in flops.items()},
+        }, indent=2))
+    else:
+        print(_table(counts, flops, cfg.model.name, cfg.model.img_size, mode))
+    return 0

@@ -1,0 +1,316 @@
+"""Swin Transformer encoder (Swin-T by default) for single-channel images, NHWC inside the stages.
+
+Shifted-window attention pads each map to a multiple of the window and crops after, so sizes such
+as 256 (maps 64/32/16/8 with window 7) work; padding tokens are masked as keys. Where a stage's map
+is not larger than the window at the configured image size, the window shrinks to the map and the
+shift is dropped. The relative position bias is gathered from its table on every call (it is
+learned); the window layout and the shift/padding mask are built once per (size, dtype, device).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "SwinEncoder", "SwinBlock", "WindowAttention", "PatchEmbed", "PatchMerging", "DropPath",
+    "window_partition", "window_layout", "resolve_attention",
+]
+
+log = logging.getLogger(__name__)
+
+AttnImpl = Literal["auto", "sdpa", "explicit"]
+CheckpointMode = Literal["none", "attention", "block"]
+
+# Measured fwd+bwd at the Swin-T window shapes, 2-core CPU (README, "Window attention"): with an
+# additive mask CPU SDPA takes its math path, slower than the explicit form by about 2× in bf16
+# (its backward) and 5-15% in fp32. Elsewhere SDPA's fused kernels accept the mask.
+_AUTO = {("cpu", torch.float32): "explicit", ("cpu", torch.bfloat16): "explicit"}
+
+
+def resolve_attention(impl: str, dtype: torch.dtype, device_type: str) -> str:
+    """The attention kernel to run: `impl` unless it is `auto`, then the measured choice."""
+    if impl != "auto":
+        return impl
+    return _AUTO.get((device_type, dtype), "sdpa")
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nW, ws*ws, C); H and W must be multiples of ws."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)  # B, nH, ws, nW_w, ws, C
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (H // ws) * (W // ws), ws * ws, C)
+
+
+def window_layout(H: int, W: int, ws: int, shift: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Token order of the shifted windows of an H×W map padded to a multiple of `ws`.
+
+    Returns `gather` (nW*N,): the flat map index each window slot reads (padding slots read token
+    0 and are masked as keys); `scatter` (H*W,): the slot holding each map token; and `blocked`
+    (nW, N, N) bool, True where a query may not see a key (another shift region, or a padding key;
+    every slot still sees itself), or None when nothing is blocked.
+    """
+    Hp, Wp, N = -(-H // ws) * ws, -(-W // ws) * ws, ws * ws
+    rows, cols = torch.arange(Hp, device=device), torch.arange(Wp, device=device)
+    src_r, src_c = (rows + shift) % Hp, (cols + shift) % Wp  # rolled slot (r, c) holds this map cell
+    valid = (src_r < H)[:, None] & (src_c < W)[None, :]  # Hp, Wp
+    src = torch.where(valid, src_r[:, None] * W + src_c[None, :], 0)  # Hp, Wp
+
+    def band(v: torch.Tensor, n: int) -> torch.Tensor:  # shift regions: [0, n-ws), [n-ws, n-shift), [n-shift, n)
+        return (v >= n - ws).long() + (v >= n - shift).long() if shift else torch.zeros_like(v)
+
+    region = band(rows, Hp)[:, None] * 3 + band(cols, Wp)[None, :]  # Hp, Wp
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        return window_partition(t.view(1, Hp, Wp, 1), ws).view(-1, N)  # nW, N
+
+    gather, valid_w, region_w = windows(src).flatten(), windows(valid), windows(region)
+    blocked = (region_w[:, :, None] != region_w[:, None, :]) | ~valid_w[:, None, :]  # nW, N, N
+    blocked &= ~torch.eye(N, dtype=torch.bool, device=device)
+    scatter = torch.empty(H * W, dtype=torch.long, device=device)
+    slots = torch.arange(gather.numel(), device=device)
+    keep = valid_w.flatten()
+    scatter[gather[keep]] = slots[keep]
+    return gather, scatter, blocked if bool(blocked.any()) else None
+
+
+def _relative_position_index(ws: int) -> torch.Tensor:
+    """(N, N) index into the ((2ws-1)^2, heads) bias table, N = ws*ws."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # 2, N
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)  # N, N, 2
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class WindowAttention(nn.Module):
+    """Multi-head (shifted-)window self-attention on an NHWC map, with a learned relative position bias.
+
+    qkv and the output projection run on the map's own tokens; one gather forms the padded,
+    rolled windows and one gather reads the result back, so padding costs no Linear FLOPs and
+    padding keys are masked out. `attention` picks the kernel: `sdpa`
+    (F.scaled_dot_product_attention with bias+mask as attn_mask), `explicit`
+    (softmax(q·kᵀ·scale + bias + mask)·v) or `auto` (the measured choice per device and dtype).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
+                 attention: AttnImpl = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.attention = attention
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=False)
+        self._layout_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._mask_cache: dict[tuple, Optional[torch.Tensor]] = {}
+
+    def _layout(self, H: int, W: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(gather, scatter, additive mask (nW, 1, N, N) in `dtype` or None), cached per size/dtype/device."""
+        key = (H, W, device)
+        if key not in self._layout_cache:
+            self._layout_cache[key] = window_layout(H, W, self.window_size, self.shift_size, device)
+        gather, scatter, blocked = self._layout_cache[key]
+        mkey = (H, W, dtype, device)
+        if mkey not in self._mask_cache:
+            self._mask_cache[mkey] = None if blocked is None else torch.zeros(
+                blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, float("-inf")).unsqueeze(1)
+        return gather, scatter, self._mask_cache[mkey]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        N, h = self.window_size ** 2, self.num_heads
+        qkv = self.qkv(x).reshape(B, H * W, 3 * C)
+        gather, scatter, mask = self._layout(H, W, qkv.dtype, qkv.device)
+        nW = gather.numel() // N
+        win = qkv.index_select(1, gather).view(B, nW, N, 3, h, C // h)  # padded, rolled windows
+        q, k, v = win.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, heads, N, d
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
+        bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)  # heads, N, N
+        if mask is not None:
+            bias = bias + mask  # nW, heads, N, N
+        if resolve_attention(self.attention, q.dtype, q.device.type) == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, nW, heads, N, N
+            out = attn.softmax(dim=-1).to(v.dtype) @ v
+        out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
+        return self.proj(out.view(B, H, W, C))
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, shift_size={self.shift_size}, attention={self.attention}"
+
+
+class Mlp(nn.Sequential):
+    """Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm (shifted-)window attention + MLP, both residual with stochastic depth. NHWC in and out."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, attention: AttnImpl = "auto") -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, attention)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.grad_checkpoint: CheckpointMode = "none"
+
+    def _window_attn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm1(x))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint == "attention" and torch.is_grad_enabled():
+            a = checkpoint(self._window_attn, x, use_reentrant=False)
+        else:
+            a = self._window_attn(x)
+        x = x + self.drop_path(a)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        if self.grad_checkpoint == "block" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch convolution + LayerNorm: (B, Cin, H, W) -> (B, H/p, W/p, D)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # B, H/p, W/p, D
+
+
+class PatchMerging(nn.Module):
+    """2×2 neighbour concat + LayerNorm + Linear 4C -> 2C: (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging, then `depth` blocks alternating W-MSA and SW-MSA."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, resolution: int, window_size: int,
+                 mlp_ratio: float, drop_path: list[float], downsample: bool, attention: AttnImpl) -> None:
+        super().__init__()
+        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+        # On maps no larger than the window, the window covers the map and shifting is pointless.
+        ws = min(window_size, resolution)
+        shift = 0 if resolution <= window_size else window_size // 2
+        self.blocks = nn.Sequential(*[
+            SwinBlock(dim, num_heads, ws, 0 if i % 2 == 0 else shift, mlp_ratio, drop_path[i], attention)
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class SwinEncoder(nn.Module):
+    """Swin Transformer returning one NCHW feature map per stage (strides 4, 8, 16, 32).
+
+    `feature_info` lists `num_chs`, `reduction` and `module` for each output (timm style).
+    """
+
+    def __init__(self, img_size: int = 256, in_chans: int = 1, patch_size: int = 4, embed_dim: int = 96,
+                 depths: tuple[int, ...] = (2, 2, 6, 2), num_heads: tuple[int, ...] = (3, 6, 12, 24),
+                 window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
+                 attention: AttnImpl = "auto", grad_checkpoint: CheckpointMode = "none") -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        self.feature_info: list[dict] = []
+        start = 0
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            dim = embed_dim * 2 ** i
+            reduction = patch_size * 2 ** i
+            self.stages.append(SwinStage(dim, depth, heads, img_size // reduction, window_size, mlp_ratio,
+                                         rates[start:start + depth], downsample=i > 0, attention=attention))
+            self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})
+            start += depth
+        self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
+        self.apply(_init_weights)
+        self.set_grad_checkpointing(grad_checkpoint)
+        log.debug("Swin encoder: attention=%s, grad_checkpoint=%s", attention, grad_checkpoint)
+
+    def set_grad_checkpointing(self, mode: CheckpointMode = "block") -> None:
+        """Recompute activations in backward per block or per window attention (non-reentrant)."""
+        if mode not in ("none", "attention", "block"):
+            raise ValueError(f"grad_checkpoint must be none|attention|block, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, SwinBlock):
+                m.grad_checkpoint = mode
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[list[int]] = None) -> list[torch.Tensor]:
+        """(B, Cin, H, W) -> NCHW maps of the stages in `indices` (default all); the last is normed."""
+        wanted = range(len(self.stages)) if indices is None else indices
+        x = self.patch_embed(x)  # B, H/4, W/4, D
+        out = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i == len(self.stages) - 1:
+                x = self.norm(x)
+            if i in wanted:
+                out.append(x.permute(0, 3, 1, 2))  # B, C, h, w
+        return out
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_intermediates(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,156 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlxray.model.swin import SwinBlock, SwinEncoder, resolve_attention, window_layout, window_partition
+
+
+def _reference_window_attn(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """Plain shifted-window attention: pad, roll, full attention over all tokens with an explicit
+    -inf mask (other window, other shift region, or a padding key), relative bias per pair, roll
+    back, crop."""
+    B, H, W, C = x.shape
+    ws, s = block.window_size, block.shift_size
+    attn = block.attn
+    h = attn.num_heads
+    d = C // h
+    Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
+    y = F.pad(block.norm1(x), (0, 0, 0, Wp - W, 0, Hp - H))
+    y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
+    L = Hp * Wp
+    rows = torch.arange(Hp).repeat_interleave(Wp)
+    cols = torch.arange(Wp).repeat(Hp)
+
+    def band(v: torch.Tensor, n: int) -> torch.Tensor:
+        return (v >= n - ws).long() + (v >= n - s).long() if s else torch.zeros_like(v)
+
+    window = (rows // ws) * (Wp // ws) + cols // ws
+    region = band(rows, Hp) * 3 + band(cols, Wp)
+    is_pad = torch.roll((torch.arange(Hp) >= H)[:, None] | (torch.arange(Wp) >= W)[None, :], (-s, -s), (0, 1))
+    allowed = (window[:, None] == window[None, :]) & (region[:, None] == region[None, :])
+    allowed &= ~is_pad.flatten()[None, :] | torch.eye(L, dtype=torch.bool)
+    dr = rows[:, None] % ws - rows[None, :] % ws + ws - 1
+    dc = cols[:, None] % ws - cols[None, :] % ws + ws - 1
+    bias = attn.relative_position_bias_table[dr * (2 * ws - 1) + dc]  # L, L, h
+    out = torch.empty(B, L, C)
+    for b in range(B):
+        qkv = attn.qkv(y[b].reshape(L, C)).view(L, 3, h, d)
+        for head in range(h):
+            q, k, v = qkv[:, 0, head], qkv[:, 1, head], qkv[:, 2, head]
+            scores = q @ k.T / math.sqrt(d) + bias[:, :, head]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out[b, :, head * d:(head + 1) * d] = scores.softmax(-1) @ v
+    out = attn.proj(out).view(B, Hp, Wp, C)
+    out = torch.roll(out, shifts=(s, s), dims=(1, 2))
+    return out[:, :H, :W]
+
+
+def test_swin_t_encoder_has_27_52m_params():
+    n = sum(p.numel() for p in SwinEncoder().parameters())
+    assert abs(n - 27.52e6) / 27.52e6 < 0.005, n
+
+
+def test_encoder_outputs_nchw_maps_at_strides_4_to_32():
+    enc = SwinEncoder(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)).eval()
+    with torch.no_grad():
+        feats = enc(torch.rand(2, 1, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(2, 12, 16, 16), (2, 24, 8, 8), (2, 48, 4, 4), (2, 96, 2, 2)]
+    assert [(i["num_chs"], i["reduction"]) for i in enc.feature_info] == [(12, 4), (24, 8), (48, 16), (96, 32)]
+    assert len(enc.forward_intermediates(torch.rand(1, 1, 64, 64), indices=[3])) == 1
+
+
+def test_maps_not_larger_than_window_use_map_as_window_without_shift():
+    enc = SwinEncoder(embed_dim=12, num_heads=(1, 2, 2, 4))  # 256 input: maps 64, 32, 16, 8, window 7
+    assert [[(b.window_size, b.shift_size) for b in st.blocks][:2] for st in enc.stages] == [[(7, 0), (7, 3)]] * 4
+    small = SwinEncoder(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+    assert [(b.window_size, b.shift_size) for b in small.stages[3].blocks] == [(2, 0), (2, 0)]
+
+
+def test_window_partition_splits_into_row_major_windows():
+    x = torch.randn(2, 14, 21, 5)
+    w = window_partition(x, 7)
+    assert w.shape == (2, 6, 49, 5)
+    assert torch.equal(w[0, 1].view(7, 7, 5), x[0, :7, 7:14])
+    assert torch.equal(w[1, 5].view(7, 7, 5), x[1, 7:, 14:])
+
+
+def test_window_layout_gathers_each_map_token_once_and_scatters_back():
+    gather, scatter, blocked = window_layout(10, 9, 4, 2, torch.device("cpu"))
+    assert gather.shape == (9 * 16,) and blocked.shape == (9, 16, 16)
+    assert torch.equal(gather[scatter], torch.arange(90))  # every map token round-trips
+    assert not blocked.diagonal(dim1=1, dim2=2).any()  # a slot always sees itself
+    assert window_layout(8, 8, 4, 0, torch.device("cpu"))[2] is None  # no shift, no padding: no mask
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("shift", [0, 2])
+def test_shifted_window_attention_matches_plain_reference_on_padded_map(attention, shift):
+    torch.manual_seed(0)
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=shift, attention=attention)
+    with torch.no_grad():  # a non-trivial bias so a wrong bias index would show
+        block.attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, 10, 9, 8)  # padded to 12×12 = 3×3 windows of 4
+    with torch.no_grad():
+        got = block._window_attn(x)
+        want = _reference_window_attn(block, x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_explicit_attention_agree_forward_and_backward():
+    torch.manual_seed(0)
+    blocks = {a: SwinBlock(dim=16, num_heads=2, window_size=7, shift_size=3, attention=a) for a in ("sdpa", "explicit")}
+    blocks["explicit"].load_state_dict(blocks["sdpa"].state_dict())
+    x = torch.randn(2, 16, 16, 16)
+    outs, grads = {}, {}
+    for a, block in blocks.items():
+        xi = x.clone().requires_grad_(True)
+        outs[a] = block(xi)
+        outs[a].square().sum().backward()
+        grads[a] = xi.grad
+    torch.testing.assert_close(outs["sdpa"], outs["explicit"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["sdpa"], grads["explicit"], atol=1e-4, rtol=1e-4)
+
+
+def test_auto_attention_resolves_per_device_and_explicit_choice_wins():
+    assert resolve_attention("auto", torch.bfloat16, "cpu") == "explicit"
+    assert resolve_attention("auto", torch.float32, "cpu") == "explicit"
+    assert resolve_attention("auto", torch.float32, "cuda") == "sdpa"
+    assert resolve_attention("sdpa", torch.bfloat16, "cpu") == "sdpa"
+
+
+def test_shift_mask_cached_per_padded_size_and_dtype_in_activation_dtype():
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="sdpa")
+    with torch.no_grad():
+        block(torch.randn(1, 8, 8, 8))
+        block(torch.randn(2, 8, 8, 8))
+        block(torch.randn(1, 10, 10, 8))
+        with torch.autocast("cpu", torch.bfloat16):
+            out = block(torch.randn(1, 8, 8, 8))
+    keys = set(block.attn._mask_cache)
+    assert {(k[0], k[1], k[2]) for k in keys} == {(8, 8, torch.float32), (10, 10, torch.float32),
+                                                  (8, 8, torch.bfloat16)}
+    assert block.attn._mask_cache[(8, 8, torch.bfloat16, torch.device("cpu"))].dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["attention", "block"])
+def test_grad_checkpointing_gradients_equal_plain(mode):
+    kw = dict(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.2)
+    plain, ckpt = SwinEncoder(**kw), SwinEncoder(**kw, grad_checkpoint=mode)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # same stochastic-depth draws
+        sum(f.square().mean() for f in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_unknown_checkpoint_mode_is_rejected():
+    with pytest.raises(ValueError, match="grad_checkpoint"):
+        SwinEncoder(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), grad_checkpoint="all")
