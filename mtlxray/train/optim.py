@@ -1,0 +1,69 @@
+"""AdamW parameter groups from the phase's learning-rate multipliers, and the cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from mtlxray.config import Config
+from mtlxray.errors import ConfigError
+from mtlxray.train.phases import matches_prefix
+
+__all__ = ["no_weight_decay", "param_groups", "build_optimizer", "cosine_factor", "build_scheduler"]
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """Norm weights, biases (all 1-D tensors) and relative-position bias tables get no decay."""
+    return p.ndim <= 1 or "relative_position_bias_table" in name
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Trainable parameters grouped by lr multiplier (cfg.phase.lr_mult) and decay/no-decay.
+
+    Each group carries `name` ("<prefix>/decay" ...), `lr_mult` and `lr` = optim.lr × lr_mult.
+    The longest matching prefix wins; `default` covers the rest (1.0 when absent).
+    """
+    mults = dict(cfg.phase.lr_mult)
+    default = mults.pop("default", 1.0)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in mults:
+        if not any(matches_prefix(n, prefix) for n in names):
+            raise ConfigError(f"phase.lr_mult: prefix `{prefix}` matches no parameter of the model")
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hits = [k for k in mults if matches_prefix(name, k)]
+        key = max(hits, key=len) if hits else "default"
+        mult = mults[key] if hits else default
+        decay = not no_weight_decay(name, p)
+        group = groups.setdefault((key, decay), {
+            "name": f"{key}/{'decay' if decay else 'no_decay'}", "params": [], "lr_mult": mult,
+            "lr": cfg.optim.lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+        })
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay)
+
+
+def cosine_factor(step: int, *, total: int, warmup: int, floor: float) -> float:
+    """LR multiplier at `step`: linear warmup to 1, then cosine from 1 down to `floor` at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    """Cosine lr → min_lr with warmup. One LambdaLR factor for every group keeps their ratios."""
+    fn = partial(cosine_factor, total=total_steps, warmup=cfg.schedule.warmup_steps,
+                 floor=cfg.schedule.min_lr / cfg.optim.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

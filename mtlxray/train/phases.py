@@ -1,0 +1,47 @@
+"""What a phase trains, read from cfg.phase as data: frozen prefixes and the model's mode."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from mtlxray.config import PhaseConfig
+from mtlxray.errors import ConfigError
+
+__all__ = ["matches_prefix", "apply_freezing", "prepare_phase"]
+
+logger = logging.getLogger(__name__)
+
+
+def matches_prefix(name: str, prefix: str) -> bool:
+    """True if the dotted parameter name lies under the module prefix (`inf_head` ≠ `inf_headx`)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def apply_freezing(model: nn.Module, frozen: list[str]) -> int:
+    """Set requires_grad=False under each prefix; returns the number of parameters it froze.
+
+    Must run before the model is wrapped, so that DDP/DeepSpeed never register frozen parameters.
+    Other parameters keep their flag (the model's set_mode parks the other phase's class input).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in frozen:
+        if not any(matches_prefix(n, prefix) for n in names):
+            raise ConfigError(f"phase.frozen: prefix `{prefix}` matches no parameter of the model")
+    n_frozen = 0
+    for name, p in model.named_parameters():
+        if any(matches_prefix(name, prefix) for prefix in frozen):
+            p.requires_grad_(False)
+            n_frozen += p.numel()
+    return n_frozen
+
+
+def prepare_phase(model: nn.Module, phase: PhaseConfig) -> None:
+    """Switch the model to the phase's mode (which parks the parts it never uses), then freeze."""
+    model.set_mode(phase.name)
+    apply_freezing(model, phase.frozen)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    logger.info("%s: %d of %d parameters frozen (%s)", phase.name, n_frozen, n_total,
+                ", ".join(phase.frozen) or "none")

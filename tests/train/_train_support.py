@@ -1,0 +1,43 @@
+"""Shared helpers of the training tests: paths, the tiny model, and running the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo.yaml"
+DEMO2 = REPO / "configs" / "demo_phase2.yaml"
+
+# A model small enough that a training step takes a few tens of milliseconds on one core.
+TINY_MODEL = [
+    "model.img_size=64", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[1,2]",
+    "model.window_size=4", "model.ppm_channels=16", "model.ppm_bins=[1,2]",
+    "model.decoder_channels=[16,8]", "model.cross_attn_heads=[1,1]", "model.head_channels=8",
+    "model.cls_channels=8", "model.drop_path_rate=0.1",
+]
+
+
+def tiny_overrides(shards: Path, out: Path, *extra: str, name: str = "t") -> list[str]:
+    """Overrides turning the demo config into a few-second fp32 run writing under `out`."""
+    return [
+        f"data.shards={shards}", "data.batch_size=2", "data.eval_batch_size=4", "data.workers=0",
+        "data.shuffle_buffer=8", *TINY_MODEL, f"run.output_dir={out}", f"run.name={name}",
+        "run.precision=fp32", "run.tensorboard=false", "run.progress=false", "run.log_every=1",
+        "run.eval_every=0", "run.save_every=1000", "schedule.warmup_steps=1", *extra,
+    ]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"MTLXRAY_PG_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m mtlxray.cli ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "mtlxray.cli", *args], cwd=REPO, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,82 @@
+"""A `mtlxray train` process for the tests, with one test-controlled event and a parameter digest.
+
+    python _worker.py OUT_DIR MODE STEP CONFIG [KEY=VALUE ...]
+
+MODE `none` trains normally; `term` sends this process SIGTERM after optimizer step STEP;
+`kill-in-save` SIGKILLs it in the middle of writing the checkpoint of step STEP. After training,
+each rank writes OUT_DIR/rank<R>.json with its world size, final step, exit code and a sha256 of
+its full parameters (gathered under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def digest(trainer) -> str:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = list(model.named_parameters())
+    gather = contextlib.nullcontext()
+    if trainer.cfg.run.backend == "deepspeed":
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in params])
+    h = hashlib.sha256()
+    with gather:
+        for name, p in params:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def install_event(mode: str, step: int) -> None:
+    from mtlxray.train.engine import Trainer
+
+    if mode == "term":
+        after = Trainer._after_step
+
+        def after_step(self, bar, epoch_end):
+            after(self, bar, epoch_end)
+            if self.state.step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        Trainer._after_step = after_step
+    elif mode == "kill-in-save":
+        import safetensors.torch
+
+        save = safetensors.torch.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):
+            save(tensors, filename, *args, **kwargs)
+            if f".tmp-step-{step:06d}" in str(filename):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        safetensors.torch.save_file = save_file
+
+
+def main() -> int:
+    from mtlxray.config import load_config
+    from mtlxray.train.engine import Trainer
+
+    out, mode, step, config, *overrides = sys.argv[1:]
+    install_event(mode, int(step))
+    trainer = Trainer(load_config(config, overrides), "auto")
+    try:
+        code = trainer.fit()
+        record = {"rank": trainer.rank, "world_size": trainer.world, "step": trainer.state.step,
+                  "code": code, "digest": digest(trainer)}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, f"rank{trainer.rank}.json").write_text(json.dumps(record))
+    finally:
+        trainer.close()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`mtlxray train` end to end: phase 1 → phase 2, outputs, and fast one-line failures on bad configs."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from _train_support import DEMO, DEMO2, run_cli, tiny_overrides
+from mtlxray.errors import CheckpointError, ConfigError, ShardError
+from mtlxray.model import build_model
+from mtlxray.train.main import run_training
+
+
+def test_phase2_starts_from_phase1_best_and_reports_infection_metrics(tiny_cfg, tmp_path):
+    assert run_training(tiny_cfg("schedule.max_steps=2", name="p1"), resume="none") == 0
+    best = tmp_path / "p1" / "checkpoints" / "best"
+    cfg2 = tiny_cfg("schedule.max_steps=2", "data.samples_per_epoch=4", f"phase.init_from={best}", phase2=True, name="p2")
+    assert run_training(cfg2, resume="none") == 0
+    run = tmp_path / "p2"
+    assert (run / "config.yaml").is_file()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all("loss/inf" in r and r["img_per_s"] > 0 for r in train)
+    evals = [r for r in lines if r["type"] == "eval"]
+    assert {"val/inf_dice", "val/lung_dice", "val/accuracy", "val/macro_f1", "val/recall/COVID-19"} <= evals[-1].keys()
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
+    assert state["phase"] == "phase2" and state["step"] == 2
+    # Phase 2 started from phase 1's weights: phase 1's class input conv, which phase 2 never
+    # uses or trains, still holds exactly what phase 1 learned.
+    p1 = load_file(str(best / "model.safetensors"))
+    p2 = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    assert torch.equal(p1["cls_head.conv_phase1.weight"], p2["cls_head.conv_phase1.weight"])
+    fresh = build_model(cfg2.model).state_dict()["cls_head.conv_phase1.weight"]
+    assert not torch.equal(fresh, p2["cls_head.conv_phase1.weight"])
+
+
+def _one_line_failure(res, code: int, *words: str) -> str:
+    assert res.returncode == code, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def test_missing_shards_fail_with_one_line(tmp_path):
+    res = run_cli(["train", "--config", str(DEMO), f"data.shards={tmp_path}/none", f"run.output_dir={tmp_path}"])
+    _one_line_failure(res, ShardError.exit_code, "manifest")
+    assert not (tmp_path / "phase1").exists()  # failed before creating anything
+
+
+def test_phase2_without_phase1_checkpoint_fails_with_one_line(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, f"phase.init_from={tmp_path}/phase1/checkpoints/best")
+    res = run_cli(["train", "--config", str(DEMO2), *args])
+    _one_line_failure(res, CheckpointError.exit_code, "phase.init_from", "previous phase")
+
+
+def test_image_size_not_matching_shards_is_a_config_error(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "model.img_size=128")
+    res = run_cli(["train", "--config", str(DEMO), *args])
+    _one_line_failure(res, ConfigError.exit_code, "model.img_size=128")

@@ -1,0 +1,85 @@
+import pytest
+
+from mtlxray.errors import ConfigError
+from mtlxray.model import build_model
+from mtlxray.train.optim import build_optimizer, build_scheduler, cosine_factor, param_groups
+from mtlxray.train.phases import prepare_phase
+
+
+def _phase2(tiny_cfg):
+    cfg = tiny_cfg("phase.init_from=null", phase2=True)
+    model = build_model(cfg.model)
+    prepare_phase(model, cfg.phase)
+    return cfg, model
+
+
+def test_phase2_param_groups_carry_5x_and_01x_ratios(tiny_cfg):
+    cfg, model = _phase2(tiny_cfg)
+    opt = build_optimizer(model, cfg)
+    base = cfg.optim.lr
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["inf_decoder/decay"]["lr"] == pytest.approx(5 * base)
+    assert by_name["inf_head/decay"]["lr"] == pytest.approx(5 * base)
+    assert by_name["default/decay"]["lr"] == pytest.approx(0.1 * base)
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    unused = {id(p) for n, p in model.named_parameters() if n.startswith("cls_head.conv_phase1.")}
+    assert grouped == {id(p) for p in model.parameters()} - unused  # all that phase 2 uses trains
+    for g in opt.param_groups:
+        prefix = g["name"].split("/")[0]
+        for p in g["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            assert name.startswith(prefix + ".") or prefix == "default"
+
+
+def test_schedule_keeps_the_ratios_between_groups(tiny_cfg):
+    cfg, model = _phase2(tiny_cfg)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=20)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    by_name = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert by_name["inf_decoder/decay"] / by_name["default/decay"] == pytest.approx(50.0)
+
+
+def test_norms_biases_and_position_tables_get_no_weight_decay(tiny_cfg):
+    cfg, model = _phase2(tiny_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in param_groups(model, cfg):
+        for p in g["params"]:
+            exempt = p.ndim <= 1 or "relative_position_bias_table" in names[id(p)]
+            assert (g["weight_decay"] == 0.0) == exempt, names[id(p)]
+
+
+def test_phase1_optimizer_holds_no_frozen_parameter(tiny_cfg):
+    cfg = tiny_cfg()
+    model = build_model(cfg.model)
+    prepare_phase(model, cfg.phase)
+    grouped = {id(p) for g in build_optimizer(model, cfg).param_groups for p in g["params"]}
+    frozen = {id(p) for n, p in model.named_parameters() if n.startswith(("inf_decoder.", "inf_head."))}
+    assert frozen and not grouped & frozen
+
+
+def test_lr_mult_prefix_matching_nothing_is_a_config_error(tiny_cfg):
+    cfg = tiny_cfg("phase.lr_mult={inf_decodr: 5.0}")
+    model = build_model(cfg.model)
+    with pytest.raises(ConfigError, match="inf_decodr"):
+        param_groups(model, cfg)
+
+
+def test_cosine_factor_warms_up_then_decays_to_the_floor():
+    f = [cosine_factor(s, total=10, warmup=2, floor=0.01) for s in range(11)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert f[10] == pytest.approx(0.01)
+
+
+def test_scheduler_reaches_min_lr_at_the_last_step(tiny_cfg):
+    cfg = tiny_cfg("schedule.warmup_steps=0")
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.schedule.min_lr)
