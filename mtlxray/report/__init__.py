@@ -1,0 +1,1 @@
+"""Reports on trained models: evaluation, figures, prediction on image files, export, Markdown."""
