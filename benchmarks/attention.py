@@ -1,0 +1,94 @@
+"""`attention`: window attention as `F.scaled_dot_product_attention` versus the explicit
+`softmax(q k^T * scale + bias + mask) v`, fp32 and bf16 autocast, forward and forward+backward,
+at the window shapes of the Swin-T encoder on a 256² input (the evidence behind `model.attention`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Context, SuiteResult, measure_side_by_side
+
+WINDOW = 7
+HEAD_DIM = 32
+
+
+def stage_shapes(img_size: int = 256, patch: int = 4, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24)) -> list[dict]:
+    """Per stage: feature side, windows per image after padding to a multiple of 7, heads, depth."""
+    out = []
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        side = img_size // patch // 2**i
+        padded = math.ceil(side / WINDOW) * WINDOW
+        out.append({"stage": i + 1, "side": side, "windows": (padded // WINDOW) ** 2, "heads": h, "depth": depth})
+    return out
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v; q,k,v: (B, nW, H, N, d), mask: (nW, H, N, N)."""
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nW, H, N, N)
+    return (attn + mask).softmax(dim=-1) @ v  # (B, nW, H, N, d)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _inputs(batch: int, windows: int, heads: int, dtype: torch.dtype):
+    n = WINDOW * WINDOW
+    qkv = [torch.randn(batch, windows, heads, n, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3)]
+    # relative-position bias plus a shift mask with -100 where tokens come from different regions
+    mask = torch.randn(windows, heads, n, n) * 0.1
+    mask[:, :, : n // 2, n // 2:] = -100.0
+    return qkv, mask.to(dtype)
+
+
+def _step(kernel, qkv, mask, dtype: torch.dtype, backward: bool):
+    def call() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = kernel(*qkv, mask)
+        if backward:
+            out.float().sum().backward()
+            for t in qkv:
+                t.grad = None
+    return call
+
+
+def run(ctx: Context) -> SuiteResult:
+    batch = ctx.pick(8, 8, 1)
+    repeats = ctx.pick(10, 5, 2)
+    shapes = stage_shapes() if not ctx.smoke else stage_shapes()[-1:]
+    result = SuiteResult("attention")
+    totals: dict[tuple[str, str, str], float] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        dname = "bf16" if dtype == torch.bfloat16 else "fp32"
+        for s in shapes:
+            qkv, mask = _inputs(batch, s["windows"], s["heads"], dtype)
+            for mode in ("fwd", "fwd+bwd"):
+                bwd = mode == "fwd+bwd"
+                t = measure_side_by_side(
+                    {"sdpa": _step(sdpa_attention, qkv, mask, dtype, bwd),
+                     "explicit": _step(explicit_attention, qkv, mask, dtype, bwd)},
+                    warmup=1, repeats=repeats)
+                for kname in ("sdpa", "explicit"):
+                    key = (dname, mode, kname)
+                    totals[key] = totals.get(key, 0.0) + s["depth"] * t[kname].median
+                result.rows.append({
+                    "dtype": dname, "pass": mode, "stage": s["stage"],
+                    "shape": f"{batch}x{s['windows']}x{s['heads']}x49x{HEAD_DIM}",
+                    "sdpa_ms": 1e3 * t["sdpa"].median, "sdpa_iqr%": t["sdpa"].iqr_pct,
+                    "explicit_ms": 1e3 * t["explicit"].median, "explicit_iqr%": t["explicit"].iqr_pct,
+                    "sdpa/explicit": t["sdpa"].median / t["explicit"].median,
+                })
+    choice = {}
+    for dname in ("fp32", "bf16"):
+        sdpa, expl = totals[(dname, "fwd+bwd", "sdpa")], totals[(dname, "fwd+bwd", "explicit")]
+        choice[dname] = "sdpa" if sdpa <= expl else "explicit"
+        result.rows.append({
+            "dtype": dname, "pass": "fwd+bwd", "stage": "all (x depth)", "shape": "encoder",
+            "sdpa_ms": 1e3 * sdpa, "explicit_ms": 1e3 * expl, "sdpa/explicit": sdpa / expl,
+        })
+    result.details = {"faster_fwd_bwd": choice, "batch": batch, "stages": shapes,
+                      "note": "time per encoder pass = sum over stages of depth x per-layer time"}
+    return result

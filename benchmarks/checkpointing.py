@@ -1,0 +1,172 @@
+"""`checkpointing`: activation memory and step time with gradient checkpointing off, per attention
+and per block (ours), and MONAI's `use_checkpoint` on its Swin-T encoder, side by side.
+
+Each configuration lives in its own worker process, so one's freed memory never hides another's
+peak. Activation memory = peak RSS during one training step minus RSS just before it (the kernel's
+high-water mark is reset through /proc/self/clear_refs). The parent steps the workers in turn,
+round after round, so machine noise hits every configuration alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target
+from benchmarks.workloads import have_model
+
+CONFIGS = {
+    "ours_none": ["model.grad_checkpoint=none"],
+    "ours_attention": ["model.grad_checkpoint=attention"],
+    "ours_block": ["model.grad_checkpoint=block"],
+    "monai_off": [],
+    "monai_on": [],
+}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _worker(name: str, batch: int, size: int, smoke: bool) -> None:
+    """Serve `mem`, `time` and `quit` commands on stdin; answer one JSON line each."""
+    import gc
+
+    import torch
+
+    from benchmarks.workloads import TINY, monai_swin_t, ours, train_step
+
+    torch.manual_seed(0)
+    if name.startswith("monai"):
+        model = monai_swin_t(use_checkpoint=name == "monai_on", tiny=smoke)
+    else:
+        model = ours(CONFIGS[name] + (TINY if smoke else []))
+    model.train()
+    step = train_step(model, torch.randn(batch, 1, size, size))
+    step()  # warm-up: one-time allocations are not activations
+    print(json.dumps({"ready": name}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "mem":
+            gc.collect()
+            before = _rss_kib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            step()
+            reply = {"act_mib": (_rss_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024}
+        elif cmd == "time":
+            t0 = time.perf_counter()
+            step()
+            reply = {"s": time.perf_counter() - t0}
+        else:
+            return
+        print(json.dumps(reply), flush=True)
+
+
+class _Worker:
+    def __init__(self, name: str, batch: int, size: int, smoke: bool):
+        # A fixed mmap threshold makes glibc return every large freed block to the kernel, so
+        # RSS before a step holds no cached activations from the previous one.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        cmd = [sys.executable, "-m", "benchmarks.checkpointing", "--worker", name,
+               "--batch", str(batch), "--size", str(size)] + (["--smoke"] if smoke else [])
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def wait_ready(self) -> None:
+        reply = self._read()
+        if "ready" not in reply:
+            raise SuiteUnavailable(f"checkpointing worker {self.name}: {reply.get('error', reply)}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"checkpointing worker {self.name} exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def _recommend(rows: dict[str, dict]) -> str:
+    """Most memory saved among settings within +25% step time; else the cheapest in time."""
+    cands = [n for n in ("ours_attention", "ours_block") if n in rows]
+    ok = [n for n in cands if rows[n]["time_overhead"] <= 0.25]
+    if ok:
+        return max(ok, key=lambda n: rows[n]["mem_saving"])
+    return min(cands, key=lambda n: rows[n]["time_overhead"])
+
+
+def run(ctx: Context) -> SuiteResult:
+    batch = ctx.pick(8, 2, 2)
+    size = ctx.pick(256, 256, 64)
+    rounds = ctx.pick(3, 2, 1)
+    names = [n for n in CONFIGS if n.startswith("monai") or have_model()]
+    workers = [_Worker(n, batch, size, ctx.smoke) for n in names]  # start together; step in turn
+    try:
+        for w in workers:
+            w.wait_ready()
+        mem = {w.name: [] for w in workers}
+        times = {w.name: [] for w in workers}
+        for r in range(rounds):
+            for w in workers[r % len(workers):] + workers[: r % len(workers)]:
+                mem[w.name].append(w.ask("mem")["act_mib"])
+                times[w.name].append(w.ask("time")["s"])
+    finally:
+        for w in workers:
+            w.close()
+
+    rows: dict[str, dict] = {}
+    for n in names:
+        base = "ours_none" if n.startswith("ours") else "monai_off"
+        act, t = statistics.median(mem[n]), statistics.median(times[n])
+        act0, t0 = statistics.median(mem[base]), statistics.median(times[base])
+        rows[n] = {"config": n, "batch": batch, "act_mib": act, "step_s": t,
+                   "mem_saving": 1 - act / act0, "time_overhead": t / t0 - 1}
+    result = SuiteResult("checkpointing", rows=list(rows.values()))
+    result.details = {"rounds": rounds, "img_size": size, "samples_act_mib": mem, "samples_step_s": times}
+    if not have_model():
+        result.status = "partial"
+        result.details["missing"] = "mtlxray.model.build_model is not part of this build"
+        return result
+    rec = _recommend(rows)
+    result.details["recommended"] = rec
+    result.targets = [
+        Target(f"{rec}: activation memory saved", rows[rec]["mem_saving"], 0.5),
+        Target(f"{rec}: step time overhead", rows[rec]["time_overhead"], 0.25, kind="max"),
+    ]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="checkpointing benchmark worker (internal)")
+    p.add_argument("--worker", required=True, choices=list(CONFIGS))
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        _worker(a.worker, a.batch, a.size, a.smoke)
+    except SuiteUnavailable as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
