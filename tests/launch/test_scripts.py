@@ -69,7 +69,7 @@ def test_failed_phase1_leaves_phase2_dependency_never_satisfied(slurm_cluster, d
 
 def test_usr1_saves_requeues_and_finishes_without_repeating_steps(slurm_cluster, demo_overrides, tmp_path):
     runs = tmp_path / "runs"
-    steps = 12
+    steps = 40  # runway: the signal must land before the job can finish
     (runs / "phase1").mkdir(parents=True)
     env = {"MTLX_CPU": "1", "MTLX_OVERRIDES": " ".join(demo_overrides(runs, steps=steps))}
     job = slurm_cluster.run(

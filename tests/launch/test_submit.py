@@ -43,7 +43,7 @@ def test_submit_pipeline_chains_phase2_afterok_from_phase1_best(slurm_env, demo_
 @pytest.mark.slow
 def test_interrupt_checkpoints_requeues_and_completes(slurm_env, demo_overrides, tmp_path):
     runs = tmp_path / "runs"
-    steps = 12
+    steps = 40  # runway: the signal must land before the job can finish
     pipeline = submit_pipeline(DEMO[:1], executor="slurm", overrides=demo_overrides(runs, steps),
                                folder=tmp_path / "submitit", nodes=1, **CPU_PARAMS)
     job = pipeline.jobs[0]
