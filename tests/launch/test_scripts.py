@@ -18,14 +18,20 @@ def _pipeline(cluster, env: dict[str, str], *sbatch_args: str) -> tuple[str, str
     return ids["phase1"], ids["phase2"]
 
 
-def test_pipeline_two_nodes_phase2_after_phase1_from_its_checkpoint(slurm_cluster, demo_overrides, tmp_path):
-    runs = tmp_path / "runs"
-    env = {
+def _demo_pipeline_env(runs, demo_overrides, **extra: str) -> dict[str, str]:
+    """Environment for slurm/pipeline.sh running the demo configs on CPU, writing under `runs`."""
+    return {
         "MTLX_CPU": "1",
         "MTLX_PHASE1_CONFIG": "configs/demo.yaml",
         "MTLX_PHASE2_CONFIG": "configs/demo_phase2.yaml",
         "MTLX_OVERRIDES": " ".join(demo_overrides(runs, steps=2)),
+        **extra,
     }
+
+
+def test_pipeline_two_nodes_phase2_after_phase1_from_its_checkpoint(slurm_cluster, demo_overrides, tmp_path):
+    runs = tmp_path / "runs"
+    env = _demo_pipeline_env(runs, demo_overrides)
     job1, job2 = _pipeline(slurm_cluster, env, "--nodes=2", *CPU_JOB)
     assert slurm_cluster.job_field(job2, "Dependency") == f"afterok:{job1}(unfulfilled)"
 
@@ -45,14 +51,8 @@ def test_pipeline_two_nodes_phase2_after_phase1_from_its_checkpoint(slurm_cluste
 
 def test_failed_phase1_leaves_phase2_dependency_never_satisfied(slurm_cluster, demo_overrides, tmp_path):
     runs = tmp_path / "runs"
-    env = {
-        "MTLX_CPU": "1",
-        "MTLX_PHASE1_CONFIG": "configs/demo.yaml",
-        "MTLX_PHASE2_CONFIG": "configs/demo_phase2.yaml",
-        "MTLX_OVERRIDES": " ".join(demo_overrides(runs, steps=2)),
-        # Phase 1 fails at run time: its shards do not exist.
-        "MTLX_PHASE1_OVERRIDES": f"data.shards={tmp_path / 'missing'}",
-    }
+    # Phase 1 fails at run time: its shards do not exist.
+    env = _demo_pipeline_env(runs, demo_overrides, MTLX_PHASE1_OVERRIDES=f"data.shards={tmp_path / 'missing'}")
     job1, job2 = _pipeline(slurm_cluster, env, "--nodes=1", *CPU_JOB)
     try:
         assert slurm_cluster.wait_done(job1, timeout=180) == "FAILED"
