@@ -64,6 +64,10 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
     import deepspeed
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from mtlxray.train.distributed import keep_deepspeed_collectives_on_gloo
+
+    keep_deepspeed_collectives_on_gloo()  # compare DDP and ZeRO over the same gloo all-reduce
+
     size = int(next(o for o in TINY if o.startswith("model.img_size=")).split("=")[1])
     x = torch.rand(BATCH, 1, size, size, generator=torch.Generator().manual_seed(rank))
 
@@ -110,12 +114,30 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
     # both ranks step (the all-reduce needs its peer); rank 0's operators are the ones reported
     profile = top_ops(lambda: torch_step(ddp, ddp_opt), warmup=0) if rank == 0 else torch_step(ddp, ddp_opt)
     same = {"ddp": _params_equal_across_ranks(ddp.module), "zero2": _params_equal_across_ranks(zero_model)}
+    from deepspeed.comm import comm as ds_comm
+
     if rank == 0:
         Path(out).write_text(json.dumps({"world_size": dist.get_world_size(), "times": times,
+                                         "deepspeed_shm_comm": ds_comm.cdb.shm_comm_op is not None,
                                          "params_identical": same, "threads": torch.get_num_threads(),
                                          "profile_ddp_rank0": profile}))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _spawn_with_deadline(fn, args: tuple, deadline_s: float) -> None:
+    """`mp.start_processes`, but a rank stuck past the deadline is killed rather than waited on forever
+    (a rank spinning in a collective never trips the gloo timeout)."""
+    context = mp.start_processes(fn, args=args, nprocs=WORLD, start_method="spawn", join=False)
+    end = time.monotonic() + deadline_s
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > end:
+                raise TimeoutError(f"ddp benchmark ranks still running after {deadline_s:.0f} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
 
 
 def run(ctx: Context) -> SuiteResult:
@@ -125,8 +147,7 @@ def run(ctx: Context) -> SuiteResult:
     steps = ctx.pick(10, 5, 1)
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         out = Path(tmp) / "ddp.json"
-        mp.start_processes(_worker, args=(_free_port(), rounds, steps, str(out)), nprocs=WORLD,
-                           start_method="spawn")
+        _spawn_with_deadline(_worker, (_free_port(), rounds, steps, str(out)), ctx.pick(1800, 900, 300))
         data = json.loads(out.read_text())
     step_s = {k: statistics.median(v) for k, v in data["times"].items()}
     thr = {k: (1 if k == "1_rank" else WORLD) * BATCH / v for k, v in step_s.items()}
@@ -138,6 +159,7 @@ def run(ctx: Context) -> SuiteResult:
     result.targets = [Target("DDP weak-scaling efficiency, 2 gloo ranks", thr["ddp_2_ranks"] / (WORLD * thr["1_rank"]), 0.9)]
     result.details = {"world_size": data["world_size"], "threads_per_rank": data["threads"],
                       "params_identical_across_ranks": data["params_identical"], "batch_per_rank": BATCH,
+                      "zero2_collectives": "deepspeed shm" if data["deepspeed_shm_comm"] else "gloo",
                       "rounds": rounds, "steps_per_round": steps, "model": "TINY overrides, phase2",
                       "samples_step_s": data["times"],
                       "profile_top_ops_ddp_rank0": data["profile_ddp_rank0"],

@@ -25,7 +25,8 @@ import torch
 from mtlxray.config import Config
 from mtlxray.errors import ConfigError
 
-__all__ = ["WorldInfo", "resolve_world", "export_torch_env", "build_accelerator", "deepspeed_config"]
+__all__ = ["WorldInfo", "resolve_world", "export_torch_env", "build_accelerator", "deepspeed_config",
+           "keep_deepspeed_collectives_on_gloo"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,21 @@ def _neutralise_transformers_hook() -> None:
         DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
+def keep_deepspeed_collectives_on_gloo() -> None:
+    """Stop DeepSpeed on CPU from replacing gloo's all-reduce with its shared-memory kernel.
+
+    At its first init, deepspeed.comm JIT-compiles `deepspeed_shm_comm` and routes CPU all-reduces
+    through /dev/shm segments that the ranks busy-wait on. When a segment or the ISA-specific
+    kernel fails (a small or read-only /dev/shm, a stale segment of a killed run), the peers spin
+    at 100% CPU forever instead of raising, and the process-group timeout never fires. gloo fails
+    with a timeout and costs little at CPU scale. DeepSpeed has no switch for this, so mark the op
+    incompatible, which is what its loader checks (deepspeed/comm/torch.py, build_shm_op).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def pg_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("MTLXRAY_PG_TIMEOUT_S", "1800")))
 
@@ -164,6 +180,8 @@ def build_accelerator(cfg: Config, run_dir: Path):
                           f"{cfg.run.backend!r}; set run.backend=deepspeed and run.deepspeed_config")
     if cfg.run.backend == "deepspeed":
         _neutralise_transformers_hook()
+        if not on_gpu:
+            keep_deepspeed_collectives_on_gloo()
         # mixed_precision stays "no": DeepSpeed's torch_autocast does bf16 over fp32 master weights.
         # cpu=True must not be set here: with DeepSpeed it silently falls back to DDP.
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg))

@@ -1,13 +1,13 @@
 import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
+import killable
 import pytest
 import torch
 
-from conftest import tiny_config
+from _model_support import tiny_config
 from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
 from mtlxray.model import PART_PAPER_PARAMS, build_model, count_params_by_part
@@ -103,8 +103,7 @@ def _free_port() -> int:
 @pytest.mark.distributed
 def test_two_rank_ddp_phase1_without_unused_parameter_search(tmp_path: Path):
     worker = Path(__file__).with_name("_ddp_phase1.py")
-    proc = subprocess.run([sys.executable, str(worker), str(tmp_path), str(_free_port())],
-                          capture_output=True, text=True, timeout=300)
+    proc = killable.run([sys.executable, str(worker), str(tmp_path), str(_free_port())], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

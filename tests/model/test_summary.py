@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from _model_support import tiny_config
 from mtlxray.cli import main
 from mtlxray.model import PART_PAPER_PARAMS, build_model, count_params_by_part
 

@@ -3,10 +3,10 @@
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import killable
 import pytest
 
 from mtlxray.data.testing import make_tiny_shards
@@ -98,10 +98,10 @@ def test_evaluate_two_ranks_gathers_every_image_once(tiny_ckpt, shards64, tmp_pa
                                  n_boot=20)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "MTLXRAY_PG_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mtlxray.cli", "evaluate",
+    killable.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mtlxray.cli", "evaluate",
                     "--checkpoint", str(tiny_ckpt), "--shards", str(shards64), "--split", "test",
                     "--subset", "lung", "--out", str(tmp_path / "two"), "--bootstrap", "20"],
-                   env=env, check=True, timeout=240, capture_output=True)
+                 env=env, check=True, timeout=240)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2
     assert two["n_images"] == single["n_images"]

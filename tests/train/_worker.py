@@ -11,6 +11,7 @@ its full parameters (gathered under ZeRO-3).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import hashlib
 import json
 import os
@@ -33,6 +34,15 @@ def digest(trainer) -> str:
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def deepspeed_shm_comm() -> bool:
+    """Whether DeepSpeed routes this process's all-reduces through its shared-memory kernel."""
+    if "deepspeed" not in sys.modules:
+        return False
+    from deepspeed.comm import comm
+
+    return getattr(comm.cdb, "shm_comm_op", None) is not None
 
 
 def install_event(mode: str, step: int) -> None:
@@ -65,12 +75,14 @@ def main() -> int:
     from mtlxray.train.engine import Trainer
 
     out, mode, step, config, *overrides = sys.argv[1:]
+    # A hung collective prints every thread's stack and exits before the test's own timeout.
+    faulthandler.dump_traceback_later(float(os.environ.get("MTLXRAY_TEST_HANG_S", "240")), exit=True)
     install_event(mode, int(step))
     trainer = Trainer(load_config(config, overrides), "auto")
     try:
         code = trainer.fit()
         record = {"rank": trainer.rank, "world_size": trainer.world, "step": trainer.state.step,
-                  "code": code, "digest": digest(trainer)}
+                  "code": code, "digest": digest(trainer), "deepspeed_shm_comm": deepspeed_shm_comm()}
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"rank{trainer.rank}.json").write_text(json.dumps(record))
     finally:
