@@ -66,9 +66,10 @@ def _read_only_stream(root: Path) -> Iterator:
     import webdataset as wds
 
     from mtlxray.data.loader import read_manifest, shard_urls
+    from mtlxray.data.tarstream import tar_to_samples
 
     urls = shard_urls(root, read_manifest(root), "lung", "train")
-    samples = wds.DataPipeline(wds.ResampledShards(urls, seed=0, deterministic=True), wds.tarfile_to_samples())
+    samples = wds.DataPipeline(wds.ResampledShards(urls, seed=0, deterministic=True), tar_to_samples())
     it = iter(samples)
     return iter(lambda: [next(it) for _ in range(BATCH)], None)
 
@@ -98,11 +99,14 @@ def batched_affine(img: torch.Tensor, masks: torch.Tensor, gen: torch.Generator)
 
 def _device_aug_stream(root: Path) -> Iterator:
     """Unaugmented raw batches, then the batched torch warp (what a device-side augment costs here)."""
+    from mtlxray.data.loader import batch_to_device
+
     gen = torch.Generator().manual_seed(0)
     src = _shard_stream(root, augment=False)
 
     def gen_batches():
         for batch in src:
+            batch = batch_to_device(batch, "cpu")
             yield batched_affine(batch["img"], torch.cat([batch["lung"], batch["inf"]], 1), gen)
 
     return gen_batches()

@@ -41,7 +41,10 @@ def _warp(arr: np.ndarray, data: tuple[float, ...], nearest: bool) -> np.ndarray
 
 def augment(img: np.ndarray, lung: np.ndarray, inf: np.ndarray, cfg: AugmentConfig,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 (H, W) image and 0/1 masks -> float32 image in [0, 1] and uint8 masks, augmented alike."""
+    """uint8 (H, W) image and 0/1 masks -> the same, augmented alike.
+
+    Intensity changes are computed in float32 and the image rounded back to uint8, so batches
+    stay uint8 (a quarter of the bytes) until the device converts them."""
     size = img.shape[0]
     angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)
     scale = 1.0 + rng.uniform(-cfg.scale, cfg.scale)
@@ -53,4 +56,4 @@ def augment(img: np.ndarray, lung: np.ndarray, inf: np.ndarray, cfg: AugmentConf
     contrast = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
     brightness = rng.uniform(-cfg.brightness, cfg.brightness)
     out = np.clip((out - mean) * contrast + mean + brightness, 0.0, 1.0)
-    return out, lung, inf
+    return np.rint(out * 255.0).astype(np.uint8), lung, inf

@@ -1,7 +1,7 @@
 """WebDataset pipelines for training and evaluation.
 
 Training, per rank and per DataLoader worker, is a list of webdataset stages:
-`ResampledShards` (seeded by seed, epoch, rank and stream) -> `tarfile_to_samples` -> `shuffle`
+`ResampledShards` (seeded by seed, epoch, rank and stream) -> `tar_to_samples` -> `shuffle`
 -> skip (resume; raw bytes, nothing decoded) -> decode + augment -> `batched`; the `WebLoader` on
 top applies `with_epoch`, so every rank yields exactly `train_batches_per_epoch` batches however
 uneven the shards are. The loader takes batch b from worker b % workers; after a resume at batch k,
@@ -14,9 +14,11 @@ one sample. The caller must therefore not call a collective per batch (counts of
 differ): accumulate per-sample results locally and gather once at the end (for example
 `accelerate.utils.gather_object`, or `all_gather` of the counts then of padded tensors).
 
-A batch is a dict: `img` float32 (B, 1, H, W) in [0, 1]; `lung`, `inf` float32 (B, 1, H, W) in {0, 1};
+A batch is a dict: `img` uint8 (B, 1, H, W) in 0..255; `lung`, `inf` uint8 (B, 1, H, W) in {0, 1};
 `label` int64 (B,); `has_inf` bool (B,) (the infection mask is annotated); `key` list[str];
-`boxes` list of per-sample [[x0, y0, x1, y1], ...] from the stored infection mask.
+`boxes` list of per-sample [[x0, y0, x1, y1], ...] from the stored infection mask. Batches stay
+uint8 until `batch_to_device` converts them to float32 on the device: a float32 batch is four
+times the bytes to copy in the loader, to pickle between processes and to send to the GPU.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mtlxray.config import DataConfig
 from mtlxray.data.augment import augment, sample_rng
+from mtlxray.data.tarstream import tar_samples, tar_to_samples
 from mtlxray.errors import ShardError
 
 __all__ = ["read_manifest", "train_batches_per_epoch", "build_train_loader", "build_eval_loader",
-           "collate", "shard_urls"]
+           "collate", "batch_to_device", "shard_urls"]
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +122,10 @@ def _decode(sample: dict, fmt: str, size: int) -> dict:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im, dtype=np.uint8)
 
-    meta = json.loads(sample["cls.json"])
+    meta = json.loads(bytes(sample["cls.json"]))  # members may be memoryviews (tarstream)
     return {"key": sample["__key__"], "img": array("img"), "lung": array("lung"), "inf": array("inf"),
             "label": int(meta["label"]), "has_inf": meta["subset"] == "infection",
-            "boxes": json.loads(sample["box.json"])}
+            "boxes": json.loads(bytes(sample["box.json"]))}
 
 
 def _to_train_sample(sample: dict, fmt: str, size: int, cfg: DataConfig, seed: int, epoch: int) -> dict:
@@ -130,27 +133,35 @@ def _to_train_sample(sample: dict, fmt: str, size: int, cfg: DataConfig, seed: i
     if cfg.augment.enabled:
         s["img"], s["lung"], s["inf"] = augment(s["img"], s["lung"], s["inf"], cfg.augment,
                                                 sample_rng(seed, epoch, s["key"]))
-    else:
-        s["img"] = s["img"].astype(np.float32) / 255.0
     return s
 
 
 def _to_eval_sample(sample: dict, fmt: str, size: int) -> dict:
-    s = _decode(sample, fmt, size)
-    s["img"] = s["img"].astype(np.float32) / 255.0
-    return s
+    return _decode(sample, fmt, size)
 
 
 def collate(samples: list[dict]) -> dict:
-    """Decoded samples -> a batch dict (see the module docstring)."""
+    """Decoded uint8 samples -> a uint8 batch dict (see the module docstring)."""
 
     def stack(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([np.asarray(s[name], dtype=np.float32) for s in samples]))[:, None]
+        return torch.from_numpy(np.stack([s[name] for s in samples]))[:, None]
 
     return {"img": stack("img"), "lung": stack("lung"), "inf": stack("inf"),
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
             "has_inf": torch.tensor([s["has_inf"] for s in samples], dtype=torch.bool),
             "key": [s["key"] for s in samples], "boxes": [s["boxes"] for s in samples]}
+
+
+def batch_to_device(batch: dict, device: torch.device | str) -> dict:
+    """A loader batch on `device` with `img` float32 in [0, 1] and the masks float32 in {0, 1}.
+
+    The uint8 tensors are copied first and converted on the device (non_blocking: the loader's
+    pinned batches overlap the copy with compute)."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    out["img"] = out["img"].float().div_(255.0)
+    out["lung"] = out["lung"].float()
+    out["inf"] = out["inf"].float()
+    return out
 
 
 def _stream_seed(*parts: int) -> int:
@@ -181,7 +192,7 @@ class _TrainStream(IterableDataset):
         buf = max(1, self.cfg.shuffle_buffer)
         return wds.DataPipeline(
             wds.ResampledShards(self.urls[subset], seed=s, worker_seed=lambda: stream, deterministic=True),
-            wds.tarfile_to_samples(),
+            tar_to_samples(),
             wds.shuffle(buf, initial=min(buf, 100), seed=s + 1),
         )
 
@@ -257,7 +268,7 @@ class _EvalStream(IterableDataset):
         info = get_worker_info()
         mine = self.pieces[info.id::info.num_workers] if info is not None else self.pieces
         for path, first, stop in mine:
-            samples = wds.tarfile_samples([{"url": path}])
+            samples = tar_samples([{"url": path}])
             for raw in itertools.islice(samples, first, stop):
                 yield _to_eval_sample(raw, self.fmt, self.size)
 

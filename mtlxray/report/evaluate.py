@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mtlxray import CLASS_NAMES
+from mtlxray.data.loader import batch_to_device
 from mtlxray.errors import DataError
 from mtlxray.report import figures
 from mtlxray.report.markdown import evaluation_markdown, write_text_atomic
@@ -96,14 +97,15 @@ def run_model(model, loader, device: torch.device) -> tuple[list[ImageRecord], l
     records: list[ImageRecord] = []
     best, worst = _TopK(N_CASES), _TopK(N_CASES)  # worst keeps the highest -dice
     for batch in loader:
-        img = batch["img"].to(device)
+        batch = batch_to_device(batch, device)
+        img = batch["img"]
         out = model(img)
         lung_pred = out["lung"] > 0  # B×1×H×W; logit > 0 is probability > 0.5
         # A phase-1 model has no infection output: its images then count for no infection metric.
         has_inf_out = out["inf"] is not None
         inf_pred = out["inf"] > 0 if has_inf_out else torch.zeros_like(lung_pred)
-        lung_true = batch["lung"].to(device) > 0.5
-        inf_true = batch["inf"].to(device) > 0.5
+        lung_true = batch["lung"] > 0.5
+        inf_true = batch["inf"] > 0.5
         lung_c = M.seg_counts(lung_pred, lung_true)  # B×4
         inf_c = M.seg_counts(inf_pred, inf_true)
         probs = torch.softmax(out["cls"].float(), dim=1)  # B×C

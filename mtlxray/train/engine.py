@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, dump_config
+from mtlxray.data.loader import batch_to_device
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
 from mtlxray.train import metrics as M
 from mtlxray.train.checkpoint import (TrainState, find_resume, load_model_weights, read_state,
@@ -237,8 +238,7 @@ class Trainer:
         return _iter_keeping_rng(loader)
 
     def _to_device(self, batch: dict) -> dict:
-        dev = self.accelerator.device
-        return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch_to_device(batch, self.accelerator.device)
 
     def _train_epoch(self, bar) -> bool:
         """Consume the rest of the epoch (whole accumulation windows); True if asked to stop."""

@@ -15,7 +15,8 @@ from PIL import Image
 from mtlxray.config import DataConfig
 from mtlxray.data import loader as loader_mod
 from mtlxray.data.boxes import bounding_boxes
-from mtlxray.data.loader import build_eval_loader, build_train_loader, read_manifest, train_batches_per_epoch
+from mtlxray.data.loader import (batch_to_device, build_eval_loader, build_train_loader, read_manifest,
+                                 train_batches_per_epoch)
 from mtlxray.data.shards import sample_key
 from mtlxray.data.sources import list_covid_qu_ex
 from mtlxray.errors import ShardError
@@ -44,7 +45,7 @@ def test_round_trip_through_the_loader_equals_the_source_files(fmt, tiny_tree, t
                     img = np.asarray(Image.open(rec.image))
                     lung = np.asarray(Image.open(rec.lung_mask)) // 255
                     inf = np.asarray(Image.open(rec.inf_mask)) // 255 if rec.inf_mask else np.zeros_like(img)
-                    np.testing.assert_array_equal(np.round(batch["img"][i, 0].numpy() * 255), img)
+                    np.testing.assert_array_equal(batch["img"][i, 0].numpy(), img)
                     np.testing.assert_array_equal(batch["lung"][i, 0].numpy(), lung)
                     np.testing.assert_array_equal(batch["inf"][i, 0].numpy(), inf)
                     assert batch["label"][i].item() == rec.label
@@ -60,12 +61,21 @@ def test_train_batches_follow_the_contract(tiny_shards):
     assert len(batches) == train_batches_per_epoch(cfg, 1) == (18 + 8) // 5
     for b in batches:
         assert b["img"].shape == b["lung"].shape == b["inf"].shape == (5, 1, 64, 64)
-        assert b["img"].dtype == b["lung"].dtype == torch.float32
-        assert 0 <= b["img"].min() and b["img"].max() <= 1
-        assert set(b["lung"].unique().tolist()) <= {0.0, 1.0}
+        assert b["img"].dtype == b["lung"].dtype == b["inf"].dtype == torch.uint8
+        assert b["img"].float().std() > 0
+        assert set(b["lung"].unique().tolist()) <= {0, 1}
         assert b["label"].dtype == torch.int64 and b["has_inf"].dtype == torch.bool
         assert b["has_inf"].tolist() == [k.startswith("infection_") for k in b["key"]]
     assert any(b["has_inf"].any() for b in batches) and any((~b["has_inf"]).any() for b in batches)
+
+
+def test_batch_to_device_scales_the_image_and_keeps_masks_binary(tiny_shards):
+    b = next(iter(build_train_loader(_cfg(tiny_shards, batch_size=4), seed=0, epoch=0, rank=0, world_size=1)))
+    f = batch_to_device(b, "cpu")
+    assert f["img"].dtype == f["lung"].dtype == f["inf"].dtype == torch.float32
+    assert torch.equal(f["img"], b["img"].float() / 255.0)
+    assert torch.equal(f["lung"], b["lung"].float()) and set(f["lung"].unique().tolist()) <= {0.0, 1.0}
+    assert f["key"] == b["key"] and torch.equal(f["label"], b["label"])
 
 
 def test_batches_per_epoch_come_from_the_manifest_or_samples_per_epoch(tiny_shards):
