@@ -1,7 +1,8 @@
 """`loader`: training samples/s of one loader process (one core) from shards, raw and PNG, with
 and without augmentation, against a plain `torch.utils.data.Dataset` reading the PNG folders with
-PIL (the baseline) and reading the same tar bytes without decoding (the limit). Also a batched
-torch affine warp (`affine_grid` + `grid_sample`), the form augmentation takes on the device."""
+PIL (the baseline) and reading the same tar bytes without decoding (the limit). Also
+`augment.on_device`: the loader's share (drawing the parameters) and, on this CPU, the whole of it
+with the batched warp (`affine_grid` + `grid_sample`) that a GPU would run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target, measure_side_by_side
 from benchmarks.shards import synth_tree
+from mtlxray.config import DataConfig
 
 BATCH = 16
 
@@ -52,24 +54,28 @@ def _consume(stream: Iterator, n_batches: int):
     return lambda: [None for _ in itertools.islice(stream, n_batches)]
 
 
-def _shard_stream(root: Path, augment: bool) -> Iterator:
+def _shard_stream(root: Path, augment: bool, on_device: bool = False) -> Iterator:
     from mtlxray.config import DataConfig
     from mtlxray.data.loader import build_train_loader
 
     cfg = DataConfig(shards=str(root), subset="lung", batch_size=BATCH, workers=0, samples_per_epoch=10**7)
     cfg.augment.enabled = augment
+    cfg.augment.on_device = on_device
     return iter(build_train_loader(cfg, seed=0, epoch=0, rank=0, world_size=1))
 
 
 def _read_only_stream(root: Path) -> Iterator:
-    """Raw tar members of the same shards, nothing decoded, grouped by BATCH."""
+    """The same shards' members read into memory (one copy of every byte, as a reader must make),
+    nothing decoded, grouped by BATCH. The loader maps the shards and hands out zero-copy views,
+    so without the copy this would time only the tar headers."""
     import webdataset as wds
 
     from mtlxray.data.loader import read_manifest, shard_urls
     from mtlxray.data.tarstream import tar_to_samples
 
     urls = shard_urls(root, read_manifest(root), "lung", "train")
-    samples = wds.DataPipeline(wds.ResampledShards(urls, seed=0, deterministic=True), tar_to_samples())
+    samples = wds.DataPipeline(wds.ResampledShards(urls, seed=0, deterministic=True), tar_to_samples(),
+                               wds.map(lambda s: {k: bytes(v) if isinstance(v, memoryview) else v for k, v in s.items()}))
     it = iter(samples)
     return iter(lambda: [next(it) for _ in range(BATCH)], None)
 
@@ -82,34 +88,37 @@ def _baseline_stream(tree: Path) -> Iterator:
     return _cycle_batches(lambda: torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=0))
 
 
-def batched_affine(img: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotate/scale/shift of a batch with one grid: bilinear for images, nearest for masks.
-
-    img: (B, 1, H, W) float, masks: (B, 2, H, W) float -> same shapes."""
-    b = img.shape[0]
-    angle = torch.deg2rad((torch.rand(b, generator=gen) * 2 - 1) * 7.0)
-    scale = 1 + (torch.rand(b, generator=gen) * 2 - 1) * 0.05
-    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.1  # grid units: 0.05 of the side
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)  # (B, H, W, 2)
-    return (F.grid_sample(img, grid, mode="bilinear", align_corners=False),
-            F.grid_sample(masks, grid, mode="nearest", align_corners=False))
-
-
 def _device_aug_stream(root: Path) -> Iterator:
-    """Unaugmented raw batches, then the batched torch warp (what a device-side augment costs here)."""
+    """`augment.on_device` batches put through `batch_to_device` on this CPU: the loader draws the
+    parameters, the batched warp (`augment_batch`) runs where the model does."""
     from mtlxray.data.loader import batch_to_device
 
-    gen = torch.Generator().manual_seed(0)
-    src = _shard_stream(root, augment=False)
+    src = _shard_stream(root, augment=True, on_device=True)
+    return (batch_to_device(batch, "cpu") for batch in src)
 
-    def gen_batches():
-        for batch in src:
-            batch = batch_to_device(batch, "cpu")
-            yield batched_affine(batch["img"], torch.cat([batch["lung"], batch["inf"]], 1), gen)
 
-    return gen_batches()
+def batch_memory_cost(repeats: int, size: int = 256, batches: int = 20) -> dict:
+    """What stacking one uint8 field of a batch costs in fresh pages (a new allocation per batch,
+    eight batches kept alive, as a consumer holds them) against the same copy into reused memory,
+    side by side. The difference is the kernel's page-fault cost, which no loader code avoids."""
+    src = [np.random.default_rng(i).integers(0, 255, (size, size), dtype=np.uint8) for i in range(BATCH)]
+    held: list[np.ndarray] = []
+    reused = np.empty((BATCH, size, size), np.uint8)
+
+    def fresh() -> None:
+        for _ in range(batches):
+            held.append(np.stack(src))
+            del held[:-8]
+
+    def reuse() -> None:
+        for _ in range(batches):
+            np.stack(src, out=reused)
+
+    t = measure_side_by_side({"fresh": fresh, "reused": reuse}, warmup=1, repeats=repeats)
+    mib = BATCH * size * size / 2**20
+    return {"us_per_mib_fresh": 1e6 * t["fresh"].median / batches / mib,
+            "us_per_mib_reused": 1e6 * t["reused"].median / batches / mib,
+            "fresh/reused": t["fresh"].median / t["reused"].median}
 
 
 def python_hotspots(fn, k: int = 8) -> list[dict]:
@@ -144,13 +153,19 @@ def run(ctx: Context) -> SuiteResult:
             "shards_raw_aug": _shard_stream(roots["raw"], augment=True),
             "shards_png": _shard_stream(roots["png"], augment=False),
             "shards_png_aug": _shard_stream(roots["png"], augment=True),
-            "raw+batched_torch_aug": _device_aug_stream(roots["raw"]),
+            "shards_raw_aug_params": _shard_stream(roots["raw"], augment=True, on_device=True),
+            "raw_aug_on_device(cpu)": _device_aug_stream(roots["raw"]),
             "baseline_png_folder": _baseline_stream(tree),
         }
+        # Fill every shuffle buffer first: until it is full, each batch out reads two batches in.
+        fill = ctx.pick(DataConfig.shuffle_buffer // BATCH + 1, DataConfig.shuffle_buffer // BATCH + 1, 1)
+        for s in streams.values():
+            _consume(s, fill)()
         times = measure_side_by_side({k: _consume(s, n_batches) for k, s in streams.items()},
                                      warmup=1, repeats=repeats)
         profile = None if ctx.smoke else {
             name: python_hotspots(_consume(streams[name], 4)) for name in ("shards_raw", "shards_raw_aug")}
+    memory = batch_memory_cost(repeats)
 
     n = n_batches * BATCH
     rate = {k: t.rate(n) for k, t in times.items()}
@@ -167,8 +182,9 @@ def run(ctx: Context) -> SuiteResult:
     result.details = {
         "batch": BATCH, "samples_per_measure": n, "processes": 1,
         "per_core_training_rate": {"raw_aug": rate["shards_raw_aug"], "png_aug": rate["shards_png_aug"],
-                                   "raw_batched_torch_aug": rate["raw+batched_torch_aug"]},
+                                   "raw_aug_on_device": rate["shards_raw_aug_params"]},
         "note": "one process, DataLoader num_workers=0: samples/s per loader core",
+        "batch_memory_page_faults": memory,
     }
     if profile is not None:
         result.details["profile_python_hotspots"] = profile

@@ -35,6 +35,9 @@ class AugmentConfig:
     """
 
     enabled: bool = True
+    on_device: bool = False
+    """Warp and adjust whole batches on the training device (GPU) instead of per sample in the
+    loader processes; the per-sample parameters are drawn the same way either way."""
     rotate_deg: float = 7.0
     """Maximum absolute rotation, degrees."""
     translate: float = 0.05

@@ -23,6 +23,7 @@ times the bytes to copy in the loader, to pickle between processes and to send t
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
@@ -39,7 +40,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtlxray.config import DataConfig
-from mtlxray.data.augment import augment, sample_rng
+from mtlxray.data.augment import augment, augment_batch, augment_params, sample_rng
 from mtlxray.data.tarstream import tar_samples, tar_to_samples
 from mtlxray.errors import ShardError
 
@@ -130,7 +131,9 @@ def _decode(sample: dict, fmt: str, size: int) -> dict:
 
 def _to_train_sample(sample: dict, fmt: str, size: int, cfg: DataConfig, seed: int, epoch: int) -> dict:
     s = _decode(sample, fmt, size)
-    if cfg.augment.enabled:
+    if cfg.augment.enabled and cfg.augment.on_device:
+        s["aug"] = augment_params(cfg.augment, sample_rng(seed, epoch, s["key"]), size)  # applied in batch_to_device
+    elif cfg.augment.enabled:
         s["img"], s["lung"], s["inf"] = augment(s["img"], s["lung"], s["inf"], cfg.augment,
                                                 sample_rng(seed, epoch, s["key"]))
     return s
@@ -146,22 +149,49 @@ def collate(samples: list[dict]) -> dict:
     def stack(name: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([s[name] for s in samples]))[:, None]
 
-    return {"img": stack("img"), "lung": stack("lung"), "inf": stack("inf"),
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-            "has_inf": torch.tensor([s["has_inf"] for s in samples], dtype=torch.bool),
-            "key": [s["key"] for s in samples], "boxes": [s["boxes"] for s in samples]}
+    batch = {"img": stack("img"), "lung": stack("lung"), "inf": stack("inf"),
+             "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+             "has_inf": torch.tensor([s["has_inf"] for s in samples], dtype=torch.bool),
+             "key": [s["key"] for s in samples], "boxes": [s["boxes"] for s in samples]}
+    if "aug" in samples[0]:
+        batch["aug"] = torch.from_numpy(np.stack([s["aug"] for s in samples]))  # B, 6
+    return batch
 
 
 def batch_to_device(batch: dict, device: torch.device | str) -> dict:
     """A loader batch on `device` with `img` float32 in [0, 1] and the masks float32 in {0, 1}.
 
     The uint8 tensors are copied first and converted on the device (non_blocking: the loader's
-    pinned batches overlap the copy with compute)."""
+    pinned batches overlap the copy with compute). A batch carrying `aug` parameters
+    (`augment.on_device`) is augmented here, as a whole, on the device. `boxes` describe the
+    stored masks and are not warped."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     out["img"] = out["img"].float().div_(255.0)
     out["lung"] = out["lung"].float()
     out["inf"] = out["inf"].float()
+    params = out.pop("aug", None)
+    if params is not None:
+        out["img"], masks = augment_batch(out["img"], torch.cat([out["lung"], out["inf"]], dim=1), params)
+        out["lung"], out["inf"] = masks[:, :1], masks[:, 1:]
     return out
+
+
+@functools.cache
+def _keep_freed_batch_memory() -> None:
+    """Stop glibc from handing freed batch memory back to the kernel after every batch.
+
+    By default glibc trims the heap once twice the (dynamic) mmap threshold is free at its top, so
+    a loader that frees and allocates a few MiB of batch arrays per step page-faults all of it in
+    again each time: that made collate 10× slower than its copies here. Fixed thresholds keep the
+    memory mapped (the loader's own working set, tens of MiB). glibc only; elsewhere a no-op.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_mmap_threshold, 32 << 20)
 
 
 def _stream_seed(*parts: int) -> int:
@@ -207,6 +237,7 @@ class _TrainStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict]:
+        _keep_freed_batch_memory()  # in the process that builds the batches (a worker, or this one)
         stream, n, skip = self._logical()
         mode, bsz = self.cfg.subset, self.cfg.batch_size
         if mode in ("lung", "infection"):

@@ -57,7 +57,8 @@ class _MappedFile:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             # mmap cannot map an empty file; an empty shard reads as an empty archive
-            self.view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
+            self.view = memoryview(mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                             prot=mmap.PROT_READ) if size else b"")
         self.pos = 0
 
     def read(self, n: int) -> memoryview:

@@ -62,7 +62,7 @@ def test_loader_suite_reports_formats_baseline_and_limit(ctx):
     data = _run("loader", ctx)
     rows = {r["pipeline"]: r for r in data["rows"]}
     assert {"read_only_raw", "shards_raw", "shards_raw_aug", "shards_png", "shards_png_aug",
-            "baseline_png_folder", "raw+batched_torch_aug"} <= set(rows)
+            "baseline_png_folder", "shards_raw_aug_params", "raw_aug_on_device(cpu)"} <= set(rows)
     assert all(r["samples/s/core"] > 0 for r in rows.values())
 
 

@@ -69,6 +69,21 @@ def test_train_batches_follow_the_contract(tiny_shards):
     assert any(b["has_inf"].any() for b in batches) and any((~b["has_inf"]).any() for b in batches)
 
 
+def test_on_device_augmentation_ships_parameters_and_applies_them_in_batch_to_device(tiny_shards):
+    plain = _cfg(tiny_shards, batch_size=4)
+    plain.augment.enabled = False
+    on_device = _cfg(tiny_shards, batch_size=4)
+    on_device.augment.on_device = True
+    b0 = next(iter(build_train_loader(plain, seed=0, epoch=0, rank=0, world_size=1)))
+    b1 = next(iter(build_train_loader(on_device, seed=0, epoch=0, rank=0, world_size=1)))
+    assert b1["key"] == b0["key"] and torch.equal(b1["img"], b0["img"])  # the loader left pixels alone
+    assert b1["aug"].shape == (4, 6) and "aug" not in b0
+    f = batch_to_device(b1, "cpu")
+    assert "aug" not in f and f["img"].shape == (4, 1, 64, 64)
+    assert set(f["lung"].unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(f["img"], batch_to_device(b0, "cpu")["img"])  # augmented on the device
+
+
 def test_batch_to_device_scales_the_image_and_keeps_masks_binary(tiny_shards):
     b = next(iter(build_train_loader(_cfg(tiny_shards, batch_size=4), seed=0, epoch=0, rank=0, world_size=1)))
     f = batch_to_device(b, "cpu")
