@@ -1,5 +1,5 @@
-"""`checkpointing`: activation memory and step time with gradient checkpointing off, per attention
-and per block (ours), and MONAI's `use_checkpoint` on its Swin-T encoder, side by side.
+"""`checkpointing`: activation memory and step time with gradient checkpointing off, per attention,
+per block and selective (ours), and MONAI's `use_checkpoint` on its Swin-T encoder, side by side.
 
 Each configuration lives in its own worker process, so one's freed memory never hides another's
 peak. Activation memory = peak RSS during one training step minus RSS just before it (the kernel's
@@ -25,6 +25,7 @@ CONFIGS = {
     "ours_none": ["model.grad_checkpoint=none"],
     "ours_attention": ["model.grad_checkpoint=attention"],
     "ours_block": ["model.grad_checkpoint=block"],
+    "ours_selective": ["model.grad_checkpoint=selective"],
     "monai_off": [],
     "monai_on": [],
 }
@@ -105,7 +106,7 @@ class _Worker:
 
 def _recommend(rows: dict[str, dict]) -> str:
     """Most memory saved among settings within +25% step time; else the cheapest in time."""
-    cands = [n for n in ("ours_attention", "ours_block") if n in rows]
+    cands = [n for n in ("ours_attention", "ours_block", "ours_selective") if n in rows]
     ok = [n for n in cands if rows[n]["time_overhead"] <= 0.25]
     if ok:
         return max(ok, key=lambda n: rows[n]["mem_saving"])

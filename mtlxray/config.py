@@ -107,7 +107,7 @@ class ModelConfig:
     cls_channels: int = 64
     cls_use_bottleneck: bool = False
     """Also feed pooled bottleneck features to the class head (off: the paper's mask-only head)."""
-    grad_checkpoint: Literal["none", "attention", "block"] = "none"
+    grad_checkpoint: Literal["none", "attention", "block", "selective"] = "none"
     attention: Literal["auto", "sdpa", "explicit"] = "auto"
     """Window-attention kernel; `auto` picks the measured-faster one per dtype."""
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtlxray.model.checkpointing import CheckpointMode, run_checkpointed
+
 __all__ = ["ConvBNReLU", "PPM", "UpConv", "CrossAttention", "DecoderBranch"]
 
 
@@ -50,18 +52,31 @@ class PPM(nn.Module):
         return self.fuse(torch.cat([x, *pooled], dim=1))  # B, C + n*branch, h, w -> B, C, h, w
 
 
+def _checkpointed(module: nn.Module, fn, *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args) under the module's `grad_checkpoint` mode (decoder parts take part in block and
+    selective modes only)."""
+    mode = module.grad_checkpoint
+    if mode in ("block", "selective"):
+        return run_checkpointed(module, fn, *args, selective=mode == "selective")
+    return fn(*args)
+
+
 class UpConv(nn.Module):
     """×2 bilinear upsample, concat the encoder skip (if any), two 3×3 conv+BN+ReLU."""
 
     def __init__(self, in_chs: int, skip_chs: int, out_chs: int) -> None:
         super().__init__()
         self.conv = nn.Sequential(ConvBNReLU(in_chs + skip_chs, out_chs), ConvBNReLU(out_chs, out_chs))
+        self.grad_checkpoint: CheckpointMode = "none"
 
-    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)  # B, Cin, 2h, 2w
         if skip is not None:
             x = torch.cat([x, skip], dim=1)  # B, Cin + Cskip, 2h, 2w
         return self.conv(x)
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _checkpointed(self, self._forward, x, skip)
 
 
 class CrossAttention(nn.Module):
@@ -79,14 +94,19 @@ class CrossAttention(nn.Module):
             raise ValueError(f"cross-attention channels {chs} not divisible by heads {heads}")
         self.heads = heads
         hidden = max(chs // reduction, 1)
-        self.gate = nn.Sequential(nn.Linear(chs, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, chs))
+        # not in place: the Linear output is kept by selective checkpointing and must stay unmutated
+        self.gate = nn.Sequential(nn.Linear(chs, hidden), nn.ReLU(), nn.Linear(hidden, chs))
         self.refine = nn.Sequential(
             nn.Conv2d(chs, chs, 3, padding=1, groups=chs, bias=False),
             nn.Conv2d(chs, chs, 1, bias=False),
             nn.BatchNorm2d(chs),
         )
+        self.grad_checkpoint: CheckpointMode = "none"
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return _checkpointed(self, self._forward, x, other)
+
+    def _forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]
         logits = self.gate(other.mean(dim=(2, 3)))  # B, C
         gate = logits.view(B, self.heads, C // self.heads).softmax(dim=-1) * (C // self.heads)

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
-from mtlxray.model.decoder import PPM, ConvBNReLU, DecoderBranch
+from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode
+from mtlxray.model.decoder import PPM, ConvBNReLU, CrossAttention, DecoderBranch, UpConv
 from mtlxray.model.heads import ClassHead, MaskHead, Mode
 from mtlxray.model.swin import SwinEncoder
 
@@ -61,6 +62,18 @@ class MultiTaskUNet(nn.Module):
         self.inf_head = MaskHead(out_chs, head_channels)
         self.cls_head = ClassHead(cls_channels, num_classes, bottleneck_chs if cls_use_bottleneck else 0)
         self.mode: Mode = "phase1"
+
+    def set_grad_checkpointing(self, mode: CheckpointMode) -> None:
+        """Activation checkpointing (see `mtlxray.model.checkpointing`): `attention` recomputes the
+        encoder's window attention; `block` and `selective` recompute every encoder block and every
+        decoder stage and cross-attention, whole or selectively."""
+        if mode not in CHECKPOINT_MODES:
+            raise ConfigError(f"model.grad_checkpoint must be one of {'|'.join(CHECKPOINT_MODES)}, got {mode!r}")
+        if hasattr(self.encoder, "set_grad_checkpointing"):
+            self.encoder.set_grad_checkpointing(mode)
+        for m in self.modules():
+            if isinstance(m, (UpConv, CrossAttention)):
+                m.grad_checkpoint = mode
 
     def set_mode(self, mode: Mode) -> None:
         """Select phase1 (lung + class) or phase2 (all three outputs); call before wrapping for DDP."""
@@ -194,6 +207,7 @@ def build_model(cfg: ModelConfig) -> MultiTaskUNet:
     if cfg.name not in MODELS:
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose from {', '.join(MODELS)}")
     model = MODELS[cfg.name](cfg)
+    model.set_grad_checkpointing(cfg.grad_checkpoint)
     if cfg.name == "mtl_swin_unet":
         log.info("window attention: %s (auto: explicit softmax on CPU, SDPA on GPU)",
                  cfg.attention)

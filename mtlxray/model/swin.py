@@ -15,7 +15,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode, run_checkpointed
 
 __all__ = [
     "SwinEncoder", "SwinBlock", "WindowAttention", "PatchEmbed", "PatchMerging", "DropPath",
@@ -25,19 +26,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AttnImpl = Literal["auto", "sdpa", "explicit"]
-CheckpointMode = Literal["none", "attention", "block"]
 
-# Measured fwd+bwd at the Swin-T window shapes, 2-core CPU (README, "Window attention"): with an
-# additive mask CPU SDPA takes its math path, slower than the explicit form by about 2× in bf16
-# (its backward) and 5-15% in fp32. Elsewhere SDPA's fused kernels accept the mask.
-_AUTO = {("cpu", torch.float32): "explicit", ("cpu", torch.bfloat16): "explicit"}
+# Measured fwd+bwd at the Swin-T window shapes, 2-core CPUs (README, "Window attention", and the
+# `attention` benchmark): with an additive mask CPU SDPA takes its math path, slower than the
+# explicit form by 1.1-1.8× in fp32 and, on AVX-512 CPUs (native bf16 dot products), about 2× in
+# bf16. On AVX2-only CPUs the explicit form's bf16 batched matmuls take a slow path and SDPA (which
+# accumulates in fp32) was 8× faster. Elsewhere SDPA's fused kernels accept the mask.
+def _cpu_has_native_bf16() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_attention(impl: str, dtype: torch.dtype, device_type: str) -> str:
     """The attention kernel to run: `impl` unless it is `auto`, then the measured choice."""
     if impl != "auto":
         return impl
-    return _AUTO.get((device_type, dtype), "sdpa")
+    if device_type != "cpu":
+        return "sdpa"
+    if dtype == torch.bfloat16:
+        return "explicit" if _cpu_has_native_bf16() else "sdpa"
+    return "explicit"
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -197,8 +204,8 @@ class SwinBlock(nn.Module):
         return self.attn(self.norm1(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpoint == "attention" and torch.is_grad_enabled():
-            a = checkpoint(self._window_attn, x, use_reentrant=False)
+        if self.grad_checkpoint == "attention":
+            a = run_checkpointed(self, self._window_attn, x)
         else:
             a = self._window_attn(x)
         x = x + self.drop_path(a)
@@ -206,8 +213,8 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if self.grad_checkpoint == "block" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
+        if self.grad_checkpoint in ("block", "selective"):
+            return run_checkpointed(self, self._forward, x, selective=self.grad_checkpoint == "selective")
         return self._forward(x)
 
 
@@ -285,9 +292,10 @@ class SwinEncoder(nn.Module):
         log.debug("Swin encoder: attention=%s, grad_checkpoint=%s", attention, grad_checkpoint)
 
     def set_grad_checkpointing(self, mode: CheckpointMode = "block") -> None:
-        """Recompute activations in backward per block or per window attention (non-reentrant)."""
-        if mode not in ("none", "attention", "block"):
-            raise ValueError(f"grad_checkpoint must be none|attention|block, got {mode!r}")
+        """Recompute activations in backward per window attention, or per block (whole or
+        selectively; see `mtlxray.model.checkpointing`)."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"grad_checkpoint must be one of {'|'.join(CHECKPOINT_MODES)}, got {mode!r}")
         for m in self.modules():
             if isinstance(m, SwinBlock):
                 m.grad_checkpoint = mode

@@ -53,9 +53,9 @@ def test_model_suite_counts_flops_against_monai(ctx):
 def test_checkpointing_suite_measures_each_config_in_its_own_process(ctx):
     data = _run("checkpointing", ctx)
     configs = {r["config"] for r in data["rows"]}
-    assert configs == {"ours_none", "ours_attention", "ours_block", "monai_off", "monai_on"}
+    assert configs == {"ours_none", "ours_attention", "ours_block", "ours_selective", "monai_off", "monai_on"}
     assert all(r["act_mib"] > 0 and r["step_s"] > 0 for r in data["rows"])
-    assert data["details"]["recommended"] in ("ours_attention", "ours_block")
+    assert data["details"]["recommended"] in ("ours_attention", "ours_block", "ours_selective")
 
 
 def test_loader_suite_reports_formats_baseline_and_limit(ctx):

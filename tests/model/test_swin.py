@@ -114,8 +114,12 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward():
     torch.testing.assert_close(grads["sdpa"], grads["explicit"], atol=1e-4, rtol=1e-4)
 
 
-def test_auto_attention_resolves_per_device_and_explicit_choice_wins():
-    assert resolve_attention("auto", torch.bfloat16, "cpu") == "explicit"
+def test_auto_attention_resolves_per_device_and_explicit_choice_wins(monkeypatch):
+    import mtlxray.model.swin as swin
+
+    for native_bf16, expected in ((True, "explicit"), (False, "sdpa")):
+        monkeypatch.setattr(swin, "_cpu_has_native_bf16", lambda: native_bf16)
+        assert resolve_attention("auto", torch.bfloat16, "cpu") == expected
     assert resolve_attention("auto", torch.float32, "cpu") == "explicit"
     assert resolve_attention("auto", torch.float32, "cuda") == "sdpa"
     assert resolve_attention("sdpa", torch.bfloat16, "cpu") == "sdpa"

@@ -1,0 +1,81 @@
+"""Activation checkpointing: whole segments, or selective (keep compute-bound outputs, recompute the rest).
+
+`selective` runs a segment under torch's selective activation checkpointing with one policy:
+outputs of matmuls and convolutions are saved, everything else (norms, activations, softmax,
+window gathers, upsampling, concatenation, residual adds) is recomputed in backward. Those ops
+hold most of the activation bytes but little of the FLOPs, so recomputing them costs far less
+than a second forward.
+
+A recomputed batch norm must not update its running statistics a second time, so every recompute
+(whole or selective) runs with the segment's batch norms at momentum 0, which makes the update a
+no-op while the output, computed from the batch's own statistics in training, is unchanged; their
+`num_batches_tracked` is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+__all__ = ["CheckpointMode", "CHECKPOINT_MODES", "run_checkpointed"]
+
+CheckpointMode = Literal["none", "attention", "block", "selective"]
+CHECKPOINT_MODES: tuple[str, ...] = ("none", "attention", "block", "selective")
+
+_aten = torch.ops.aten
+_SAVED_OPS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten.convolution.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_flash_attention.default,
+})
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Batch norms of `module` with momentum 0: a recompute does not update running statistics twice."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+@contextlib.contextmanager
+def _recompute(module: nn.Module, recompute_ctx) -> Iterator[None]:
+    with _frozen_bn_stats(module), recompute_ctx:  # outside: its own clone and copy are not recomputed ops
+        yield
+
+
+def _whole_contexts(module: nn.Module):
+    return contextlib.nullcontext(), _frozen_bn_stats(module)
+
+
+def _selective_contexts(module: nn.Module):
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_policy)
+    return forward_ctx, _recompute(module, recompute_ctx)
+
+
+def run_checkpointed(module: nn.Module, fn: Callable[..., torch.Tensor], *args, selective: bool = False):
+    """`fn(*args)` (a computation of `module`) with its activations recomputed in backward.
+
+    Non-reentrant, so it composes with DDP, ZeRO and frozen parameters; outside autograd it is a
+    plain call."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    contexts = _selective_contexts if selective else _whole_contexts
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=functools.partial(contexts, module))
