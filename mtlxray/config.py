@@ -188,7 +188,8 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 autocast where the device runs bf16 natively (recent GPUs, AVX-512 CPUs), else fp32."""
     backend: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON (configs/deepspeed/zero2.json, ...) when backend is deepspeed."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtlxray.hardware import cpu_has_native_bf16
 from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode, run_checkpointed
 
 __all__ = [
@@ -32,10 +33,6 @@ AttnImpl = Literal["auto", "sdpa", "explicit"]
 # explicit form by 1.1-1.8× in fp32 and, on AVX-512 CPUs (native bf16 dot products), about 2× in
 # bf16. On AVX2-only CPUs the explicit form's bf16 batched matmuls take a slow path and SDPA (which
 # accumulates in fp32) was 8× faster. Elsewhere SDPA's fused kernels accept the mask.
-def _cpu_has_native_bf16() -> bool:
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
 def resolve_attention(impl: str, dtype: torch.dtype, device_type: str) -> str:
     """The attention kernel to run: `impl` unless it is `auto`, then the measured choice."""
     if impl != "auto":
@@ -43,7 +40,7 @@ def resolve_attention(impl: str, dtype: torch.dtype, device_type: str) -> str:
     if device_type != "cpu":
         return "sdpa"
     if dtype == torch.bfloat16:
-        return "explicit" if _cpu_has_native_bf16() else "sdpa"
+        return "explicit" if cpu_has_native_bf16() else "sdpa"
     return "explicit"
 
 

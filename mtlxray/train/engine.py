@@ -36,6 +36,7 @@ from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, dump_config
 from mtlxray.data.loader import batch_to_device
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
+from mtlxray.hardware import resolve_precision
 from mtlxray.train import metrics as M
 from mtlxray.train.checkpoint import (TrainState, find_resume, load_model_weights, read_state,
                                       resolve_checkpoint, save_checkpoint)
@@ -137,6 +138,7 @@ class Trainer:
         from mtlxray.data.loader import train_batches_per_epoch
         from mtlxray.model import build_model
 
+        cfg.run.precision = resolve_precision(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt_root = self.run_dir / "checkpoints"

@@ -118,7 +118,7 @@ def test_auto_attention_resolves_per_device_and_explicit_choice_wins(monkeypatch
     import mtlxray.model.swin as swin
 
     for native_bf16, expected in ((True, "explicit"), (False, "sdpa")):
-        monkeypatch.setattr(swin, "_cpu_has_native_bf16", lambda: native_bf16)
+        monkeypatch.setattr(swin, "cpu_has_native_bf16", lambda: native_bf16)
         assert resolve_attention("auto", torch.bfloat16, "cpu") == expected
     assert resolve_attention("auto", torch.float32, "cpu") == "explicit"
     assert resolve_attention("auto", torch.float32, "cuda") == "sdpa"
