@@ -73,10 +73,13 @@ def _worker(name: str, batch: int, size: int, smoke: bool) -> None:
 
 
 class _Worker:
-    def __init__(self, name: str, batch: int, size: int, smoke: bool):
-        # A fixed mmap threshold makes glibc return every large freed block to the kernel, so
-        # RSS before a step holds no cached activations from the previous one.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    def __init__(self, name: str, batch: int, size: int, smoke: bool, for_memory: bool):
+        # For memory, a fixed mmap threshold makes glibc return every large freed block to the
+        # kernel, so RSS before a step holds no cached activations from the previous one. That
+        # makes every allocation a fresh mapping, which would tax the configurations that allocate
+        # more (the recomputing ones) in time, so step time is measured by separate workers with
+        # the allocator's defaults.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
         cmd = [sys.executable, "-m", "benchmarks.checkpointing", "--worker", name,
                "--batch", str(batch), "--size", str(size)] + (["--smoke"] if smoke else [])
         self.name = name
@@ -104,6 +107,24 @@ class _Worker:
             self.proc.wait(timeout=60)
 
 
+def _interleaved(names: list[str], batch: int, size: int, smoke: bool, rounds: int, cmd: str) -> dict[str, list]:
+    """One worker per configuration, started together and asked `cmd` in turn, round after round
+    (the order rotating), so machine noise hits every configuration alike."""
+    workers = [_Worker(n, batch, size, smoke, for_memory=cmd == "mem") for n in names]
+    key = "act_mib" if cmd == "mem" else "s"
+    samples: dict[str, list] = {n: [] for n in names}
+    try:
+        for w in workers:
+            w.wait_ready()
+        for r in range(rounds):
+            for w in workers[r % len(workers):] + workers[: r % len(workers)]:
+                samples[w.name].append(w.ask(cmd)[key])
+    finally:
+        for w in workers:
+            w.close()
+    return samples
+
+
 def _recommend(rows: dict[str, dict]) -> str:
     """Most memory saved among settings within +25% step time; else the cheapest in time."""
     cands = [n for n in ("ours_attention", "ours_block", "ours_selective") if n in rows]
@@ -116,21 +137,10 @@ def _recommend(rows: dict[str, dict]) -> str:
 def run(ctx: Context) -> SuiteResult:
     batch = ctx.pick(8, 2, 2)
     size = ctx.pick(256, 256, 64)
-    rounds = ctx.pick(3, 2, 1)
+    rounds = ctx.pick(3, 1, 1)  # activation memory repeats to the MiB; step time gets more rounds
     names = [n for n in CONFIGS if n.startswith("monai") or have_model()]
-    workers = [_Worker(n, batch, size, ctx.smoke) for n in names]  # start together; step in turn
-    try:
-        for w in workers:
-            w.wait_ready()
-        mem = {w.name: [] for w in workers}
-        times = {w.name: [] for w in workers}
-        for r in range(rounds):
-            for w in workers[r % len(workers):] + workers[: r % len(workers)]:
-                mem[w.name].append(w.ask("mem")["act_mib"])
-                times[w.name].append(w.ask("time")["s"])
-    finally:
-        for w in workers:
-            w.close()
+    mem = _interleaved(names, batch, size, ctx.smoke, rounds, "mem")
+    times = _interleaved(names, batch, size, ctx.smoke, ctx.pick(5, 3, 1), "time")
 
     rows: dict[str, dict] = {}
     for n in names:

@@ -4,8 +4,9 @@ pair of processes, round after round, so machine noise hits every variant alike.
 
 Each round: rank 0 trains alone without communication while rank 1 waits at a barrier (1 rank);
 then both train their own model with no communication (what sharing the machine alone costs);
-then both train under DDP; then both train under a DeepSpeed ZeRO-2 engine. Every variant keeps
-its own model and AdamW state, built from the same seed.
+then both train under DDP; under DDP with fp16-compressed gradient all-reduce (DDP's
+`fp16_compress_hook`); then under a DeepSpeed ZeRO-2 engine. Every variant keeps its own model and
+AdamW state, built from the same seed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
     single_opt = torch.optim.AdamW(single.parameters(), lr=1e-4)
     ddp = DDP(_model(), find_unused_parameters=False)
     ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+    # The same, with gradients all-reduced in fp16 (half the bytes; DDP's own comm hook).
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    ddp_fp16 = DDP(_model(), find_unused_parameters=False, gradient_as_bucket_view=True)
+    ddp_fp16.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    ddp_fp16_opt = torch.optim.AdamW(ddp_fp16.parameters(), lr=1e-4)
     zero_model = _model()
     engine, *_ = deepspeed.initialize(
         model=zero_model, optimizer=torch.optim.AdamW(zero_model.parameters(), lr=1e-4),
@@ -100,11 +107,13 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
         dist.barrier()
         return (time.perf_counter() - t0) / steps
 
-    times: dict[str, list[float]] = {"1_rank": [], "2_ranks_no_comm": [], "ddp_2_ranks": [], "zero2_2_ranks": []}
+    times: dict[str, list[float]] = {"1_rank": [], "2_ranks_no_comm": [], "ddp_2_ranks": [],
+                                     "ddp_fp16_grads_2_ranks": [], "zero2_2_ranks": []}
     for r in range(rounds + 1):  # round 0 is the warm-up
         t = {"1_rank": timed(lambda: torch_step(single, single_opt), active=rank == 0),
              "2_ranks_no_comm": timed(lambda: torch_step(single, single_opt), active=True),
              "ddp_2_ranks": timed(lambda: torch_step(ddp, ddp_opt), active=True),
+             "ddp_fp16_grads_2_ranks": timed(lambda: torch_step(ddp_fp16, ddp_fp16_opt), active=True),
              "zero2_2_ranks": timed(zero_step, active=True)}
         if r > 0:
             for k, v in t.items():
@@ -113,7 +122,8 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
 
     # both ranks step (the all-reduce needs its peer); rank 0's operators are the ones reported
     profile = top_ops(lambda: torch_step(ddp, ddp_opt), warmup=0) if rank == 0 else torch_step(ddp, ddp_opt)
-    same = {"ddp": _params_equal_across_ranks(ddp.module), "zero2": _params_equal_across_ranks(zero_model)}
+    same = {"ddp": _params_equal_across_ranks(ddp.module), "ddp_fp16_grads": _params_equal_across_ranks(ddp_fp16.module),
+            "zero2": _params_equal_across_ranks(zero_model)}
     from deepspeed.comm import comm as ds_comm
 
     if rank == 0:

@@ -1,10 +1,12 @@
 """Activation checkpointing: whole segments, or selective (keep compute-bound outputs, recompute the rest).
 
-`selective` runs a segment under torch's selective activation checkpointing with one policy:
-outputs of matmuls and convolutions are saved, everything else (norms, activations, softmax,
-window gathers, upsampling, concatenation, residual adds) is recomputed in backward. Those ops
-hold most of the activation bytes but little of the FLOPs, so recomputing them costs far less
-than a second forward.
+`selective` runs a segment under torch's selective activation checkpointing with one policy: the
+output of a matmul or convolution is kept when it contracts over at least `MIN_SAVED_REDUCTION`
+elements (recomputing it would cost at least 1 kFLOP per element kept); everything else is
+recomputed in backward: norms, activations, softmax, window gathers, upsampling, concatenation,
+residual adds, the attention products (contracting over a 32-wide head or a 49-token window),
+depthwise convolutions and the narrow first stages' projections. Those hold most of the activation
+bytes and few of the FLOPs. Measured memory and step time of every mode: benchmarks/README.md.
 
 A recomputed batch norm must not update its running statistics a second time, so every recompute
 (whole or selective) runs with the segment's batch norms at momentum 0, which makes the update a
@@ -27,16 +29,31 @@ __all__ = ["CheckpointMode", "CHECKPOINT_MODES", "run_checkpointed"]
 CheckpointMode = Literal["none", "attention", "block", "selective"]
 CHECKPOINT_MODES: tuple[str, ...] = ("none", "attention", "block", "selective")
 
+MIN_SAVED_REDUCTION = 512
+
 _aten = torch.ops.aten
-_SAVED_OPS = frozenset({
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
-    _aten.convolution.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+_FUSED_ATTENTION = frozenset({
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_flash_attention.default,
 })
+# op -> position of the operand whose last dimension is the contraction
+_MATMULS = {_aten.mm.default: 0, _aten.bmm.default: 0, _aten.addmm.default: 1, _aten.baddbmm.default: 1}
+
+
+def _reduction(op, args) -> int:
+    """Elements summed per output element of a matmul or convolution; 0 for any other op."""
+    if op in _MATMULS:
+        return args[_MATMULS[op]].shape[-1]
+    if op == _aten.convolution.default:
+        weight = args[1]  # out, in/groups, *kernel
+        return weight[0].numel()
+    return 0
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _FUSED_ATTENTION or _reduction(op, args) >= MIN_SAVED_REDUCTION:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @contextlib.contextmanager
