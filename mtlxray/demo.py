@@ -28,6 +28,7 @@ import mtlxray
 from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, load_config
 from mtlxray.errors import ConfigError, MtlxError
+from mtlxray.hardware import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,9 @@ def write_demo_report(out: Path, *, demo_cfg: Config, paper_cfg: Config, manifes
     parts = [
         "# mtlxray demo report\n",
         f"The whole pipeline on synthetic phantom chest X-rays, on CPU ({os.cpu_count()} cores, "
-        f"torch {torch.__version__}, Python {platform.python_version()}), in {total / 60:.1f} minutes. "
+        f"{torch.backends.cpu.get_cpu_capability()}, training in "
+        f"{resolve_precision(demo_cfg.run.precision, 'cpu')}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}), in {total / 60:.1f} minutes. "
         f"Phase 2's best checkpoint scores {headline}\n",
         "## Steps\n",
         table(["Step", "Seconds"], [[t, f"{s:.1f}"] for t, s in timings]),

@@ -193,14 +193,17 @@ def plot_overlay_grid(cases: Sequence[OverlayCase], out: Path, title: str = "") 
 
 
 def plot_dice_histograms(values: Mapping[str, np.ndarray], out: Path) -> Path:
-    """Histogram of per-image Dice, one panel per task; the mean is marked."""
+    """Histogram of per-image Dice, one panel per task; the mean is marked. The x axis starts at
+    0, or at the tenth below the lowest Dice when all are high, so a tight cluster still shows its
+    spread."""
     items = [(k, np.asarray(v, np.float64)) for k, v in values.items()]
     fig, axes = plt.subplots(1, max(len(items), 1), figsize=(4.8 * max(len(items), 1), 3.6), squeeze=False)
-    bins = np.linspace(0, 1, 21)
     for ax, (name, v) in zip(axes[0], items):
         v = v[np.isfinite(v)]
+        lo = float(np.floor(v.min() * 10) / 10) if v.size and v.min() >= 0.5 else 0.0
+        bins = np.linspace(lo, 1, 21)
         ax.set_title(f"{name} Dice per image (n={v.size})")
-        ax.set_xlim(0, 1)
+        ax.set_xlim(lo, 1)
         ax.set_xlabel("Dice")
         ax.set_ylabel("images")
         ax.grid(alpha=0.3)
