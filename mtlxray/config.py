@@ -191,6 +191,8 @@ class RunConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """`auto`: bf16 autocast where the device runs bf16 natively (recent GPUs, AVX-512 CPUs), else fp32."""
     backend: Literal["ddp", "deepspeed"] = "ddp"
+    grad_allreduce: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """DDP only: all-reduce gradients compressed to fp16/bf16 (half the bytes; DDP's comm hook)."""
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON (configs/deepspeed/zero2.json, ...) when backend is deepspeed."""
     log_every: int = 10

@@ -156,7 +156,8 @@ def pg_timeout() -> datetime.timedelta:
 def build_accelerator(cfg: Config, run_dir: Path):
     """An Accelerator for cfg.run.backend/precision on this machine (GPU: nccl; CPU: gloo)."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (DDPCommunicationHookType, DeepSpeedPlugin, DistributedDataParallelKwargs,
+                                  InitProcessGroupKwargs, ProjectConfiguration)
 
     world = resolve_world()
     distributed = world.world_size > 1 or cfg.run.backend == "deepspeed"
@@ -165,8 +166,10 @@ def build_accelerator(cfg: Config, run_dir: Path):
     # gloo must be named on CPU (else each DeepSpeed rank thinks it is alone), and only when there is
     # a process group to make: accelerate treats any named backend as distributed.
     pg = InitProcessGroupKwargs(backend="gloo" if distributed and not on_gpu else None, timeout=pg_timeout())
+    hook = {"fp32": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+            "bf16": DDPCommunicationHookType.BF16}[cfg.run.grad_allreduce]
     kwargs: dict = {
-        "kwargs_handlers": [pg],
+        "kwargs_handlers": [pg, DistributedDataParallelKwargs(comm_hook=hook)],
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         # The loop steps the scheduler once per optimizer step itself; accelerate would otherwise
         # step it once per process.
@@ -179,6 +182,9 @@ def build_accelerator(cfg: Config, run_dir: Path):
         raise ConfigError("launched with a DeepSpeed accelerate config but run.backend is "
                           f"{cfg.run.backend!r}; set run.backend=deepspeed and run.deepspeed_config")
     if cfg.run.backend == "deepspeed":
+        if cfg.run.grad_allreduce != "fp32":
+            raise ConfigError("run.grad_allreduce applies to DDP; DeepSpeed sets its communication "
+                              "dtype in its JSON (communication_data_type)")
         _neutralise_transformers_hook()
         if not on_gpu:
             keep_deepspeed_collectives_on_gloo()

@@ -82,7 +82,8 @@ def main() -> int:
     try:
         code = trainer.fit()
         record = {"rank": trainer.rank, "world_size": trainer.world, "step": trainer.state.step,
-                  "code": code, "digest": digest(trainer), "deepspeed_shm_comm": deepspeed_shm_comm()}
+                  "code": code, "digest": digest(trainer), "deepspeed_shm_comm": deepspeed_shm_comm(),
+                  "ddp_comm_hooks": [h.__name__ for h, _ in getattr(trainer.model, "_comm_hooks", [])]}
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"rank{trainer.rank}.json").write_text(json.dumps(record))
     finally:

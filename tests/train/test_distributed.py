@@ -39,13 +39,15 @@ def _assert_two_ranks_agree(ranks: list[dict], run_dir: Path, steps: int) -> Non
 
 
 @pytest.mark.distributed
-def test_ddp_two_ranks_via_accelerate_launch(tiny_shards, tmp_path):
+@pytest.mark.parametrize("grad_allreduce,hooks", [("fp32", []), ("fp16", ["fp16_compress_hook"])])
+def test_ddp_two_ranks_via_accelerate_launch(tiny_shards, tmp_path, grad_allreduce, hooks):
     env = {**cli_env(), "ACCELERATE_USE_CPU": "1"}
     launcher = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3")
+    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3", f"run.grad_allreduce={grad_allreduce}")
     ranks = _launch(launcher, tmp_path / "out", args, env)
     _assert_two_ranks_agree(ranks, tmp_path / "t", 3)
+    assert [r["ddp_comm_hooks"] for r in ranks] == [hooks, hooks]
 
 
 @pytest.mark.slow
