@@ -120,6 +120,7 @@ def machine_info() -> dict:
     """What ran the benchmark: CPU, threads, library versions, date."""
     return {
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -40,7 +40,8 @@ def render(results: Path, order: list[str]) -> str:
     if not found:
         return "(no results yet: run `mtlxray bench all`)"
     m = found[0]["machine"]
-    out = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+    isa = f" ({m['cpu_capability']})" if "cpu_capability" in m else ""
+    out = [f"Machine: {m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
            f"Python {m['python']}. A shared machine: each suite's heading gives its date and the 1-minute "
            f"load average at its end; absolute figures are noisy, ratios measured side by side are the evidence."]
     for data in found:
