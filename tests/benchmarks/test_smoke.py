@@ -79,7 +79,8 @@ def test_ddp_suite_runs_two_gloo_ranks_with_identical_params(ctx):
     assert data["details"]["threads_per_rank"] == 1
     assert data["details"]["params_identical_across_ranks"] == {"ddp": True, "ddp_fp16_grads": True, "zero2": True}
     assert data["details"]["zero2_collectives"] == "gloo"
-    assert {r["variant"] for r in data["rows"]} == {"1_rank", "2_ranks_no_comm", "ddp_2_ranks", "zero2_2_ranks"}
+    assert {r["variant"] for r in data["rows"]} == {"1_rank", "2_ranks_no_comm", "ddp_2_ranks",
+                                                   "ddp_fp16_grads_2_ranks", "zero2_2_ranks"}
 
 
 def test_projection_suite_projects_phases_and_loader_cores(ctx):
