@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target, measure_side_by_side
 from benchmarks.shards import synth_tree
@@ -55,7 +54,6 @@ def _consume(stream: Iterator, n_batches: int):
 
 
 def _shard_stream(root: Path, augment: bool, on_device: bool = False) -> Iterator:
-    from mtlxray.config import DataConfig
     from mtlxray.data.loader import build_train_loader
 
     cfg = DataConfig(shards=str(root), subset="lung", batch_size=BATCH, workers=0, samples_per_epoch=10**7)

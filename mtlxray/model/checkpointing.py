@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, get_args
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["CheckpointMode", "CHECKPOINT_MODES", "run_checkpointed"]
+__all__ = ["CheckpointMode", "CHECKPOINT_MODES", "run_checkpointed", "run_segment"]
 
 CheckpointMode = Literal["none", "attention", "block", "selective"]
-CHECKPOINT_MODES: tuple[str, ...] = ("none", "attention", "block", "selective")
+CHECKPOINT_MODES: tuple[str, ...] = get_args(CheckpointMode)
 
 MIN_SAVED_REDUCTION = 512
 
@@ -96,3 +96,12 @@ def run_checkpointed(module: nn.Module, fn: Callable[..., torch.Tensor], *args, 
         return fn(*args)
     contexts = _selective_contexts if selective else _whole_contexts
     return checkpoint(fn, *args, use_reentrant=False, context_fn=functools.partial(contexts, module))
+
+
+def run_segment(module: nn.Module, fn: Callable[..., torch.Tensor], *args):
+    """`fn(*args)` for a block-level segment (a Swin block, a decoder stage, a cross-attention):
+    recomputed whole or selectively when `module.grad_checkpoint` is `block` or `selective`."""
+    mode = module.grad_checkpoint
+    if mode in ("block", "selective"):
+        return run_checkpointed(module, fn, *args, selective=mode == "selective")
+    return fn(*args)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlxray.model.checkpointing import CheckpointMode, run_checkpointed
+from mtlxray.model.checkpointing import CheckpointMode, run_segment
 
 __all__ = ["ConvBNReLU", "PPM", "UpConv", "CrossAttention", "DecoderBranch"]
 
@@ -52,15 +52,6 @@ class PPM(nn.Module):
         return self.fuse(torch.cat([x, *pooled], dim=1))  # B, C + n*branch, h, w -> B, C, h, w
 
 
-def _checkpointed(module: nn.Module, fn, *args: torch.Tensor) -> torch.Tensor:
-    """fn(*args) under the module's `grad_checkpoint` mode (decoder parts take part in block and
-    selective modes only)."""
-    mode = module.grad_checkpoint
-    if mode in ("block", "selective"):
-        return run_checkpointed(module, fn, *args, selective=mode == "selective")
-    return fn(*args)
-
-
 class UpConv(nn.Module):
     """×2 bilinear upsample, concat the encoder skip (if any), two 3×3 conv+BN+ReLU."""
 
@@ -76,7 +67,7 @@ class UpConv(nn.Module):
         return self.conv(x)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _checkpointed(self, self._forward, x, skip)
+        return run_segment(self, self._forward, x, skip)
 
 
 class CrossAttention(nn.Module):
@@ -104,7 +95,7 @@ class CrossAttention(nn.Module):
         self.grad_checkpoint: CheckpointMode = "none"
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return _checkpointed(self, self._forward, x, other)
+        return run_segment(self, self._forward, x, other)
 
     def _forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtlxray.hardware import cpu_has_native_bf16
-from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode, run_checkpointed
+from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode, run_checkpointed, run_segment
 
 __all__ = [
     "SwinEncoder", "SwinBlock", "WindowAttention", "PatchEmbed", "PatchMerging", "DropPath",
@@ -210,9 +210,7 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        if self.grad_checkpoint in ("block", "selective"):
-            return run_checkpointed(self, self._forward, x, selective=self.grad_checkpoint == "selective")
-        return self._forward(x)
+        return run_segment(self, self._forward, x)
 
 
 class PatchEmbed(nn.Module):

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, dump_config
-from mtlxray.data.loader import batch_to_device
+from mtlxray.data.loader import (batch_to_device, build_eval_loader, build_train_loader, read_manifest,
+                                 shard_urls, train_batches_per_epoch)
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
 from mtlxray.hardware import resolve_precision
 from mtlxray.train import metrics as M
@@ -88,8 +89,6 @@ def resume_target(cfg: Config, resume: str) -> Optional[Path]:
 
 def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
     """Cheap checks that fail in well under a second with a one-line reason, before any worker."""
-    from mtlxray.data.loader import read_manifest, shard_urls
-
     root = Path(cfg.data.shards)
     manifest = read_manifest(root)
     subsets = (cfg.data.subset,) if cfg.data.subset in ("lung", "infection") else ("lung", "infection")
@@ -135,7 +134,6 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
         from accelerate.utils import broadcast_object_list, set_seed
 
-        from mtlxray.data.loader import train_batches_per_epoch
         from mtlxray.model import build_model
 
         cfg.run.precision = resolve_precision(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
@@ -232,8 +230,6 @@ class Trainer:
 
     def _batches(self):
         """This rank's batches from the current data position to the end of the epoch."""
-        from mtlxray.data.loader import build_train_loader
-
         s = self.state
         loader = build_train_loader(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
                                     world_size=self.world, start_batch=s.batch_in_epoch)
@@ -372,8 +368,6 @@ class Trainer:
         repeats its last batch and discards the result) so that ZeRO-3's collectives line up.
         """
         from accelerate.utils import gather_object
-
-        from mtlxray.data.loader import build_eval_loader
 
         acc, cfg = self.accelerator, self.cfg
         loader = build_eval_loader(cfg.data, subset=self._eval_subset(), split=cfg.data.val_split,
