@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (see README).
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mtlxray-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -12,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
 	$(BIN)/pip install -q -e '.[dev,bench,export]'
 	touch $@
 

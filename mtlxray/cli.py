@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", nargs="?", default="all",
                    help="model|attention|checkpointing|loader|ddp|projection|shards|all (default all)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    p.set_defaults(handler="benchmarks.run:cli_main")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results under the working directory; the checkout's benchmarks/README.md results section is rewritten only when writing there)")
+    p.set_defaults(handler="mtlxray.bench.run:cli_main")
 
     return parser
 

@@ -22,7 +22,7 @@ from mtlxray.errors import ConfigError
 
 __all__ = [
     "AugmentConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "PhaseConfig",
-    "RunConfig", "LaunchConfig", "Config", "ConfigError", "load_config", "config_to_dict",
+    "RunConfig", "LaunchConfig", "Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict",
     "dump_config", "apply_overrides",
 ]
 
@@ -385,6 +385,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Validate a raw mapping (as read from YAML) into a `Config`; errors name `source`."""
+    return _build(Config, data, "", source)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (following `extends:`), apply overrides, and validate into a `Config`."""
     raw = _read_yaml(Path(path)) if path is not None else {}
@@ -392,7 +397,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " + overrides"
-    return _build(Config, raw, "", source)
+    return config_from_dict(raw, source)
 
 
 def config_to_dict(cfg: Any) -> dict:

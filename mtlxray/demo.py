@@ -29,13 +29,12 @@ from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, load_config
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.hardware import resolve_precision
+from mtlxray.paper import subset_total
 
 logger = logging.getLogger(__name__)
 
 N_STEPS = 6
 PREDICT_PER_CLASS = 2
-PAPER_COUNTS = {"lung": 33_920, "infection": 5_826}
-"""Images in the paper's COVID-QU-Ex subsets (Table I and II)."""
 
 
 def _configs_dir() -> Path:
@@ -106,7 +105,7 @@ def _predict_inputs(tree: Path, scale: str) -> list[Path]:
 def _predict(ckpt: str, inputs: list[Path], out: Path) -> list[dict]:
     from mtlxray.report.predict import predict_files
     from mtlxray.report.markdown import write_text_atomic
-    from mtlxray.train.checkpoint import load_model_from_checkpoint
+    from mtlxray.checkpoint import load_model_from_checkpoint
 
     model, cfg = load_model_from_checkpoint(ckpt)
     records, failures = predict_files(model, cfg.model.img_size, inputs, out)
@@ -131,14 +130,15 @@ def _scaled_down_rows(demo: Config, paper: Config, manifest: dict) -> list[list[
             pa, de = getattr(a, f.name), getattr(b, f.name)
             if pa != de:
                 rows.append([f"{section}.{f.name}", _setting(pa), _setting(de)])
-    for subset, paper_n in PAPER_COUNTS.items():
+    for subset in ("lung", "infection"):
+        paper_n = subset_total(subset)
         n = sum(sum(split.values()) for split in manifest["counts"].get(subset, {}).values())
         rows.append([f"{subset} subset images", f"{paper_n:,} (COVID-QU-Ex)", f"{n:,} (synthetic phantoms)"])
     return rows
 
 
 def _phase_rows(reports: list) -> list[list[object]]:
-    from mtlxray.train.checkpoint import read_state
+    from mtlxray.checkpoint import read_state
 
     rows = []
     for r in reports:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mtlxray import CLASS_NAMES
 from mtlxray.data.sources import SPLIT_DIRS, SUBSET_DIRS
 from mtlxray.errors import DataError
+from mtlxray.paper import SUBSET_COUNTS
 
 __all__ = [
     "SCALE_COUNTS", "PhantomSpec", "plan", "file_name", "render_phantom",
@@ -31,10 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_TABLE_I = {"Normal": (6849, 1712, 2140), "Non-COVID": (7208, 1802, 2253), "COVID-19": (7658, 1903, 2395)}
-_TABLE_II = {"Normal": (932, 233, 291), "Non-COVID": (932, 233, 292), "COVID-19": (1864, 466, 583)}
-
 
 def _counts(lung: dict[str, tuple[int, int, int]], inf: dict[str, tuple[int, int, int]]) -> dict:
     return {
@@ -48,7 +45,7 @@ SCALE_COUNTS: dict[str, dict[str, dict[str, dict[str, int]]]] = {
                     {"Normal": (2, 1, 1), "Non-COVID": (2, 1, 1), "COVID-19": (4, 2, 2)}),
     "small": _counts({c: (60, 15, 15) for c in CLASS_NAMES},
                      {"Normal": (12, 4, 4), "Non-COVID": (12, 4, 4), "COVID-19": (24, 8, 8)}),
-    "paper": _counts(_TABLE_I, _TABLE_II),
+    "paper": SUBSET_COUNTS,
 }
 """scale -> subset -> split -> class -> number of images (paper = Table I / Table II)."""
 

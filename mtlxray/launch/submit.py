@@ -26,7 +26,7 @@ import submitit
 
 from mtlxray.config import load_config
 from mtlxray.errors import EXIT_REQUEUE, ConfigError, MtlxError
-from mtlxray.launch.slurm import SlurmDistEnv, master_port, resolve_host, slurm_parameters, torch_env
+from mtlxray.launch.slurm import slurm_parameters
 
 __all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "cli_main"]
 
@@ -58,8 +58,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         os.chdir(self.workdir)
-        env = submitit.JobEnvironment()
-        os.environ.update(_dist_env(env))
+        env = submitit.JobEnvironment()  # the trainer reads the task's identity through mtlxray.dist
         cfg = load_config(self.config, self.overrides)
         with _preempt_signal_to_trainer(env) as submitit_handler:
             rc = run_training(cfg, resume=self.resume)
@@ -82,20 +81,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         """The resubmission: the same phase, resuming from the `last` checkpoint every rank wrote."""
         logger.info("requeueing %s with resume=auto", self.config)
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, "auto", self.workdir))
-
-
-def _dist_env(env: submitit.JobEnvironment) -> dict[str, str]:
-    """torch.distributed variables for this task, from submitit's view of it (none for one task)."""
-    if env.num_tasks <= 1:
-        return {}
-    hosts = env.hostnames
-    dist = SlurmDistEnv(
-        rank=env.global_rank, world_size=env.num_tasks, local_rank=env.local_rank,
-        local_world_size=max(env.num_tasks // max(env.num_nodes, 1), 1), node_rank=env.node,
-        num_nodes=env.num_nodes, master_addr=hosts[0] if hosts else "127.0.0.1",
-        master_port=master_port(env.job_id), job_id=str(env.job_id),
-    )
-    return torch_env(dist, master_addr=resolve_host(dist.master_addr))
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The multi-task Swin-UNet (and U-Net baselines): `build_model(cfg.model)`, parameter counts per part."""
 
 from mtlxray.model.net import MODELS, MTLSwinUNet, MultiTaskUNet, build_model
-from mtlxray.model.summary import PART_PAPER_PARAMS, count_params_by_part
+from mtlxray.model.summary import count_params_by_part
 
-__all__ = ["build_model", "MTLSwinUNet", "MultiTaskUNet", "MODELS", "PART_PAPER_PARAMS", "count_params_by_part"]
+__all__ = ["build_model", "MTLSwinUNet", "MultiTaskUNet", "MODELS", "count_params_by_part"]

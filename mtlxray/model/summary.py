@@ -10,20 +10,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["PART_PAPER_PARAMS", "count_params_by_part", "count_flops", "cli_main"]
+from mtlxray.paper import PART_PARAMS
+
+__all__ = ["count_params_by_part", "count_flops", "cli_main"]
 
 log = logging.getLogger(__name__)
-
-# The paper's parameter count for each part of the multi-task Swin-UNet.
-PART_PAPER_PARAMS: dict[str, float] = {
-    "encoder": 27.52e6,
-    "ppm": 1.78e6,
-    "decoders": 14.77e6,
-    "lung_head": 10.44e3,
-    "infection_head": 10.44e3,
-    "cls_head": 2.18e3,
-    "total": 44.09e6,
-}
 
 _PARTS = {
     "encoder": ("encoder",),
@@ -40,7 +31,7 @@ def _numel(module: nn.Module | None) -> int:
 
 
 def count_params_by_part(model: nn.Module) -> dict[str, int]:
-    """Parameters of each part (keys of PART_PAPER_PARAMS), counting frozen ones too."""
+    """Parameters of each part (keys of PART_PARAMS), counting frozen ones too."""
     counts = {part: sum(_numel(getattr(model, name, None)) for name in names) for part, names in _PARTS.items()}
     counts["total"] = _numel(model)
     return counts
@@ -68,7 +59,7 @@ def _table(counts: dict[str, int], flops: dict[str, float], name: str, img_size:
     lines = [f"model {name}, {img_size}x{img_size} input, {mode}",
              f"{'part':<16}{'params':>14}{'paper':>14}{'ratio':>8}"]
     for part, n in counts.items():
-        paper = PART_PAPER_PARAMS[part]
+        paper = PART_PARAMS[part]
         lines.append(f"{part:<16}{n:>14,}{paper:>14,.0f}{n / paper:>8.3f}")
     lines.append(f"GFLOPs/image: forward {flops['forward'] / 1e9:.2f}, "
                  f"forward+backward {flops['forward_backward'] / 1e9:.2f}")
@@ -89,7 +80,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "model": cfg.model.name, "img_size": cfg.model.img_size, "mode": mode,
-            "params": counts, "paper_params": PART_PAPER_PARAMS,
+            "params": counts, "paper_params": PART_PARAMS,
             "gflops": {k: v / 1e9 for k, v in flops.items()},
         }, indent=2))
     else:

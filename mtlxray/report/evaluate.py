@@ -26,7 +26,7 @@ from mtlxray.data.loader import batch_to_device
 from mtlxray.errors import DataError
 from mtlxray.report import figures
 from mtlxray.report.markdown import evaluation_markdown, write_text_atomic
-from mtlxray.train import metrics as M
+from mtlxray import metrics as M
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     from accelerate.utils import InitProcessGroupKwargs, gather_object
 
     from mtlxray.data.loader import build_eval_loader
-    from mtlxray.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-    from mtlxray.train.distributed import export_torch_env, pg_timeout, resolve_world
+    from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+    from mtlxray.dist import export_torch_env, pg_timeout, resolve_world
 
     ckpt = resolve_checkpoint(checkpoint)
     world = resolve_world()

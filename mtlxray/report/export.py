@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from mtlxray.config import Config, _build, dump_config
+from mtlxray.config import Config, config_from_dict, dump_config
 from mtlxray.errors import CheckpointError, MtlxError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def load_safetensors_export(path: str | Path) -> tuple[nn.Module, Config]:
         meta = f.metadata() or {}
     if "config" not in meta:
         raise CheckpointError(f"{path}: no `config` metadata (not an mtlxray safetensors export)")
-    cfg = _build(Config, yaml.safe_load(meta["config"]) or {}, "", f"{path}:config")
+    cfg = config_from_dict(yaml.safe_load(meta["config"]) or {}, f"{path}:config")
     model = build_model(cfg.model)
     model.set_mode(cfg.phase.name)
     model.load_state_dict(load_file(str(path)), strict=True)
@@ -180,7 +180,7 @@ EXPORTERS = {"safetensors": export_safetensors, "torchscript": export_torchscrip
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> tuple[Path, nn.Module, Config]:
     """Export a checkpoint folder to `out` in `fmt`; (out, the PyTorch model as loaded, its config)."""
     from mtlxray.model import build_model
-    from mtlxray.train.checkpoint import load_model_from_checkpoint, load_model_weights
+    from mtlxray.checkpoint import load_model_from_checkpoint, load_model_weights
 
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")

@@ -197,7 +197,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from mtlxray.train.checkpoint import load_model_from_checkpoint
+    from mtlxray.checkpoint import load_model_from_checkpoint
 
     if args.gate is not None and not 0.0 <= args.gate <= 1.0:
         raise DataError(f"--gate must be a probability in [0, 1], got {args.gate}")

@@ -1,95 +1,24 @@
-"""Distributed identity and the Accelerator, with the CPU traps of accelerate/DeepSpeed handled.
+"""The Accelerator for a run (DDP or DeepSpeed), with the CPU traps of accelerate/DeepSpeed handled.
 
-One resolver reads who this process is, in order: torchrun / `accelerate launch` variables
-(RANK, WORLD_SIZE, LOCAL_RANK), then Slurm's one-process-per-task variables (SLURM_PROCID,
-SLURM_NTASKS, SLURM_LOCALID), then a single local process. `export_torch_env` writes the result
-back as the torch.distributed variables that accelerate reads.
-
-Environment knob: MTLXRAY_PG_TIMEOUT_S sets the process-group timeout (default 1800 s); tests
-shorten it so that a hung collective fails fast instead of after gloo's 30 minutes.
+Who this process is comes from `mtlxray.dist`; this module turns it into a process group.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
-import socket
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mtlxray.config import Config
+from mtlxray.dist import export_torch_env, pg_timeout, resolve_world
 from mtlxray.errors import ConfigError
 
-__all__ = ["WorldInfo", "resolve_world", "export_torch_env", "build_accelerator", "deepspeed_config",
-           "keep_deepspeed_collectives_on_gloo"]
+__all__ = ["build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorldInfo:
-    """Who this process is in the job."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    source: str
-    """Where the identity came from: "torchrun", "slurm" or "local"."""
-
-
-def resolve_world(env: dict[str, str] | None = None) -> WorldInfo:
-    """Rank, local rank and world size from torchrun/accelerate, then Slurm tasks, then local."""
-    env = dict(os.environ) if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return WorldInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                         int(env["SLURM_NTASKS"]), "slurm")
-    return WorldInfo(0, 0, 1, "local")
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list (`node[1-3]` → `node1`), via scontrol when it is there."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return nodelist.split(",")[0].split("[")[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def export_torch_env(info: WorldInfo, force: bool = False) -> None:
-    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT where the launcher did not.
-
-    A single local process gets them only with `force` (DeepSpeed wants a process group even then).
-    """
-    if info.world_size == 1 and not force:
-        return
-    os.environ.setdefault("RANK", str(info.rank))
-    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", str(info.world_size))
-                          .split("(")[0])
-    if info.source == "slurm":
-        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        # A port derived from the job id: every task computes the same one without talking.
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
-    elif info.source == "local":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -147,10 +76,6 @@ def keep_deepspeed_collectives_on_gloo() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def pg_timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("MTLXRAY_PG_TIMEOUT_S", "1800")))
 
 
 def build_accelerator(cfg: Config, run_dir: Path):

@@ -15,7 +15,7 @@ Outputs under runs/<name>/ (cfg.run.output_dir / cfg.run.name):
     `val/macro_f1`, `val/precision/<class>`, `val/recall/<class>`, `val/n_images`.
   On resume, lines after the checkpoint's step are dropped, so each step appears once.
 - `tensorboard/`: the same scalars through accelerate's tensorboard tracker.
-- `checkpoints/`: see mtlxray.train.checkpoint.
+- `checkpoints/`: see mtlxray.checkpoint.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from mtlxray.data.loader import (batch_to_device, build_eval_loader, build_train
                                  shard_urls, train_batches_per_epoch)
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
 from mtlxray.hardware import resolve_precision
-from mtlxray.train import metrics as M
-from mtlxray.train.checkpoint import (TrainState, find_resume, load_model_weights, read_state,
+from mtlxray import metrics as M
+from mtlxray.checkpoint import (TrainState, find_resume, load_model_weights, read_state,
                                       resolve_checkpoint, save_checkpoint)
 from mtlxray.train.distributed import build_accelerator, deepspeed_config
 from mtlxray.train.losses import multitask_loss

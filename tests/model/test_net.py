@@ -10,7 +10,8 @@ import torch
 from _model_support import tiny_config
 from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
-from mtlxray.model import PART_PAPER_PARAMS, build_model, count_params_by_part
+from mtlxray.model import build_model, count_params_by_part
+from mtlxray.paper import PART_PARAMS
 
 INF_PREFIXES = ("inf_decoder", "inf_head")
 
@@ -25,7 +26,7 @@ def test_full_model_part_counts_match_the_paper():
     tolerance = {"encoder": 0.005, "ppm": 0.01, "decoders": 0.02, "lung_head": 0.005, "infection_head": 0.005,
                  "cls_head": 0.005, "total": 0.01}
     for part, tol in tolerance.items():
-        assert abs(counts[part] - PART_PAPER_PARAMS[part]) / PART_PAPER_PARAMS[part] < tol, (part, counts[part])
+        assert abs(counts[part] - PART_PARAMS[part]) / PART_PARAMS[part] < tol, (part, counts[part])
 
 
 def test_top_level_submodule_names_are_fixed():

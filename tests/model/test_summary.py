@@ -5,7 +5,8 @@ import torch
 
 from _model_support import tiny_config
 from mtlxray.cli import main
-from mtlxray.model import PART_PAPER_PARAMS, build_model, count_params_by_part
+from mtlxray.model import build_model, count_params_by_part
+from mtlxray.paper import PART_PARAMS
 
 TINY = ["model.img_size=32", "model.window_size=4", "model.embed_dim=12", "model.num_heads=[1,2,2,4]",
         "model.depths=[2,2,2,2]", "model.ppm_channels=8", "model.decoder_channels=[32,16,16,8]",
@@ -16,7 +17,7 @@ PARTS = ["encoder", "ppm", "decoders", "lung_head", "infection_head", "cls_head"
 def test_count_params_by_part_covers_every_parameter_once():
     model = build_model(tiny_config())
     counts = count_params_by_part(model)
-    assert list(counts) == PARTS == list(PART_PAPER_PARAMS)
+    assert list(counts) == PARTS == list(PART_PARAMS)
     assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
     assert counts["decoders"] == sum(p.numel() for p in model.lung_decoder.parameters()) * 2
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from mtlxray.config import dump_config, load_config
 from mtlxray.model import build_model
-from mtlxray.train.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, TrainState
+from mtlxray.checkpoint import CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, TrainState
 
 TINY_MODEL = [
     "model.img_size=64", "model.embed_dim=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]",

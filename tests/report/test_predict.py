@@ -111,7 +111,7 @@ def test_predict_cli_processes_good_files_and_reports_the_corrupt_one(tiny_ckpt,
 
 def test_predict_gate_suppresses_infection_below_threshold(tiny_ckpt, tmp_path):
     from mtlxray.report.predict import predict_files
-    from mtlxray.train.checkpoint import load_model_from_checkpoint
+    from mtlxray.checkpoint import load_model_from_checkpoint
 
     model, cfg = load_model_from_checkpoint(tiny_ckpt)
     paths = [_write_png(tmp_path / "a.png", (64, 64))]
@@ -125,7 +125,7 @@ def test_predict_gate_suppresses_infection_below_threshold(tiny_ckpt, tmp_path):
 
 def test_predict_with_phase1_checkpoint_reports_no_infection(tiny_ckpt_phase1, tmp_path):
     from mtlxray.report.predict import predict_files
-    from mtlxray.train.checkpoint import load_model_from_checkpoint
+    from mtlxray.checkpoint import load_model_from_checkpoint
 
     model, cfg = load_model_from_checkpoint(tiny_ckpt_phase1)
     (rec,), failures = predict_files(model, cfg.model.img_size, [_write_png(tmp_path / "a.png")], tmp_path / "o")
@@ -135,7 +135,7 @@ def test_predict_with_phase1_checkpoint_reports_no_infection(tiny_ckpt_phase1, t
 
 def test_predict_files_gives_safe_distinct_names_to_same_named_inputs(tiny_ckpt, tmp_path):
     from mtlxray.report.predict import predict_files
-    from mtlxray.train.checkpoint import load_model_from_checkpoint
+    from mtlxray.checkpoint import load_model_from_checkpoint
 
     model, cfg = load_model_from_checkpoint(tiny_ckpt)
     (tmp_path / "x").mkdir()

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError
-from mtlxray.train.checkpoint import TrainState, find_resume, load_model_from_checkpoint, read_state
+from mtlxray.checkpoint import TrainState, find_resume, load_model_from_checkpoint, read_state
 
 from _train_support import DEMO, REPO, cli_env, tiny_overrides
 

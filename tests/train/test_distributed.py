@@ -9,7 +9,6 @@ import killable
 import pytest
 
 from _train_support import DEMO, REPO, cli_env, tiny_overrides
-from mtlxray.train.distributed import WorldInfo, resolve_world
 
 WORKER = Path(__file__).with_name("_worker.py")
 BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
@@ -66,12 +65,3 @@ def test_deepspeed_zero_two_ranks_and_exact_state_round_trip(tiny_shards, tmp_pa
     # A second launch loads the saved state (load_state) and must see exactly the same parameters.
     reloaded = _launch(launcher, tmp_path / "reloaded", args, cli_env())
     assert [r["digest"] for r in reloaded] == [r["digest"] for r in trained]
-
-
-def test_resolve_world_prefers_torchrun_then_slurm_then_local():
-    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
-    assert resolve_world(torchrun) == WorldInfo(3, 1, 4, "torchrun")
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
-    assert resolve_world(slurm) == WorldInfo(5, 1, 8, "slurm")
-    assert resolve_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == WorldInfo(0, 0, 1, "local")
-    assert resolve_world({}) == WorldInfo(0, 0, 1, "local")

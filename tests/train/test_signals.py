@@ -4,7 +4,7 @@ import signal
 import pytest
 
 from mtlxray.errors import NonFiniteLossError
-from mtlxray.train.checkpoint import find_resume, read_state
+from mtlxray.checkpoint import find_resume, read_state
 from mtlxray.train.signals import NonFiniteGuard, StopFlag
 
 from _train_support import DEMO, run_cli, tiny_overrides

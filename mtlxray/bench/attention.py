@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Context, SuiteResult, measure_side_by_side
+from mtlxray.bench.common import Context, SuiteResult, measure_side_by_side
 
 WINDOW = 7
 HEAD_DIM = 32

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Context, SuiteResult, count_flops
-from benchmarks.workloads import TINY, ours, train_step
+from mtlxray.bench.common import Context, SuiteResult, count_flops
+from mtlxray.bench.workloads import TINY, ours, train_step
 
 H100_BF16_DENSE_FLOPS = 989e12
 MFU = 0.40

@@ -8,9 +8,9 @@ import logging
 import torch
 from torch import nn
 
-from benchmarks.common import Context, SuiteResult, Target, count_flops, matmul_peak, measure_side_by_side
-from benchmarks.profiling import top_ops
-from benchmarks.workloads import DTYPES, TINY, have_model, monai_swin_t, ours, train_step
+from mtlxray.bench.common import Context, SuiteResult, Target, count_flops, matmul_peak, measure_side_by_side
+from mtlxray.bench.profiling import top_ops
+from mtlxray.bench.workloads import DTYPES, TINY, have_model, monai_swin_t, ours, train_step
 from mtlxray.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)

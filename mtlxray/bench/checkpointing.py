@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target
-from benchmarks.workloads import have_model
+from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target
+from mtlxray.bench.workloads import have_model
 
 CONFIGS = {
     "ours_none": ["model.grad_checkpoint=none"],
@@ -44,7 +44,7 @@ def _worker(name: str, batch: int, size: int, smoke: bool) -> None:
 
     import torch
 
-    from benchmarks.workloads import TINY, monai_swin_t, ours, train_step
+    from mtlxray.bench.workloads import TINY, monai_swin_t, ours, train_step
 
     torch.manual_seed(0)
     if name.startswith("monai"):
@@ -80,7 +80,7 @@ class _Worker:
         # more (the recomputing ones) in time, so step time is measured by separate workers with
         # the allocator's defaults.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
-        cmd = [sys.executable, "-m", "benchmarks.checkpointing", "--worker", name,
+        cmd = [sys.executable, "-m", "mtlxray.bench.checkpointing", "--worker", name,
                "--batch", str(batch), "--size", str(size)] + (["--smoke"] if smoke else [])
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Context, SuiteResult, SuiteUnavailable, measure_side_by_side
+from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, measure_side_by_side
 
 
 def synth_tree(root: Path, scale: str, workers: int = 0) -> int:

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target, measure_side_by_side
-from benchmarks.shards import synth_tree
+from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, measure_side_by_side
+from mtlxray.bench.shards import synth_tree
 from mtlxray.config import DataConfig
 
 BATCH = 16

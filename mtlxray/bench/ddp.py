@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target
-from benchmarks.workloads import TINY, have_model
+from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target
+from mtlxray.bench.workloads import TINY, have_model
 
 BATCH = 8
 WORLD = 2
@@ -38,14 +38,14 @@ def _free_port() -> int:
 
 
 def _model():
-    from benchmarks.workloads import ours
+    from mtlxray.bench.workloads import ours
 
     torch.manual_seed(0)
     return ours(TINY, phase="phase2").train()
 
 
 def _loss(model, x: torch.Tensor) -> torch.Tensor:
-    from benchmarks.workloads import tensor_sum
+    from mtlxray.bench.workloads import tensor_sum
 
     return tensor_sum(model(x))
 
@@ -118,7 +118,7 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
         if r > 0:
             for k, v in t.items():
                 times[k].append(v)
-    from benchmarks.profiling import top_ops
+    from mtlxray.bench.profiling import top_ops
 
     # both ranks step (the all-reduce needs its peer); rank 0's operators are the ones reported
     profile = top_ops(lambda: torch_step(ddp, ddp_opt), warmup=0) if rank == 0 else torch_step(ddp, ddp_opt)

@@ -10,23 +10,24 @@ from pathlib import Path
 
 from mtlxray.errors import ConfigError
 
-from benchmarks.common import Context, SuiteResult, SuiteUnavailable, Target, format_table, format_targets
-from benchmarks.common import machine_info, write_json_atomic
+from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, format_table, format_targets
+from mtlxray.bench.common import machine_info, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 # Order matters for `all`: projection reads the model and loader results written before it.
 SUITES: dict[str, str] = {
-    "attention": "benchmarks.attention",
-    "model": "benchmarks.model",
-    "checkpointing": "benchmarks.checkpointing",
-    "loader": "benchmarks.loader",
-    "shards": "benchmarks.shards",
-    "ddp": "benchmarks.ddp",
-    "projection": "benchmarks.projection",
+    "attention": "mtlxray.bench.attention",
+    "model": "mtlxray.bench.model",
+    "checkpointing": "mtlxray.bench.checkpointing",
+    "loader": "mtlxray.bench.loader",
+    "shards": "mtlxray.bench.shards",
+    "ddp": "mtlxray.bench.ddp",
+    "projection": "mtlxray.bench.projection",
 }
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-README = Path(__file__).resolve().parent / "README.md"
+DEFAULT_OUT = Path("benchmarks") / "results"
+"""Results go to the checkout's benchmarks/results (relative to the working directory) or --out."""
+README = Path("benchmarks") / "README.md"
 
 
 def run_suite(name: str, ctx: Context) -> dict:
@@ -68,8 +69,8 @@ def cli_main(args: argparse.Namespace) -> int:
         data = run_suite(name, ctx)
         print(render(data), flush=True)
         print(flush=True)
-    if ctx.out == DEFAULT_OUT and README.is_file():
-        from benchmarks.report import update_readme
+    if ctx.out.resolve() == DEFAULT_OUT.resolve() and README.is_file():
+        from mtlxray.bench.report import update_readme
 
         update_readme(README, DEFAULT_OUT, list(SUITES))
         log.info("updated the results section of %s", README)

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Target, format_table, format_targets
+from mtlxray.bench.common import Target, format_table, format_targets
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

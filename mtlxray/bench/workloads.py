@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from benchmarks.common import SuiteUnavailable
+from mtlxray.bench.common import SuiteUnavailable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

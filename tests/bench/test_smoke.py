@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from benchmarks.common import Context
-from benchmarks.run import SUITES, run_suite
+from mtlxray.bench.common import Context
+from mtlxray.bench.run import SUITES, run_suite
 
 
 @pytest.fixture

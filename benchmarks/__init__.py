@@ -1,1 +1,0 @@
-"""Side-by-side performance suites for mtlxray (`mtlxray bench` or `python -m benchmarks`)."""

@@ -1,0 +1,99 @@
+"""Files written whole or not at all, and the few file helpers every layer needs.
+
+Every file mtlxray writes goes through `atomic_path`: the content goes to a uniquely named temp
+file in the destination folder, which is renamed over the destination only when complete, so a
+reader (or a killed writer) never sees a half-written file. `tempfile.mkstemp` creates its file
+with mode 0600; the temp file is given the mode a plain `open()` would have given it (0666 minus
+the umask) before the rename, so teammates on a shared cluster can read checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
+           "sha256_file", "free_port", "default_file_mode"]
+
+
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 minus the process umask."""
+    try:  # Linux exposes the umask without changing it (os.umask would, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it is renamed onto `path`, else removed.
+
+    Creates the parent folder. The temp name is unique, so concurrent writers never share one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None, so that it serialises as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, value: Any, **dumps_kwargs: Any) -> Path:
+    """Strict JSON (nan and inf become null) followed by a newline."""
+    return write_text_atomic(path, json.dumps(json_safe(value), allow_nan=False, **dumps_kwargs) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for single-machine rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
