@@ -26,15 +26,14 @@ from typing import Optional
 
 from mtlxray.config import Config, dump_config, load_config
 from mtlxray.errors import CheckpointError
+from mtlxray.model.base import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["TrainState", "save_checkpoint", "find_resume", "resolve_checkpoint", "read_state",
            "load_model_weights", "load_model_from_checkpoint", "WEIGHTS_NAME", "STATE_NAME", "CONFIG_NAME"]
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "state.json"
-CONFIG_NAME = "config.yaml"
 
 
 @dataclass
@@ -171,16 +170,8 @@ def load_model_weights(model, path: str | Path, map_location: str = "cpu") -> No
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: str = "cpu"):
-    """(model, cfg) from a checkpoint dir or its model.safetensors: config.yaml + weights."""
-    from mtlxray.model import build_model
+    """(model in eval mode, cfg) from a checkpoint folder or its model.safetensors."""
+    from mtlxray.model.base import MTLModel
 
-    ckpt = resolve_checkpoint(path)
-    cfg_path = ckpt / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{ckpt}: no {CONFIG_NAME} beside the weights")
-    cfg = load_config(cfg_path)
-    model = build_model(cfg.model)
-    model.set_mode(cfg.phase.name)
-    load_model_weights(model, ckpt, map_location)
-    model.eval()
-    return model, cfg
+    model = MTLModel.from_pretrained(resolve_checkpoint(path), map_location)
+    return model, model.config

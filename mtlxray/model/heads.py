@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MaskHead", "ClassHead", "Mode"]
+from mtlxray.model.base import Mode
 
-Mode = Literal["phase1", "phase2"]
-
+__all__ = ["MaskHead", "ClassHead"]
 
 class MaskHead(nn.Module):
     """3×3 conv C→mid, ReLU, 1×1 conv mid→1, bilinear upsample to the image size. Returns logits.

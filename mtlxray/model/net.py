@@ -23,7 +23,8 @@ from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
 from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode
 from mtlxray.model.decoder import PPM, ConvBNReLU, CrossAttention, DecoderBranch, UpConv
-from mtlxray.model.heads import ClassHead, MaskHead, Mode
+from mtlxray.model.base import MTLModel, Mode, check_mode
+from mtlxray.model.heads import ClassHead, MaskHead
 from mtlxray.model.swin import SwinEncoder
 
 __all__ = ["MultiTaskUNet", "MTLSwinUNet", "UNetEncoder", "build_model", "MODELS"]
@@ -34,13 +35,7 @@ log = logging.getLogger(__name__)
 _MEAN, _STD = 0.5, 0.25
 
 
-def _check_mode(mode: str) -> Mode:
-    if mode not in ("phase1", "phase2"):
-        raise ValueError(f"mode must be 'phase1' or 'phase2', got {mode!r}")
-    return mode
-
-
-class MultiTaskUNet(nn.Module):
+class MultiTaskUNet(MTLModel):
     """Encoder -> bottleneck -> lung/infection decoders (optionally cross-attending) -> three heads.
 
     Phase 1 computes the lung and class outputs only. When the infection decoder's parameters
@@ -61,7 +56,6 @@ class MultiTaskUNet(nn.Module):
         self.lung_head = MaskHead(out_chs, head_channels)
         self.inf_head = MaskHead(out_chs, head_channels)
         self.cls_head = ClassHead(cls_channels, num_classes, bottleneck_chs if cls_use_bottleneck else 0)
-        self.mode: Mode = "phase1"
 
     def set_grad_checkpointing(self, mode: CheckpointMode) -> None:
         """Activation checkpointing (see `mtlxray.model.checkpointing`): `attention` recomputes the
@@ -77,7 +71,7 @@ class MultiTaskUNet(nn.Module):
 
     def set_mode(self, mode: Mode) -> None:
         """Select phase1 (lung + class) or phase2 (all three outputs); call before wrapping for DDP."""
-        self.mode = _check_mode(mode)
+        super().set_mode(mode)
         self.cls_head.set_mode(mode)
 
     def _inf_frozen(self) -> bool:
@@ -122,7 +116,7 @@ class MultiTaskUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, mode: Optional[Mode] = None) -> dict[str, Optional[torch.Tensor]]:
         """x: (B, 1, H, W) in [0, 1] -> {"lung", "inf", "cls"} logits (inf is None in phase1)."""
-        mode = _check_mode(mode or self.mode)
+        mode = check_mode(mode or self.mode)
         size = (x.shape[-2], x.shape[-1])
         feats = self.encoder((x - _MEAN) / _STD)  # NCHW maps, strides 4, 8, 16, 32
         bottleneck = self.ppm(feats[-1])  # B, C, H/32, W/32
