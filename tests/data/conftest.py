@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtlxray.data.testing import make_tiny_shards, write_png
+from tiny_data import make_tiny_shards, write_png
 
 SIZE = 64  # small images keep the suite fast; the builder keeps this size (no resize)
 

@@ -11,7 +11,7 @@ from PIL import Image
 from mtlxray.cli import main as cli
 from mtlxray.data.shards import build_shards
 from mtlxray.data.synth import SCALE_COUNTS
-from mtlxray.data.testing import write_png
+from tiny_data import write_png
 from mtlxray.errors import DataError
 
 TRAIN = Path("Lung Segmentation Data/Lung Segmentation Data/Train")

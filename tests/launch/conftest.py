@@ -143,7 +143,7 @@ def slurm_env(slurm_cluster, monkeypatch) -> SlurmCluster:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """Tiny synthetic shards (raw encoding, 128² like configs/demo.yaml), built once."""
-    from mtlxray.data.testing import make_tiny_shards
+    from tiny_data import make_tiny_shards
 
     return make_tiny_shards(tmp_path_factory.mktemp("tiny"), format="raw", image_size=128)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import killable
 import pytest
 
-from mtlxray.data.testing import make_tiny_shards
+from tiny_data import make_tiny_shards
 from mtlxray.errors import DataError
 from mtlxray.report.evaluate import Case, ImageRecord, _TopK, summarise
 

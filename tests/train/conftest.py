@@ -12,7 +12,7 @@ from mtlxray.config import Config, load_config
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
-    from mtlxray.data.testing import make_tiny_shards
+    from tiny_data import make_tiny_shards
 
     return make_tiny_shards(tmp_path_factory.mktemp("train-shards"), format="raw", image_size=64)
 

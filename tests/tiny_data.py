@@ -1,4 +1,4 @@
-"""A tiny synthetic shard set for tests across the project."""
+"""A tiny synthetic shard set for the tests of every layer (test-only; not part of the package)."""
 
 from __future__ import annotations
 
