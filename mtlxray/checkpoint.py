@@ -1,16 +1,27 @@
-"""Atomic checkpoints with the exact training state, and loading a model back without accelerate.
+"""Checkpoints: atomic, complete, finite, verified on load, and never a pickle from an unknown source.
 
 Layout under runs/<name>/checkpoints/:
 
     step-000120/              one complete checkpoint (renamed into place only when complete)
       model.safetensors       unwrapped fp32 weights, usable without accelerate
       config.yaml             the resolved config of the run
-      state.json              TrainState: step, epoch, batch_in_epoch, samples_seen, best, phase
+      state.json              TrainState (step, data position, best metric, log window, ...) and
+                              `parts`: every file of the checkpoint with its size
       ...                     accelerate's save_state: optimizer, scheduler, RNG per rank
                               (DeepSpeed: its sharded engine state)
     last -> step-000120       symlink, swapped atomically with os.replace
     best -> step-000100       symlink to the best evaluation so far
     .tmp-step-000140/         an interrupted write; ignored and cleaned at the next save
+
+Guarantees:
+- A checkpoint folder appears only when every part is written (temp folder, barrier, rename).
+- A model with a non-finite parameter or buffer is never written (`assert_finite`).
+- A checkpoint is complete only with all of its parts: `verify_checkpoint` checks the parts
+  listed in state.json against the folder before anything is loaded, and that the RNG state of
+  every rank reads back; `find_resume` falls back to an older complete checkpoint, saying why.
+- Pickled files are read with `torch.load(weights_only=True)`; a DeepSpeed checkpoint's `.pt`
+  files are checked that way (with an allow-list of DeepSpeed's own plain types) before
+  DeepSpeed, which unpickles them fully, is given the folder.
 """
 
 from __future__ import annotations
@@ -20,15 +31,18 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mtlxray.config import Config, dump_config, load_config
-from mtlxray.errors import CheckpointError
+import torch
+
+from mtlxray.config import Config, dump_config
+from mtlxray.errors import CheckpointError, NonFiniteLossError
 from mtlxray.model.base import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["TrainState", "save_checkpoint", "find_resume", "resolve_checkpoint", "read_state",
+           "verify_checkpoint", "check_deepspeed_pickles", "assert_finite", "all_finite",
            "load_model_weights", "load_model_from_checkpoint", "WEIGHTS_NAME", "STATE_NAME", "CONFIG_NAME"]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +65,13 @@ class TrainState:
     best_step: Optional[int] = None
     nan_skipped: int = 0
     phase: str = "phase1"
+    world_size: int = 1
+    """Processes that wrote the checkpoint (one RNG state file each)."""
+    log_window: dict = field(default_factory=dict)
+    """The training-log interval in progress: loss sums and step count since the last log line,
+    so that a resumed run logs exactly what an uninterrupted one would."""
+    parts: dict[str, int] = field(default_factory=dict)
+    """Every file of the checkpoint (relative path -> bytes), for `verify_checkpoint`."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -77,20 +98,58 @@ def _point(root: Path, link: str, target: Path) -> None:
 
 
 def _collect_garbage(root: Path) -> None:
-    """Remove step dirs that neither `last` nor `best` points to, and stale temp dirs."""
+    """Remove step dirs that neither `last` nor `best` points to, and stale temp dirs.
+
+    Only finite, complete checkpoints are ever linked, so the newest good one always survives."""
     keep = {(root / link).resolve() for link in ("last", "best") if (root / link).exists()}
     for d in root.iterdir():
-        if d.name.startswith(".tmp-") or (d.name.startswith("step-") and d.resolve() not in keep):
+        if d.name.startswith((".tmp-", ".old-")) or (d.name.startswith("step-") and d.resolve() not in keep):
             shutil.rmtree(d, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, model, root: Path, state: TrainState, cfg: Config, *,
+def _finite_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    # Under ZeRO-3 a parameter's data is empty and this rank's shard is its `ds_tensor`.
+    tensors = [getattr(p, "ds_tensor", p) for p in model.parameters()] + list(model.buffers())
+    return [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+
+
+def all_finite(model: torch.nn.Module) -> torch.Tensor:
+    """A 0-d bool tensor (on the model's device): every floating parameter and buffer is finite.
+
+    One fused reduction: the norm of a tensor holding a nan or inf is itself non-finite."""
+    tensors = _finite_tensors(model)
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(tensors)  # one kernel per dtype/device group
+    return torch.stack([n.float() for n in norms]).isfinite().all()
+
+
+def assert_finite(accelerator, model: torch.nn.Module, step: int) -> None:
+    """Raise NonFiniteLossError on every rank unless every rank's parameters and buffers are finite."""
+    ok = all_finite(model).to(accelerator.device).float()
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if ok.item() < 1:
+        raise NonFiniteLossError(f"the model's weights became non-finite by step {step}; nothing was saved "
+                                 "and the last good checkpoint is kept (lower optim.lr or set optim.grad_clip)")
+
+
+def _parts(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_NAME}
+
+
+def save_checkpoint(accelerator, model, raw_model: torch.nn.Module, root: Path, state: TrainState, cfg: Config, *,
                     last: bool, best: bool) -> Path:
     """Write a complete checkpoint of the current step on every rank and point last/best at it.
 
     All ranks write into one temp dir (DeepSpeed shards; DDP lets rank 0 write), then rank 0
-    renames it into place after a barrier, so a reader never sees a half-written checkpoint.
+    renames it into place after a barrier, so a reader never sees a half-written checkpoint. A
+    step folder left by another run trajectory (a resume from an older checkpoint) is replaced,
+    never reused. Raises NonFiniteLossError, writing nothing, when the model is not finite.
+    `model` is the prepared (wrapped) model, `raw_model` the same model unwrapped.
     """
+    assert_finite(accelerator, raw_model, state.step)
     final = _step_dir(root, state.step)
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
@@ -98,20 +157,23 @@ def save_checkpoint(accelerator, model, root: Path, state: TrainState, cfg: Conf
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    if not final.exists():
-        accelerator.save_state(str(tmp))
-        weights = accelerator.get_state_dict(model)  # collective under ZeRO-3
-        if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
-            save_file(weights, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(dump_config(cfg))
-            (tmp / STATE_NAME).write_text(state.to_json())
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            os.replace(tmp, final)
+    accelerator.save_state(str(tmp))
+    # A collective under ZeRO-3; plain parameters otherwise (accelerate's unwrap would import DeepSpeed).
+    deepspeed = type(model).__module__.startswith("deepspeed")
+    weights = accelerator.get_state_dict(model) if deepspeed else raw_model.state_dict()
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
+        save_file(weights, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(dump_config(cfg))
+        state.world_size = accelerator.num_processes
+        state.parts = _parts(tmp)
+        (tmp / STATE_NAME).write_text(state.to_json())
+        if final.exists():  # a step folder of another trajectory: replace it, never reuse it
+            os.replace(final, root / f".old-{final.name}")
+        os.replace(tmp, final)
         if last:
             _point(root, "last", final)
         if best:
@@ -123,26 +185,75 @@ def save_checkpoint(accelerator, model, root: Path, state: TrainState, cfg: Conf
     return final
 
 
-def _complete(d: Path) -> bool:
-    return (d / STATE_NAME).is_file() and (d / WEIGHTS_NAME).is_file()
-
-
-def find_resume(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint under root (via `last`, else the highest step dir)."""
-    if not root.is_dir():
-        return None
-    last = root / "last"
-    if last.exists() and _complete(last):
-        return last.resolve()
-    steps = sorted((d for d in root.glob("step-*") if _complete(d)), key=lambda d: d.name)
-    return steps[-1] if steps else None
-
-
 def read_state(ckpt: Path) -> TrainState:
-    path = ckpt / STATE_NAME
+    path = Path(ckpt) / STATE_NAME
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: not a complete checkpoint (no {STATE_NAME})")
     return TrainState.from_json(path.read_text(), str(path))
+
+
+def verify_checkpoint(ckpt: Path, *, resumable: bool = True) -> TrainState:
+    """The checkpoint's state after checking that it is complete; CheckpointError naming what is not.
+
+    Checks every part listed in state.json is there with its size, and (resumable) that each
+    rank's RNG state reads back with weights_only loading."""
+    ckpt = Path(ckpt)
+    state = read_state(ckpt)
+    for required in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (ckpt / required).is_file():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint: {required} is missing")
+    for rel, size in state.parts.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint: {rel} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{ckpt}: corrupt checkpoint: {rel} has {path.stat().st_size} bytes, "
+                                  f"{size} were written")
+    if resumable:
+        from accelerate.utils import load as accelerate_load
+
+        for rank in range(state.world_size):
+            rng = ckpt / f"random_states_{rank}.pkl"
+            if not rng.is_file():
+                raise CheckpointError(f"{ckpt}: incomplete checkpoint: {rng.name} is missing "
+                                      "(resume would not be exact)")
+            try:
+                states = accelerate_load(rng, map_location="cpu")
+                missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+            except Exception as e:  # any unpickling failure means the file is unusable
+                raise CheckpointError(f"{rng}: unreadable RNG state ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            if missing:
+                raise CheckpointError(f"{rng}: RNG state lacks {sorted(missing)}")
+    return state
+
+
+def find_resume(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under root: `last`, else the newest verified step folder.
+
+    A `last` (or newer folder) that fails verification is skipped with a warning naming why."""
+    if not root.is_dir():
+        return None
+    candidates = []
+    last = root / "last"
+    if last.exists():
+        candidates.append(last.resolve())
+    candidates += sorted((d for d in root.glob("step-*") if d.is_dir()), key=lambda d: d.name, reverse=True)
+    seen = set()
+    for ckpt in candidates:
+        if ckpt in seen:
+            continue
+        seen.add(ckpt)
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            if (ckpt / STATE_NAME).is_file():
+                logger.warning("skipping %s: %s", ckpt.name, e)
+            continue
+        if ckpt != candidates[0]:
+            logger.warning("resuming from %s, the newest complete checkpoint", ckpt.name)
+        return ckpt
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -155,8 +266,50 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p.resolve()
 
 
-def load_model_weights(model, path: str | Path, map_location: str = "cpu") -> None:
-    """Load a checkpoint's model.safetensors into `model` strictly."""
+# DeepSpeed stores a few of its own plain types (enums, small config records) in its .pt files.
+_DEEPSPEED_SAFE = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.constants",
+)
+
+
+def _deepspeed_safe_globals() -> list:
+    import importlib
+
+    found = []
+    for dotted in _DEEPSPEED_SAFE:
+        module, _, name = dotted.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(obj, type):
+            found.append(obj)
+    return found
+
+
+def check_deepspeed_pickles(ckpt: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose .pt files need more than weights_only unpickling.
+
+    DeepSpeed loads its files with `torch.load(weights_only=False)`, which runs any code a
+    tampered file carries; this reads each one first with `weights_only=True` (plus DeepSpeed's
+    own plain types) and raises CheckpointError naming the file on failure."""
+    import argparse
+
+    safe = [*_deepspeed_safe_globals(), argparse.Namespace]
+    for path in sorted(Path(ckpt).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(safe):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for forbidden globals, others for corrupt files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: refused: not loadable with weights_only=True ({first[:200]})") from None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: str = "cpu") -> None:
+    """Load a checkpoint's model.safetensors into `model` strictly (phase.init_from)."""
     from safetensors.torch import load_file
 
     ckpt = resolve_checkpoint(path)
@@ -164,14 +317,19 @@ def load_model_weights(model, path: str | Path, map_location: str = "cpu") -> No
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{ckpt / WEIGHTS_NAME}: does not fit the model: "
-                              f"{' '.join(line.strip() for line in first[:3])}") from None
+        lines = [line.strip() for line in str(e).strip().splitlines()[:3]]
+        raise CheckpointError(f"{ckpt / WEIGHTS_NAME}: does not fit the model: {' '.join(lines)}") from None
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: str = "cpu"):
-    """(model in eval mode, cfg) from a checkpoint folder or its model.safetensors."""
+    """(model in eval mode, cfg) from a checkpoint folder or its model.safetensors.
+
+    Fails with one line when the weights are not finite (a collapsed run's last state)."""
     from mtlxray.model.base import MTLModel
 
-    model = MTLModel.from_pretrained(resolve_checkpoint(path), map_location)
+    ckpt = resolve_checkpoint(path)
+    model = MTLModel.from_pretrained(ckpt, map_location)
+    if not bool(all_finite(model)):
+        raise CheckpointError(f"{ckpt}: the weights hold nan or inf values (a diverged run); "
+                              "use an earlier checkpoint")
     return model, model.config

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
 from mtlxray.errors import MtlxError
 
-EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage/config error or not built, 75 saved and wants requeue."
+EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error, 75 saved and wants requeue."
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -23,6 +22,28 @@ def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="config file (configs/phase1.yaml, configs/demo.yaml, ...); `extends:` is followed")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides applied after the file, e.g. optim.lr=3e-4 data.batch_size=8")
+
+
+def _probability(text: str) -> float:
+    """argparse type: a float in [0, 1] (a usage error, exit 2, otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
+    p.add_argument("--duplicates", type=int, default=0, metavar="N",
+                   help="plant N duplicates across splits (alternately exact copies and near copies: "
+                        "resized, JPEG re-encoded, brightness-changed or shifted by a pixel), replacing "
+                        "val/test images so the counts stay; the truth goes to duplicates.json (default 0)")
     p.set_defaults(handler="mtlxray.data.synth:cli_main")
 
     # shards ------------------------------------------------------------------------------
@@ -72,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", choices=["covid-qu-ex", "radiography"], default="covid-qu-ex",
                    help="input layout (default covid-qu-ex)")
     q.add_argument("--input", "-i", required=True, help="dataset root folder")
-    q.add_argument("--output", "-o", default="shards/synthetic", help="shard root (default shards/synthetic)")
+    q.add_argument("--output", "-o", default=None,
+                   help="shard root (default shards/synthetic; without --output an existing set of another "
+                        "format, size, layout, label scheme or input is refused, never overwritten)")
     q.add_argument("--format", choices=["png", "raw"], default="png",
                    help="image/mask encoding inside the tar: png (small) or raw uint8 (fast). Default png")
     q.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -81,12 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip bad inputs, record them in skipped.jsonl and the manifest, instead of failing")
     q.add_argument("--seed", type=int, default=0, help="seed of the radiography train/val split (default 0)")
     q.add_argument("--val-fraction", type=float, default=0.2, help="radiography val fraction (default 0.2)")
+    q.add_argument("--image-size", type=int, default=256, metavar="PX",
+                   help="side of the stored square images and masks (default 256; configs/demo.yaml needs 128)")
+    q.add_argument("--classes", choices=["covid3", "radiography4"], default="covid3",
+                   help="label scheme stored in cls.json and the manifest: covid3 (Normal, Non-COVID, COVID-19) "
+                        "or radiography4 (the Radiography DB's 4 classes). Default covid3")
+    q.add_argument("--dedupe", choices=["none", "drop", "keep-first"], default="none",
+                   help="exact and near duplicate images: none (keep all; still counted in the manifest), "
+                        "drop (every copy) or keep-first (one copy: test before val before train). Default none")
+    q.add_argument("--exclude-from", action="append", default=[], metavar="OTHER_SHARDS",
+                   help="leave out every image that (exactly or nearly) appears in the test split of this "
+                        "other shard set (folder or URL; repeatable). Recorded in the manifest")
+    q.add_argument("--near-threshold", type=int, default=16, metavar="BITS",
+                   help="largest perceptual-hash distance (of 255 bits) of a near duplicate (default 16)")
     q.set_defaults(handler="mtlxray.data.shards:cli_build")
     q = ssub.add_parser("info", help="print Table I/II-style counts from a manifest",
-                        description="Print per-subset, per-split, per-class counts from manifest.json.")
-    q.add_argument("root", help="shard root holding manifest.json")
+                        description="Print per-subset, per-split, per-class counts from manifest.json, the "
+                                    "duplicate summary, and for the Radiography DB a check against the "
+                                    "release's 21,165 images per class.")
+    q.add_argument("root", help="shard root holding manifest.json (folder or http(s)/s3 URL)")
     q.add_argument("--json", action="store_true", help="print the counts as JSON")
     q.set_defaults(handler="mtlxray.data.shards:cli_info")
+    q = ssub.add_parser(
+        "audit", help="find exact and near duplicate images across subsets, splits and shard sets",
+        description="Compare the image hashes of one or more shard sets' manifests. Prints a table, writes "
+                    "OUT/audit.csv (every pair) and OUT/contact_sheet.png (the first pairs side by side). "
+                    "A pair whose images sit in different splits (train/val/test) is leakage. "
+                    "Exit 0 when clean, 3 when leakage is found.")
+    q.add_argument("shards", nargs="+", metavar="SHARDS", help="shard roots (folders or http(s)/s3 URLs)")
+    q.add_argument("--out", default="audit", help="folder for audit.csv and contact_sheet.png (default ./audit)")
+    q.add_argument("--threshold", type=int, default=16, metavar="BITS",
+                   help="largest perceptual-hash distance (of 255 bits) of a near duplicate (default 16)")
+    q.add_argument("--sheet-pairs", type=int, default=24, metavar="N",
+                   help="pairs shown in the contact sheet, leakage first (default 24; 0: no sheet)")
+    q.set_defaults(handler="mtlxray.data.audit:cli_audit")
 
     # model-summary -----------------------------------------------------------------------
     p = sub.add_parser(
@@ -107,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto (default): continue from the run's newest complete checkpoint if any; "
-                        "none: start fresh; PATH: a checkpoint folder")
+                        "none: start fresh (refused in a run folder that already holds a run, unless "
+                        "--overwrite); PATH: a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --resume none: delete the earlier run's checkpoints, metrics and TensorBoard "
+                        "logs in runs/<run.name> first")
     p.set_defaults(handler="mtlxray.train.main:cli_main")
 
     # evaluate ----------------------------------------------------------------------------
@@ -126,43 +185,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     # predict -----------------------------------------------------------------------------
     p = sub.add_parser(
-        "predict", help="masks, overlays, class and severity for PNG/JPEG files",
-        description="Run a checkpoint on images or folders. Writes lung/infection masks at the original "
-                    "size, an overlay, and predictions.jsonl (class probabilities and severity = "
-                    "infected area / lung area, %%). Bad files are reported and skipped.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--gate", type=float, default=None, metavar="P",
-                   help="report infection only when P(COVID-19) >= P (MultiCheXNet-style gating)")
-    p.add_argument("--batch-size", type=int, default=8)
+        "predict", help="masks, overlays, class and severity for image files",
+        description="Run a trained model on images or folders. Writes lung/infection masks at the "
+                    "original size, an overlay with a legend, predictions.jsonl and predictions.csv "
+                    "(class probabilities and severity = infected area / lung area, in %). Bad files "
+                    "are reported in errors.jsonl and skipped (exit 1). A non-empty --out is refused "
+                    "unless --overwrite.",
+        epilog=EPILOG)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files or folders of images (PNG, JPEG; not recursive)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training checkpoint folder (runs/<name>/checkpoints/best) or a folder written "
+                        "by MTLModel.save_pretrained")
+    p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="predict into a non-empty --out: first delete what an earlier predict wrote there "
+                        "(masks/, overlays/, predictions.jsonl/.csv, errors.jsonl); other files are kept")
+    p.add_argument("--gate", type=_probability, default=None, metavar="P",
+                   help="report infection only when P(COVID-19) >= P, a probability in [0, 1] "
+                        "(MultiCheXNet-style gating; default: always report)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="images per forward pass (default 8); lower it if memory is short")
     p.set_defaults(handler="mtlxray.report.predict:cli_main")
 
     # export ------------------------------------------------------------------------------
-    p = sub.add_parser("export", help="export a checkpoint to safetensors, TorchScript or ONNX",
-                       description="Export a trained model. ONNX needs the `onnx` package (pip install 'mtlxray[export]').")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--format", choices=["safetensors", "torchscript", "onnx"], required=True)
-    p.add_argument("--out", required=True, help="output file")
+    p = sub.add_parser(
+        "export", help="export a checkpoint to safetensors, TorchScript or ONNX",
+        description="Export a trained model (a training checkpoint or save_pretrained folder), then "
+                    "report the largest difference between the export and PyTorch on a test batch. "
+                    "Graphs take B×1×S×S images in [0, 1] with any batch size B. ONNX needs the "
+                    "`onnx` and `onnxscript` packages, its check `onnxruntime` "
+                    "(pip install 'mtlxray[export]').",
+        epilog=EPILOG)
+    p.add_argument("--checkpoint", required=True,
+                   help="a training checkpoint folder (runs/<name>/checkpoints/best) or a folder written "
+                        "by MTLModel.save_pretrained")
+    p.add_argument("--format", choices=["safetensors", "torchscript", "onnx"], required=True,
+                   help="safetensors: fp32 weights with the config in the metadata; torchscript: a traced "
+                        "module for libtorch; onnx: an opset-18 graph for onnxruntime and other runtimes")
+    p.add_argument("--out", required=True, help="output file (written atomically)")
     p.set_defaults(handler="mtlxray.report.export:cli_main")
 
     # submit ------------------------------------------------------------------------------
     p = sub.add_parser(
-        "submit", help="submit a phase1 -> phase2 chain with submitit (Slurm or local)",
+        "submit", help="submit a chain of phases (phase1 -> phase2 -> ...) with submitit (Slurm or local)",
         description="Submit one job per config with submitit; each later config runs with "
                     "--dependency=afterok on the previous one and starts from its best checkpoint. "
-                    "Jobs save and requeue on timeout or preemption.")
+                    "Before anything is submitted, every phase's config, shards and phase.init_from are "
+                    "checked and, on Slurm, every job is put to `sbatch --test-only`. "
+                    "Jobs save and requeue on timeout or preemption. Resource options apply to every job "
+                    "and override the configs' launch: sections.")
     _config_args(p)
     p.add_argument("--then", action="append", default=[], metavar="YAML",
-                   help="a config to run after the previous one succeeds (repeatable)")
+                   help="a config to run after the previous one succeeds, from its best checkpoint "
+                        "(repeatable: --then b.yaml --then c.yaml ...)")
     p.add_argument("--executor", choices=["slurm", "local"], default=None,
                    help="default: launch.executor from the config")
     p.add_argument("--nodes", type=int, default=None, help="nodes per job (default: launch.nodes)")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default: launch.gpus_per_node")
-    p.add_argument("--timeout-min", type=int, default=None, help="default: launch.timeout_min")
-    p.add_argument("--partition", default=None, help="default: launch.partition")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, one training process each; 0 for CPU nodes (default: launch.gpus_per_node)")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per training process, its data workers included (default: launch.cpus_per_task)")
+    p.add_argument("--mem", default=None, metavar="SIZE",
+                   help="memory per node, e.g. 64G or 500M; a bare number is MB as for sbatch "
+                        "(default: launch.mem_gb, or the cluster's default)")
+    p.add_argument("--time", default=None, metavar="TIME",
+                   help="time limit per job in Slurm's format: minutes, H:M:S, D-H or D-H:M:S "
+                        "(default: launch.timeout_min)")
+    p.add_argument("--timeout-min", type=int, default=None, help="time limit per job in minutes (or use --time)")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: launch.partition)")
+    p.add_argument("--account", default=None, help="Slurm account to charge (default: launch.account)")
+    p.add_argument("--qos", default=None, help="Slurm quality of service (default: launch.qos)")
     p.add_argument("--folder", default=None, help="submitit log folder (default runs/<name>/submitit)")
-    p.add_argument("--wait", action="store_true", help="wait for the chain and report each phase's state")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the chain and print every job's sbatch options; submit nothing")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the chain (every task of multi-node jobs) and report each phase's state; "
+                        "exit 1 unless all completed")
     p.set_defaults(handler="mtlxray.launch.submit:cli_main")
 
     # demo --------------------------------------------------------------------------------
@@ -178,13 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     # bench -------------------------------------------------------------------------------
     p = sub.add_parser(
         "bench", help="run benchmark suites (writes benchmarks/results/<suite>.json)",
-        description="Side-by-side performance suites: model, attention, checkpointing, loader, ddp, "
+        description="Side-by-side performance suites: model, attention, checkpointing, memory, loader, ddp, "
                     "projection, shards, or all.")
     p.add_argument("suite", nargs="?", default="all",
-                   help="model|attention|checkpointing|loader|ddp|projection|shards|all (default all)")
+                   help="model|attention|checkpointing|memory|loader|ddp|projection|shards|all (default all)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results under the working directory; the checkout's benchmarks/README.md results section is rewritten only when writing there)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: benchmarks/results of the mtlxray checkout holding the working "
+                        "directory, whose benchmarks/README.md results section is then rewritten; required "
+                        "outside a checkout)")
     p.set_defaults(handler="mtlxray.bench.run:cli_main")
+
+    # doctor ------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "doctor", help="check this node (GPUs, kernels, shards, disk, memory) before submitting a config",
+        description="Report torch/CUDA/cuDNN/NCCL versions, the GPUs, which SDPA kernels run the model's window "
+                    "attention, DeepSpeed's ops (backend deepspeed), the Slurm variables, the shards, free disk "
+                    "and a per-GPU memory projection; then one verdict line per problem. Exit 0 when the config "
+                    "can run here, 1 when it cannot, 2 for a config error.",
+        epilog=EPILOG)
+    _config_args(p, required=False)
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(handler="mtlxray.doctor:cli_main")
 
     return parser
 
@@ -198,21 +312,20 @@ def config_show(args: argparse.Namespace) -> int:
 
 
 def _resolve(handler: str):
-    """Import `module:function`; None if the module is not part of this build."""
+    """The function named by `module:function` (imported only when its subcommand runs)."""
     module_name, func_name = handler.split(":")
-    if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None:
-        return None
-    try:
-        if importlib.util.find_spec(module_name) is None:
-            return None
-    except ModuleNotFoundError:
-        return None
     return getattr(importlib.import_module(module_name), func_name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        # Before torch is imported (seconds): a preemption signal during start-up is recorded, and
+        # the run exits 75 for a requeue instead of dying.
+        from mtlxray.train.signals import StopFlag
+
+        StopFlag.install()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -220,12 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     name = " ".join(filter(None, [args.command, getattr(args, "config_command", None),
                                   getattr(args, "shards_command", None)]))
-    func = _resolve(args.handler)
-    if func is None:
-        print(f"mtlxray {name}: not built yet in this version of mtlxray", file=sys.stderr)
-        return 2
     try:
-        return int(func(args) or 0)
+        return int(_resolve(args.handler)(args) or 0)
     except MtlxError as e:
         print(f"mtlxray {name}: error: {e}", file=sys.stderr)
         return e.exit_code

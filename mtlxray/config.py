@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,13 +61,19 @@ class DataConfig:
     """Where the shards are and how they are streamed."""
 
     shards: str = "shards/synthetic"
-    """Shard root holding manifest.json and <subset>/<split>-NNNNNN.tar."""
+    """Shard root holding manifest.json and <subset>/<split>-NNNNNN.tar: a folder, or an
+    `http(s)://host/prefix` or `s3://bucket/prefix` URL (streamed; see README "Shards on remote storage")."""
     subset: Literal["lung", "infection", "mixed", "alternate"] = "lung"
     """Training subset; `mixed` interleaves lung and infection samples, `alternate` whole batches."""
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 16
-    """Per-process batch size."""
+    """Per-process batch size; with `global_batch_size`, the largest per-process micro-batch."""
+    global_batch_size: Optional[int] = None
+    """Images per optimizer step across all processes. When set, the per-process micro-batch and
+    optim.grad_accum are derived from the world size (the fewest accumulation steps whose
+    micro-batch fits `batch_size`), so a recipe means the same on 1 GPU or 32; the resolved values
+    are what the run's config.yaml records."""
     eval_batch_size: int = 32
     workers: int = 4
     """DataLoader worker processes per rank."""
@@ -75,13 +82,46 @@ class DataConfig:
     """Global samples per training epoch; default: the manifest's count for the training split."""
     verify: bool = False
     """Check every shard's sha256 against the manifest before training."""
+    classes: Literal["covid3", "radiography4"] = "covid3"
+    """Label scheme of `label`: covid3 (Normal, Non-COVID, COVID-19; the Radiography DB's
+    Lung_Opacity and Viral Pneumonia fold into Non-COVID) or radiography4 (Normal, Lung_Opacity,
+    COVID, Viral Pneumonia; Radiography DB shards only). Labels come from each sample's class name,
+    so one shard set serves both; model.num_classes must match (3 or 4)."""
+    fraction: float = 1.0
+    """Train on this fraction of the training split, in (0, 1]: a fixed, seeded, per-class selection
+    of sample keys (the same every epoch); epochs shrink to match unless samples_per_epoch is set."""
+    fraction_seed: int = 0
+    """Seed of the `fraction` selection (independent of run.seed, so runs can share a subset)."""
+    skip_failed_shards: bool = False
+    """Training only: a shard that still fails after the retries is skipped (and counted in the
+    loader's `skipped_shards`) instead of failing the run. Evaluation never skips."""
+    remote_retries: int = 5
+    """Remote shards: failed attempts in a row (connection drop, timeout, 5xx) before a read fails."""
+    remote_backoff_s: float = 0.5
+    """Remote shards: wait before the first retry, doubled per retry (capped at 30 s)."""
+    remote_timeout_s: float = 30.0
+    """Remote shards: socket timeout of each connect and read, in seconds."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        if self.remote_retries < 0:
+            raise ConfigError(f"data.remote_retries must be >= 0, got {self.remote_retries}")
+        if not self.remote_backoff_s >= 0.0:
+            raise ConfigError(f"data.remote_backoff_s must be >= 0, got {self.remote_backoff_s}")
+        if not self.remote_timeout_s > 0.0:
+            raise ConfigError(f"data.remote_timeout_s must be > 0, got {self.remote_timeout_s}")
 
 
 @dataclass(kw_only=True)
@@ -110,13 +150,50 @@ class ModelConfig:
     grad_checkpoint: Literal["none", "attention", "block", "selective"] = "none"
     attention: Literal["auto", "sdpa", "explicit"] = "auto"
     """Window-attention kernel; `auto` picks the measured-faster one per dtype."""
+    # --- model zoo (README, "Baselines"); weights always come from local files, never a hub.
+    pretrained: Optional[str] = None
+    """Local checkpoint of the whole library model, loaded when the model is built: a timm
+    classifier checkpoint (`swin_t_cls`, `vit_b_cls`, `dinov2_cls`, `beitv2_cls`; RGB weights are
+    adapted to `in_chans` by timm, a head of another class count is re-initialised) or an open_clip
+    checkpoint (`clip_zeroshot`). .safetensors, or .pth/.bin read with weights_only=True."""
+    encoder_pretrained: Optional[str] = None
+    """Local checkpoint for the encoder only: a timm Swin-T checkpoint for `mtl_swin_unet` (names
+    mapped onto ours, RGB patch filters summed into one channel), or a checkpoint of the smp
+    encoder for `unet`/`unetpp`/`deeplabv3p`/`mtl_unet` (a timm checkpoint for `tu-` encoders)."""
+    encoder: str = "tu-resnet34"
+    """segmentation-models-pytorch encoder of the smp baselines: `tu-<timm name>` or an smp name."""
+    timm_name: Optional[str] = None
+    """timm architecture of a classifier baseline; default: the baseline's own (e.g.
+    `vit_small_patch14_dinov2` for `dinov2_cls`; `vit_base_patch14_dinov2` is the next size up)."""
+    lib_kwargs: dict[str, int | float | bool | str | list[int]] = field(default_factory=dict)
+    """Extra keyword arguments for the library constructor (the smp model class, timm.create_model),
+    e.g. `{decoder_channels: [128, 64, 32, 16, 8]}` for smp or `{drop_path_rate: 0.1}` for timm."""
+    clip_arch: str = "ViT-B-32"
+    """open_clip architecture of `clip_zeroshot`: a built-in name or a path to a model-config JSON."""
+    prompts: list[list[str]] = field(default_factory=list)
+    """`clip_zeroshot`: text prompts per class, in label order (their embeddings are averaged);
+    empty: built-in prompts for the 3 classes Normal, Non-COVID, COVID-19."""
 
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.num_heads):
             raise ConfigError("model.depths and model.num_heads must have the same length")
         if len(self.decoder_channels) != len(self.cross_attn_heads):
             raise ConfigError("model.decoder_channels and model.cross_attn_heads must have the same length")
-        if self.img_size % (self.patch_size * 2 ** (len(self.depths) - 1)) != 0:
+        for name in ("window_size", "patch_size", "embed_dim", "img_size", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes must be >= 2, got {self.num_classes}")
+        for name in ("pretrained", "encoder_pretrained", "timm_name"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"model.{name} is empty; leave it out (null) or name a file/architecture")
+        if self.prompts:
+            if len(self.prompts) != self.num_classes:
+                raise ConfigError(f"model.prompts has {len(self.prompts)} classes, model.num_classes is "
+                                  f"{self.num_classes}: give one list of prompts per class")
+            if any(not p or any(not t.strip() for t in p) for p in self.prompts):
+                raise ConfigError("model.prompts: every class needs at least one non-empty prompt")
+        if self.name == "mtl_swin_unet" and self.img_size % (self.patch_size * 2 ** (len(self.depths) - 1)) != 0:
             raise ConfigError(
                 f"model.img_size={self.img_size} must be divisible by "
                 f"patch_size*2^(stages-1)={self.patch_size * 2 ** (len(self.depths) - 1)}"
@@ -125,8 +202,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW."""
+    """The optimizer: AdamW (default) or Adam."""
 
+    name: Literal["adamw", "adam"] = "adamw"
+    """`adamw`: decoupled weight decay (torch.optim.AdamW); `adam`: torch.optim.Adam, whose
+    weight_decay is an L2 term added to the gradient (the course-project baselines' recipe)."""
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -136,10 +216,18 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.grad_accum < 1:
-            raise ConfigError("optim.grad_accum must be >= 1")
+            raise ConfigError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
 
 
 @dataclass(kw_only=True)
@@ -151,12 +239,20 @@ class ScheduleConfig:
     """Stop after this many optimizer steps (overrides epochs × steps per epoch when set)."""
     warmup_steps: int = 0
     min_lr: float = 1e-6
+    min_lr_mode: Literal["relative", "absolute"] = "relative"
+    """`relative`: one cosine factor for every parameter group, which ends at min_lr / optim.lr, so
+    a group with multiplier m ends at m·min_lr and the groups keep their ratios; `absolute`: every
+    group ends at min_lr itself, as torch's CosineAnnealingLR(eta_min=min_lr) would."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ConfigError("schedule.epochs must be >= 1")
+            raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError("schedule.max_steps must be >= 1")
+            raise ConfigError(f"schedule.max_steps must be >= 1, got {self.max_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not math.isfinite(self.min_lr) or self.min_lr < 0:
+            raise ConfigError(f"schedule.min_lr must be >= 0, got {self.min_lr}")
 
 
 @dataclass(kw_only=True)
@@ -167,6 +263,9 @@ class PhaseConfig:
     """Selects the class head's input (phase1: lung mask; phase2: lung + infection masks)."""
     frozen: list[str] = field(default_factory=lambda: ["inf_decoder", "inf_head"])
     """Module-name prefixes whose parameters get requires_grad=False before wrapping."""
+    freeze_encoder_blocks: int = 0
+    """Also freeze the patch embedding and the first N encoder blocks (Swin/ViT/DINOv2/BEiTv2
+    encoders), as in partial fine-tuning of a pretrained encoder."""
     loss_weights: dict[str, float] = field(default_factory=lambda: {"lung": 1.0, "inf": 0.0, "cls": 0.5})
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Module-name prefix -> learning-rate multiplier; key `default` covers everything else."""
@@ -174,11 +273,26 @@ class PhaseConfig:
     """Labels whose infection loss counts (COVID-19 only in the paper)."""
     init_from: Optional[str] = None
     """Checkpoint (a run's checkpoint folder or model.safetensors) to start from."""
+    bce_weight: float = 0.5
+    """Weight of the BCE term of each mask loss (w·BCE + soft Dice); the paper does not state it."""
+    inf_loss_mean: Literal["positives", "batch"] = "positives"
+    """Average the infection loss over the batch's positive samples (COVID-19 with a mask), or
+    over the whole batch (negatives then count as zero loss)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.loss_weights) - {"lung", "inf", "cls"}
         if unknown:
             raise ConfigError(f"phase.loss_weights has unknown task(s) {sorted(unknown)}; allowed: lung, inf, cls")
+        bad = {k: v for k, v in self.loss_weights.items() if not math.isfinite(v) or v < 0}
+        if bad:
+            raise ConfigError(f"phase.loss_weights must be finite and >= 0, got {bad}")
+        if not math.isfinite(self.bce_weight) or self.bce_weight < 0:
+            raise ConfigError(f"phase.bce_weight must be >= 0, got {self.bce_weight}")
+        if self.freeze_encoder_blocks < 0:
+            raise ConfigError(f"phase.freeze_encoder_blocks must be >= 0, got {self.freeze_encoder_blocks}")
+        bad = {k: v for k, v in self.lr_mult.items() if not math.isfinite(v) or v <= 0}
+        if bad:
+            raise ConfigError(f"phase.lr_mult values must be finite and > 0, got {bad}")
 
 
 @dataclass(kw_only=True)
@@ -206,24 +320,51 @@ class RunConfig:
     """Non-finite losses tolerated (step skipped) before the run fails; 0 fails on the first."""
     tensorboard: bool = True
     progress: bool = True
+    """A progress bar on a terminal; a progress log line every log step otherwise (Slurm logs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "nan_skip_budget"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name must be a plain folder name, got {self.name!r}")
 
 
 @dataclass(kw_only=True)
 class LaunchConfig:
-    """Cluster resources for `mtlxray submit` (submitit) and the sbatch scripts' defaults."""
+    """Cluster resources of one job: the one source of the launch defaults.
+
+    `mtlxray submit` (submitit) uses them through `mtlxray.launch.slurm.slurm_parameters`, and the
+    `#SBATCH` headers of slurm/phase*.sh state the same defaults (a test holds them equal). A job
+    runs one task (one training process) per GPU, or one per node without GPUs.
+    """
 
     executor: Literal["slurm", "local"] = "slurm"
     nodes: int = 1
     gpus_per_node: int = 8
     cpus_per_task: int = 8
+    """CPUs per task, i.e. per training process (its data-loader workers included)."""
     mem_gb: int = 0
     """0 leaves memory to the cluster default."""
     timeout_min: int = 24 * 60
     partition: Optional[str] = None
     account: Optional[str] = None
+    qos: Optional[str] = None
     requeue_signal_delay_s: int = 120
+    """The preemption signal comes this long before the time limit, to save and requeue."""
     slurm_extra: dict[str, str] = field(default_factory=dict)
     """Extra sbatch parameters, passed through to submitit's slurm_additional_parameters."""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus_per_task", "timeout_min"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"launch.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "mem_gb", "requeue_signal_delay_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"launch.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -235,6 +376,11 @@ class Config:
     phase: PhaseConfig = field(default_factory=PhaseConfig)
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.phase.infection_classes if not 0 <= c < self.model.num_classes]
+        if bad:
+            raise ConfigError(f"phase.infection_classes {bad} are outside the model's labels 0..{self.model.num_classes - 1}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,9 +103,9 @@ def _predict_inputs(tree: Path, scale: str) -> list[Path]:
 
 
 def _predict(ckpt: str, inputs: list[Path], out: Path) -> list[dict]:
-    from mtlxray.report.predict import predict_files
-    from mtlxray.report.markdown import write_text_atomic
     from mtlxray.checkpoint import load_model_from_checkpoint
+    from mtlxray.io import write_text_atomic
+    from mtlxray.report.predict import predict_files
 
     model, cfg = load_model_from_checkpoint(ckpt)
     records, failures = predict_files(model, cfg.model.img_size, inputs, out)
@@ -154,14 +154,15 @@ def write_demo_report(out: Path, *, demo_cfg: Config, paper_cfg: Config, manifes
                       timings: list[tuple[str, float]]) -> Path:
     """<out>/report.md: data tables, what was scaled down, training curves, evaluations, predictions."""
     from mtlxray.report.evaluate import FIGURES
-    from mtlxray.report.markdown import (evaluation_markdown, fmt, fmt_ci, manifest_tables, table,
-                                         write_text_atomic)
+    from mtlxray.io import write_text_atomic
+    from mtlxray.report.markdown import evaluation_markdown, fmt, fmt_ci, fmt_pct, manifest_tables, table
 
-    lung, inf = evals["lung"], evals["infection"]
-    headline = (f"lung Dice **{fmt(lung['lung']['dice'])}** (95% CI {fmt_ci(lung['ci95']['lung_dice'])}) and "
-                f"classification accuracy **{fmt(lung['classification']['accuracy'])}** (chance "
-                f"{1 / len(CLASS_NAMES):.3f}) on the synthetic lung test split, and infection Dice "
-                f"**{fmt(inf['infection']['dice'])}** on the COVID-19 images of the infection test split.")
+    lung, inf = evals["lung"]["metrics"], evals["infection"]["metrics"]
+    headline = (f"lung Dice **{fmt(lung['lung_dice'])}** (95% CI {fmt_ci(evals['lung']['ci95']['lung_dice'])}) "
+                f"and classification accuracy **{fmt(lung['accuracy'])}** (chance {1 / len(CLASS_NAMES):.3f}) on "
+                f"the synthetic lung test split, and infection Dice **{fmt(inf['inf_dice'])}** on the COVID-19 "
+                f"images of the infection test split (infection marked on {fmt_pct(inf['inf_fp_share'])} of its "
+                "Normal and Non-COVID images).")
     pred_rows = [[f"`{Path(p['file']).name}`", p["predicted_class"],
                   *(f"{p['probs'][c]:.3f}" for c in CLASS_NAMES), fmt(p["severity_percent"], 1),
                   f"![overlay](predict/overlays/{p['name']}_overlay.png)"] for p in predictions]
@@ -241,9 +242,8 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
                                  evals=evals, predictions=predictions, timings=steps.timings)
 
     path = steps.run("write the report", report)
-    lung = evals["lung"]
-    print(f"lung Dice {lung['lung']['dice']:.4f}, infection Dice {evals['infection']['infection']['dice']:.4f}, "
-          f"accuracy {lung['classification']['accuracy']:.4f}")
+    lung, inf = evals["lung"]["metrics"], evals["infection"]["metrics"]
+    print(f"lung Dice {lung['lung_dice']:.4f}, infection Dice {inf['inf_dice']:.4f}, accuracy {lung['accuracy']:.4f}")
     print(f"report: {path}")
     return path
 

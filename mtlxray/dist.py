@@ -6,7 +6,9 @@ SLURM_LOCALID, SLURM_NODEID; `srun` and submitit's Slurm jobs both set them), th
 process. `export_torch_env` writes it back as the torch.distributed variables that accelerate
 reads, with the rendezvous of a Slurm job: the address of the job's first host and a port derived
 from the job id, so that every task (and a requeued run) computes the same ones without talking.
-The sbatch scripts get the same rendezvous from `python -m mtlxray.dist rendezvous`.
+The sbatch scripts get the same rendezvous from `python -m mtlxray.dist rendezvous`, and the
+tasks of a submitit job from `export_submitit_env` (submitit's own TorchDistributedEnvironment,
+with this module's address and port), so that all three launch paths meet at the same place.
 
 Environment knob: MTLXRAY_PG_TIMEOUT_S sets the process-group timeout (default 1800 s); tests
 shorten it so that a hung collective fails fast instead of after gloo's 30 minutes.
@@ -28,7 +30,9 @@ from mtlxray.errors import ConfigError
 from mtlxray.io import free_port
 
 __all__ = ["WorldInfo", "resolve_world", "slurm_hosts", "master_port", "resolve_host", "slurm_rendezvous",
-           "export_torch_env", "pg_timeout", "is_main_process"]
+           "export_torch_env", "export_submitit_env", "pg_timeout", "is_main_process"]
+
+_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 PORT_BASE = 20000
 PORT_SPAN = 20000
@@ -148,8 +152,48 @@ def export_torch_env(info: WorldInfo, force: bool = False) -> None:
     os.environ.setdefault("MASTER_PORT", str(port))
 
 
+def export_submitit_env() -> WorldInfo:
+    """Inside a submitit task: set the torch.distributed variables with submitit's TorchDistributedEnvironment.
+
+    submitit reads the task's rank, local rank and world size from its job environment. Two things
+    are ours: the address (submitit names the first host, whose name need not resolve: it goes
+    through `resolve_host`, or is 127.0.0.1 for the local executor) and the port (`master_port` of
+    the job id, as in the sbatch scripts, so that a requeued job meets at the same place).
+    Variables inherited from the submitting shell are overwritten; CUDA_VISIBLE_DEVICES is left
+    alone (accelerate picks cuda:LOCAL_RANK). A single task sets nothing.
+    """
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    job = JobEnvironment()
+    if job.num_tasks == 1:
+        for key in _TORCH_VARS:  # a single process: nothing stale from the submitting shell
+            os.environ.pop(key, None)
+        return resolve_world()
+    os.environ["MASTER_PORT"] = str(master_port(job.job_id))  # TorchDistributedEnvironment takes it from here
+    torch_env = TorchDistributedEnvironment()
+    torch_env.master_addr = "127.0.0.1" if job.cluster == "local" else resolve_host(torch_env.master_addr)
+    torch_env.export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ["GROUP_RANK"] = str(job.node)
+    return resolve_world()
+
+
 def pg_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("MTLXRAY_PG_TIMEOUT_S", "1800")))
+
+
+def process_group_kwargs(world: WorldInfo, *, force: bool = False):
+    """accelerate's InitProcessGroupKwargs for this machine and job.
+
+    On CPU the gloo backend must be named (else each DeepSpeed rank believes it is alone), and
+    only when there is a group to make (accelerate treats any named backend as distributed); GPUs
+    take accelerate's default (NCCL). The timeout is `pg_timeout()`."""
+    import torch
+    from accelerate.utils import InitProcessGroupKwargs
+
+    distributed = world.world_size > 1 or force
+    return InitProcessGroupKwargs(backend="gloo" if distributed and not torch.cuda.is_available() else None,
+                                  timeout=pg_timeout())
 
 
 def is_main_process() -> bool:

@@ -32,3 +32,17 @@ class NonFiniteLossError(MtlxError):
 # Exit code of a run that saved its state on SIGUSR1/SIGTERM and wants to be requeued
 # (EX_TEMPFAIL). The sbatch scripts and the submitit trainer map it to a requeue.
 EXIT_REQUEUE = 75
+
+
+def unwrap_worker_error(error: BaseException) -> BaseException:
+    """A named error re-raised by a DataLoader worker, with its message back to one line.
+
+    torch re-raises a worker's exception as the same type whose message is "Caught X in
+    DataLoader worker process N" followed by the worker's whole traceback; the error's own
+    message is the traceback's last line. Other exceptions are returned unchanged."""
+    text = str(error)
+    if not isinstance(error, MtlxError) or "Original Traceback" not in text:
+        return error
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return type(error)(last[len(prefix):] if last.startswith(prefix) else last)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 
+from typing import Literal, Union
+
 import torch
 
-__all__ = ["cpu_has_native_bf16", "bf16_is_fast", "resolve_precision"]
+__all__ = ["cpu_has_native_bf16", "bf16_is_fast", "resolve_precision", "resolve_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +40,40 @@ def resolve_precision(requested: str, device_type: str) -> str:
                     "than fp32; run.precision=auto picks fp32 here", device_type,
                     torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else "no bf16 support")
     return requested
+
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_attention(impl: str, dtype: Union[torch.dtype, str],
+                      device_type: str) -> Literal["sdpa", "explicit"]:
+    """The window-attention kernel for a model that runs on `device_type` in `dtype`.
+
+    impl: `model.attention` (`auto`, `sdpa` or `explicit`); a kernel named there is kept. `auto`
+    gives the measured choice (README, "Window attention"; the `attention` benchmark): with an
+    additive mask CPU SDPA takes its math path, slower than the explicit softmax by 1.1-1.8× in
+    fp32 and about 2× in bf16 on AVX-512 CPUs (native bf16 dot products), so those run `explicit`;
+    on AVX2-only CPUs the explicit form's bf16 batched matmuls take a slow path and SDPA was 8×
+    faster; GPUs run SDPA, whose fused kernels take the mask.
+    dtype: the activation dtype (the autocast dtype under mixed precision), or a `run.precision`
+    value (`fp32`, `bf16`). Apply it once, where the model is placed:
+    `model.set_attention(resolve_attention(cfg.model.attention, precision, device.type))`.
+    """
+    if isinstance(dtype, str):
+        if dtype not in _PRECISION_DTYPES:
+            raise ValueError(f"precision must be one of {'|'.join(_PRECISION_DTYPES)} (resolve `auto` first), "
+                             f"got {dtype!r}")
+        dtype = _PRECISION_DTYPES[dtype]
+    if impl in ("sdpa", "explicit"):
+        kernel, why = impl, "as configured"
+    elif impl != "auto":
+        raise ValueError(f"model.attention must be auto|sdpa|explicit, got {impl!r}")
+    elif device_type != "cpu":
+        kernel, why = "sdpa", f"auto on {device_type}: fused SDPA kernels"
+    elif dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        kernel, why = "sdpa", "auto on a CPU without native bf16: the explicit form's bf16 matmuls are slow there"
+    else:
+        kernel, why = "explicit", f"auto on CPU in {str(dtype).removeprefix('torch.')}: CPU SDPA with a mask " \
+                                  "runs its slower math path"
+    log.info("window attention: %s (%s)", kernel, why)
+    return kernel  # type: ignore[return-value]

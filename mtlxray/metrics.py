@@ -3,11 +3,15 @@
 Nothing here knows about processes: callers gather the per-image counts (`seg_counts`), the
 predictions and the labels across ranks first, then summarise.
 
-Conventions for 0/0, chosen so that a perfect prediction always scores 1:
+Conventions for 0/0:
 - per-image segmentation ratios (Dice, IoU, sensitivity, specificity) are 1 when their
   denominator is 0, e.g. Dice of an empty prediction against an empty mask is 1;
-- classification precision, recall, specificity and F1 are 0 when their denominator is 0
-  (a class never predicted has precision 0), as scikit-learn's `zero_division=0`;
+- per-class classification precision, recall, specificity and F1 are 0 when their denominator
+  is 0 (a class never predicted has precision 0), as scikit-learn's `zero_division=0`;
+- macro averages are over the classes present in the truth: a class with no true images has no
+  recall or F1 to speak of, so it is left out instead of counting as 0 (scikit-learn with
+  `labels=<classes present in y_true>`). A perfect prediction therefore scores 1 on any subset
+  of classes, and bootstrap resamples that miss a class are not dragged down by it;
 - AUC is nan for a class with no positives or no negatives;
 - summaries over zero images are nan.
 """
@@ -116,7 +120,8 @@ def classification_summary(confusion: Tensor, class_names: Sequence[str]) -> dic
     """Accuracy, macro and per-class precision, recall, specificity and F1 from a confusion matrix.
 
     Keys: "accuracy", "<metric>_macro" and "<metric>/<class name>" for metric in precision, recall,
-    specificity, f1. Ratios with a zero denominator are 0 (see the module docstring).
+    specificity, f1. Ratios with a zero denominator are 0; macro averages cover the classes
+    present in the truth (see the module docstring).
     """
     cm = confusion.double()
     if cm.shape != (len(class_names), len(class_names)):
@@ -133,8 +138,9 @@ def classification_summary(confusion: Tensor, class_names: Sequence[str]) -> dic
         "f1": _ratio(2 * tp, 2 * tp + fp + fn, 0.0),
     }
     out = {"accuracy": (tp.sum() / total).item() if total > 0 else math.nan}
+    present = cm.sum(1) > 0
     for metric, values in per.items():
-        out[f"{metric}_macro"] = values.mean().item()
+        out[f"{metric}_macro"] = values[present].mean().item() if present.any() else math.nan
         for name, v in zip(class_names, values.tolist()):
             out[f"{metric}/{name}"] = v
     return out

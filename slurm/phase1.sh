@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # Phase 1 (lung segmentation + classification) as a Slurm batch job.
 #
-#   sbatch slurm/phase1.sh [CONFIG.yaml] [key=value ...]
-#   sbatch --nodes=4 --gpus-per-node=8 --time=12:00:00 slurm/phase1.sh
-#   MTLX_CPU=1 sbatch --nodes=2 --gpus-per-node=0 slurm/phase1.sh configs/demo.yaml
+# Submit from the repository root (the job runs slurm/train.sh and reads configs/ from there):
+#   sbatch slurm/phase1.sh                      # configs/phase1.yaml on 1 node with 8 GPUs
+#   sbatch --nodes=4 --time=12:00:00 slurm/phase1.sh configs/phase1.yaml optim.lr=2e-4
+#   MTLX_CPU=1 sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 slurm/phase1.sh configs/demo.yaml
+# Arguments: an optional config YAML, then `key=value` overrides. Variables (MTLX_CONFIG,
+# MTLX_OVERRIDES, MTLX_VENV, MTLX_CPU) are described in slurm/train.sh.
 #
-# Submit from the repository root (the job reads slurm/train.sh and configs/ from there). Any
-# #SBATCH line below can be overridden on the sbatch command line or by SBATCH_* variables.
-# Variables (MTLX_CONFIG, MTLX_OVERRIDES, MTLX_VENV, MTLX_CPU, MTLX_PROCS_PER_NODE,
-# MTLX_SAVE_TIMEOUT_S) are described in slurm/train.sh. The output folder must exist.
+# The defaults below are those of the config's `launch:` section (mtlxray.config.LaunchConfig; a
+# test holds them equal): one task, i.e. one training process, per GPU with 8 CPUs each, 24 h, and
+# USR1 120 s before the time limit to save and requeue. Override any of them on the sbatch command
+# line. A request that the partition can never run is accepted by sbatch and pends forever
+# (Reason=PartitionConfig): `sbatch --test-only ...` checks first, and slurm/pipeline.sh and
+# `mtlxray submit` do it for you. The log goes to runs/slurm-<job id>.out (runs/ ships with the
+# repository).
 #SBATCH --job-name=mtlx-phase1
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=64
+#SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --signal=B:USR1@120
 #SBATCH --output=runs/slurm-%j.out
 export MTLX_CONFIG=${MTLX_CONFIG:-configs/phase1.yaml}
 exec bash "${MTLX_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/train.sh" "$@"

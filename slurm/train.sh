@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Body shared by slurm/phase1.sh and slurm/phase2.sh: runs in the batch shell of the job.
 #
-# One srun task per node starts `accelerate launch`, which starts the node's training processes:
-#   --num_machines $SLURM_NNODES, --machine_rank $SLURM_NODEID (read on each node, inside the
-#   task, never in this batch shell), --main_process_ip = address of the node list's first host,
-#   --main_process_port = 20000 + job id mod 20000 (as mtlxray.launch.slurm.master_port).
+# One srun task per training process (the job's --ntasks-per-node: one per GPU, or one per node
+# on CPU nodes; the same layout as `mtlxray submit`) runs `python -m mtlxray.cli train --resume
+# auto`. Each task reads its rank from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) through
+# mtlxray.dist, and all of them meet at the address and port that `python -m mtlxray.dist
+# rendezvous` gives here (the job's first host, a port derived from the job id).
 #
 # Variables (all optional):
 #   MTLX_CONFIG            config YAML (default: set by the phase script)
 #   MTLX_OVERRIDES         extra `key=value` overrides, space-separated (positional args add more)
 #   MTLX_VENV              virtualenv to activate (default $SLURM_SUBMIT_DIR/.venv when present)
-#   MTLX_CPU=1             CPU nodes: gloo through ACCELERATE_USE_CPU=1, no GPUs requested
-#   MTLX_PROCS_PER_NODE    training processes per node (default: GPUs on the node; 1 with MTLX_CPU=1)
-#   MTLX_SAVE_TIMEOUT_S    how long workers may take to save after USR1 (default 100)
-# Preemption: USR1 reaches this shell (`--signal=B:USR1@120`, or `scancel --signal=USR1 --batch`);
-# the trap forwards it to srun → accelerate → every training process, which saves `last` and
-# exits 75; then this script runs `scontrol requeue $SLURM_JOB_ID` and the requeued job resumes
-# with `--resume auto`.
+#   MTLX_CPU=1             CPU nodes: no GPU is used, gloo (pass --gpus-per-node=0 to sbatch)
+#   MTLXRAY_PG_TIMEOUT_S   process-group timeout (default here 600 s)
+# Preemption and time limits: USR1 reaches this shell (`--signal=B:USR1@120`, or
+# `scancel --signal=USR1 --batch`); the trap hands it to srun, which passes it to every training
+# process; they save `last` at the same step and exit 75; then this script runs
+# `scontrol requeue $SLURM_JOB_ID` and exits 75, and the requeued job resumes with --resume auto.
 set -euo pipefail
 
 EXIT_REQUEUE=75
@@ -26,61 +26,67 @@ venv=${MTLX_VENV:-${SLURM_SUBMIT_DIR:-.}/.venv}
 if [[ -f $venv/bin/activate ]]; then source "$venv/bin/activate"; fi
 
 config=${MTLX_CONFIG:?MTLX_CONFIG must name a config YAML}
-if [[ $# -gt 0 && $1 == *.yaml ]]; then config=$1; shift; fi
+if [[ $# -gt 0 && $1 == *.y*ml ]]; then config=$1; shift; fi
 read -r -a overrides <<<"${MTLX_OVERRIDES:-}"
 overrides+=("$@")
 
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-head_addr=$(getent ahostsv4 "$head_node" | awk 'NR == 1 {print $1}' || true)
-if [[ -z $head_addr ]]; then
-    # Node names need not resolve (several slurmd on one host): ask the controller.
-    head_addr=$(scontrol show node -o "$head_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
-fi
-port=$((20000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))
+srun_pid=""
+received=""
+signals=0
+on_signal() {
+    signals=$((signals + 1))
+    received=SIG$1
+    if [[ -z $srun_pid ]]; then
+        # Training has not started: nothing to save, come back later.
+        echo "mtlxray: $received received before training started; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit "$EXIT_REQUEUE"
+    fi
+    echo "mtlxray: $received received: asking training to save"
+    kill -"$1" "$srun_pid" 2>/dev/null || true
+}
+trap 'on_signal USR1' USR1
 
-if [[ ${MTLX_CPU:-0} == 1 ]]; then
-    export ACCELERATE_USE_CPU=1
-    per_node=${MTLX_PROCS_PER_NODE:-1}
-else
-    per_node=${MTLX_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
-    per_node=${per_node##*:}
+# The tasks' identity comes from Slurm alone: nothing of a launcher this job was submitted from.
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT
+if ! rendezvous=$(python -m mtlxray.dist rendezvous); then
+    echo "mtlxray: error: no rendezvous for job $SLURM_JOB_ID (see above)" >&2
+    exit 2
 fi
-total=$((per_node * SLURM_NNODES))
-# The launcher passes USR1 on to its workers and waits for them to save before giving up.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${MTLX_SAVE_TIMEOUT_S:-100}
+read -r MASTER_ADDR MASTER_PORT <<<"$rendezvous"
+export MASTER_ADDR MASTER_PORT
+if [[ ${MTLX_CPU:-0} == 1 ]]; then
+    export ACCELERATE_USE_CPU=1 CUDA_VISIBLE_DEVICES=""
+fi
 export MTLXRAY_PG_TIMEOUT_S=${MTLXRAY_PG_TIMEOUT_S:-600}
 
 echo "mtlxray: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_NNODES ($SLURM_JOB_NODELIST)" \
-    "main $head_addr:$port processes $total config $config overrides ${overrides[*]:-}"
+    "main $MASTER_ADDR:$MASTER_PORT processes $SLURM_NTASKS config $config overrides ${overrides[*]:-}"
 
-# shellcheck disable=SC2016  # $SLURM_NODEID is expanded by bash -c on each node, not here
-launch='exec accelerate launch --multi_gpu --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
-    --main_process_ip "$0" --main_process_port "$1" --num_processes "$2" \
-    --mixed_precision no --dynamo_backend no -m mtlxray.cli train --resume auto "${@:3}"'
-if [[ $total == 1 ]]; then
-    # One process needs no launcher (accelerate refuses --multi_gpu with one process).
-    # shellcheck disable=SC2016
-    launch='exec python -m mtlxray.cli train --resume auto "${@:3}"'
-fi
-
-preempted=0
-trap 'preempted=1; echo "mtlxray: USR1 received, asking training to save"; kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
-
-srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 \
-    bash -c "$launch" "$head_addr" "$port" "$total" --config "$config" "${overrides[@]}" &
+# srun reports every task that exits non-zero as an error; 75 is the requeue handshake, not an
+# error, so those lines (and only those) are kept out of the log.
+exec 3> >(grep --line-buffered -v -E '^srun: error: .*: Exited with exit code 75$' >&2)
+filter_pid=$!
+srun --kill-on-bad-exit=0 python -m mtlxray.cli train --resume auto --config "$config" "${overrides[@]}" 2>&3 &
 srun_pid=$!
+# A trapped signal cuts `wait` short (status > 128) without reaping srun: wait again then.
 rc=0
-# `wait` returns early when the trap fires; keep waiting until srun itself ends.
-while :; do
-    wait "$srun_pid" && rc=0 || rc=$?
-    kill -0 "$srun_pid" 2>/dev/null || break
+wait "$srun_pid" || rc=$?
+while ((rc > 128 && signals > 0)); do
+    again=0
+    wait "$srun_pid" || again=$?
+    ((again == 127)) && break  # srun had ended: rc was its status
+    rc=$again
 done
+exec 3>&-
+wait "$filter_pid" 2>/dev/null || true
 
-if [[ $preempted == 1 || $rc == "$EXIT_REQUEUE" ]]; then
-    echo "mtlxray: training saved (exit $rc); requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+if [[ $rc == "$EXIT_REQUEUE" ]]; then
+    echo "mtlxray: training saved after ${received:-a signal} (exit $rc); requeueing job $SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "mtlxray: error: scontrol requeue $SLURM_JOB_ID failed; resubmit the job to resume from checkpoints/last" >&2
+    fi
+    exit "$EXIT_REQUEUE"
 fi
 echo "mtlxray: training finished with exit $rc"
 exit "$rc"

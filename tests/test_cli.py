@@ -9,7 +9,7 @@ import pytest
 from mtlxray import cli
 
 SUBCOMMANDS = [
-    ["config", "show"], ["synth"], ["shards", "build"], ["shards", "info"], ["model-summary"], ["train"],
+    ["config", "show"], ["synth"], ["shards", "build"], ["shards", "info"], ["shards", "audit"], ["model-summary"], ["train"],
     ["evaluate"], ["predict"], ["export"], ["submit"], ["demo"], ["bench"],
 ]
 

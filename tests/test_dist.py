@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mtlxray.dist import WorldInfo, export_torch_env, master_port, resolve_host, resolve_world, slurm_hosts
+from mtlxray.dist import (WorldInfo, export_submitit_env, export_torch_env, master_port, resolve_host, resolve_world,
+                          slurm_hosts)
 from mtlxray.errors import ConfigError
 
 
@@ -91,3 +92,34 @@ def test_rendezvous_command_prints_what_the_trainer_uses():
     out = subprocess.run([sys.executable, "-m", "mtlxray.dist", "rendezvous"], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["127.0.0.1", str(master_port("31"))]
+
+
+_TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_submitit_tasks_meet_where_the_sbatch_scripts_do(monkeypatch):
+    """A submitit Slurm task gets its identity from submitit's TorchDistributedEnvironment, and the
+    rendezvous of `python -m mtlxray.dist rendezvous` (resolved address, port from the job id)."""
+    monkeypatch.setenv("RANK", "7")  # stale, from the shell the job was submitted from
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for k, v in _slurm_task(3, 1, 1, SLURM_JOB_NODELIST="localhost,node9").items():
+        monkeypatch.setenv(k, v)
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    world = export_submitit_env()
+    assert world == WorldInfo(3, 1, 4, 2, 1, "torchrun")
+    assert {k: os.environ[k] for k in _TORCH} == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port("4242"))}
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != "1"
+
+
+def test_a_single_submitit_task_is_a_local_process(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    for k, v in {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n1"}.items():
+        monkeypatch.setenv(k, v)
+    assert export_submitit_env() == WorldInfo(0, 0, 1, 1, 0, "local")
+    assert not set(_TORCH) & set(os.environ)

@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed cases."""
+"""Metric functions against hand-computed cases and against scikit-learn on random inputs."""
 
 import math
 
@@ -146,3 +146,40 @@ def test_bootstrap_ci_of_constant_statistic_is_a_point():
 def test_bootstrap_ci_of_no_items_is_nan():
     lo, hi = M.bootstrap_ci(lambda idx: 1.0, 0, 50, seed=0)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classification_summary_and_auc_agree_with_scikit_learn(seed):
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+
+    gen = torch.Generator().manual_seed(seed)
+    n, names = 60, ["a", "b", "c", "d"]
+    labels = torch.randint(0, 3 if seed % 2 else 4, (n,), generator=gen)  # odd seeds: class d absent
+    scores = torch.rand(n, 4, generator=gen) + torch.nn.functional.one_hot(labels, 4) * 0.3
+    preds = scores.argmax(1)
+    ours = M.classification_summary(M.confusion_matrix(preds, labels, 4), names)
+    present = sorted(set(labels.tolist()))
+    p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=list(range(4)), zero_division=0)
+    for i, c in enumerate(names):
+        assert ours[f"precision/{c}"] == pytest.approx(p[i]) and ours[f"recall/{c}"] == pytest.approx(r[i])
+        assert ours[f"f1/{c}"] == pytest.approx(f[i])
+    mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=present, average="macro", zero_division=0)
+    assert (ours["precision_macro"], ours["recall_macro"], ours["f1_macro"]) == pytest.approx((mp, mr, mf))
+    assert ours["accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    auc = M.roc_auc_ovr(scores.double(), labels)
+    for c in present:
+        assert auc[c] == pytest.approx(roc_auc_score(labels == c, scores[:, c]))
+    assert all(math.isnan(auc[c]) for c in range(4) if c not in present)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dice_and_iou_agree_with_scikit_learn_f1_and_jaccard(seed):
+    from sklearn.metrics import f1_score, jaccard_score
+
+    gen = torch.Generator().manual_seed(seed)
+    pred, target = torch.rand(4, 1, 16, 16, generator=gen) > 0.5, torch.rand(4, 1, 16, 16, generator=gen) > 0.6
+    counts = M.seg_counts(pred, target)
+    for i in range(4):
+        t, p = target[i].flatten().numpy(), pred[i].flatten().numpy()
+        assert M.dice(counts)[i].item() == pytest.approx(f1_score(t, p))
+        assert M.iou(counts)[i].item() == pytest.approx(jaccard_score(t, p))

@@ -2,7 +2,8 @@
 per block and selective (ours), and MONAI's `use_checkpoint` on its Swin-T encoder, side by side.
 
 Each configuration lives in its own worker process, so one's freed memory never hides another's
-peak. Activation memory = peak RSS during one training step minus RSS just before it (the kernel's
+peak (smoke runs, which only prove the suite works, host every configuration in one worker).
+Activation memory = peak RSS during one training step minus RSS just before it (the kernel's
 high-water mark is reset through /proc/self/clear_refs). The parent steps the workers in turn,
 round after round, so machine noise hits every configuration alike.
 """
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target
-from mtlxray.bench.workloads import have_model
 
 CONFIGS = {
     "ours_none": ["model.grad_checkpoint=none"],
@@ -38,34 +38,37 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _worker(name: str, batch: int, size: int, smoke: bool) -> None:
-    """Serve `mem`, `time` and `quit` commands on stdin; answer one JSON line each."""
+def _worker(names: list[str], batch: int, size: int, smoke: bool) -> None:
+    """Build each named configuration, then serve `mem NAME`, `time NAME` and `quit` on stdin;
+    answer one JSON line each."""
     import gc
 
     import torch
 
     from mtlxray.bench.workloads import TINY, monai_swin_t, ours, train_step
 
-    torch.manual_seed(0)
-    if name.startswith("monai"):
-        model = monai_swin_t(use_checkpoint=name == "monai_on", tiny=smoke)
-    else:
-        model = ours(CONFIGS[name] + (TINY if smoke else []))
-    model.train()
-    step = train_step(model, torch.randn(batch, 1, size, size))
-    step()  # warm-up: one-time allocations are not activations
-    print(json.dumps({"ready": name}), flush=True)
+    steps = {}
+    for name in names:
+        torch.manual_seed(0)
+        if name.startswith("monai"):
+            model = monai_swin_t(use_checkpoint=name == "monai_on", tiny=smoke)
+        else:
+            model = ours(CONFIGS[name] + (TINY if smoke else []))
+        model.train()
+        steps[name] = train_step(model, torch.randn(batch, 1, size, size))
+        steps[name]()  # warm-up: one-time allocations are not activations
+    print(json.dumps({"ready": names}), flush=True)
     for line in sys.stdin:
-        cmd = line.strip()
+        cmd, _, name = line.strip().partition(" ")
         if cmd == "mem":
             gc.collect()
             before = _rss_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            step()
+            steps[name]()
             reply = {"act_mib": (_rss_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024}
         elif cmd == "time":
             t0 = time.perf_counter()
-            step()
+            steps[name]()
             reply = {"s": time.perf_counter() - t0}
         else:
             return
@@ -73,31 +76,31 @@ def _worker(name: str, batch: int, size: int, smoke: bool) -> None:
 
 
 class _Worker:
-    def __init__(self, name: str, batch: int, size: int, smoke: bool, for_memory: bool):
+    def __init__(self, names: list[str], batch: int, size: int, smoke: bool, for_memory: bool):
         # For memory, a fixed mmap threshold makes glibc return every large freed block to the
         # kernel, so RSS before a step holds no cached activations from the previous one. That
         # makes every allocation a fresh mapping, which would tax the configurations that allocate
         # more (the recomputing ones) in time, so step time is measured by separate workers with
         # the allocator's defaults.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
-        cmd = [sys.executable, "-m", "mtlxray.bench.checkpointing", "--worker", name,
+        cmd = [sys.executable, "-m", "mtlxray.bench.checkpointing", "--worker", ",".join(names),
                "--batch", str(batch), "--size", str(size)] + (["--smoke"] if smoke else [])
-        self.name = name
+        self.names = names
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def wait_ready(self) -> None:
         reply = self._read()
         if "ready" not in reply:
-            raise SuiteUnavailable(f"checkpointing worker {self.name}: {reply.get('error', reply)}")
+            raise SuiteUnavailable(f"checkpointing worker {self.names}: {reply.get('error', reply)}")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"checkpointing worker {self.name} exited with {self.proc.wait()}")
+            raise RuntimeError(f"checkpointing worker {self.names} exited with {self.proc.wait()}")
         return json.loads(line)
 
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
+    def ask(self, cmd: str, name: str) -> dict:
+        self.proc.stdin.write(f"{cmd} {name}\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -107,21 +110,26 @@ class _Worker:
             self.proc.wait(timeout=60)
 
 
-def _interleaved(names: list[str], batch: int, size: int, smoke: bool, rounds: int, cmd: str) -> dict[str, list]:
-    """One worker per configuration, started together and asked `cmd` in turn, round after round
-    (the order rotating), so machine noise hits every configuration alike."""
-    workers = [_Worker(n, batch, size, smoke, for_memory=cmd == "mem") for n in names]
-    key = "act_mib" if cmd == "mem" else "s"
-    samples: dict[str, list] = {n: [] for n in names}
-    try:
-        for w in workers:
-            w.wait_ready()
-        for r in range(rounds):
-            for w in workers[r % len(workers):] + workers[: r % len(workers)]:
-                samples[w.name].append(w.ask(cmd)[key])
-    finally:
-        for w in workers:
-            w.close()
+def _interleaved(names: list[str], batch: int, size: int, smoke: bool, rounds: dict[str, int]) -> dict[str, dict]:
+    """`mem` and `time` samples per configuration, asked in turn, round after round (the order
+    rotating), so machine noise hits every configuration alike. Memory and time each get their own
+    workers, one per configuration; a smoke run asks one worker holding everything."""
+    key = {"mem": "act_mib", "time": "s"}
+    samples: dict[str, dict] = {cmd: {n: [] for n in names} for cmd in rounds}
+    plans = [(list(rounds), [names], False)] if smoke else [([cmd], [[n] for n in names], cmd == "mem") for cmd in rounds]
+    for cmds, groups, for_memory in plans:
+        workers = [_Worker(g, batch, size, smoke, for_memory) for g in groups]
+        owner = {n: w for w in workers for n in w.names}
+        try:
+            for w in workers:
+                w.wait_ready()
+            for cmd in cmds:
+                for r in range(rounds[cmd]):
+                    for n in names[r % len(names):] + names[: r % len(names)]:
+                        samples[cmd][n].append(owner[n].ask(cmd, n)[key[cmd]])
+        finally:
+            for w in workers:
+                w.close()
     return samples
 
 
@@ -138,9 +146,9 @@ def run(ctx: Context) -> SuiteResult:
     batch = ctx.pick(8, 2, 2)
     size = ctx.pick(256, 256, 64)
     rounds = ctx.pick(3, 1, 1)  # activation memory repeats to the MiB; step time gets more rounds
-    names = [n for n in CONFIGS if n.startswith("monai") or have_model()]
-    mem = _interleaved(names, batch, size, ctx.smoke, rounds, "mem")
-    times = _interleaved(names, batch, size, ctx.smoke, ctx.pick(5, 3, 1), "time")
+    names = list(CONFIGS)
+    samples = _interleaved(names, batch, size, ctx.smoke, {"mem": rounds, "time": ctx.pick(5, 3, 1)})
+    mem, times = samples["mem"], samples["time"]
 
     rows: dict[str, dict] = {}
     for n in names:
@@ -151,10 +159,6 @@ def run(ctx: Context) -> SuiteResult:
                    "mem_saving": 1 - act / act0, "time_overhead": t / t0 - 1}
     result = SuiteResult("checkpointing", rows=list(rows.values()))
     result.details = {"rounds": rounds, "img_size": size, "samples_act_mib": mem, "samples_step_s": times}
-    if not have_model():
-        result.status = "partial"
-        result.details["missing"] = "mtlxray.model.build_model is not part of this build"
-        return result
     rec = _recommend(rows)
     result.details["recommended"] = rec
     result.targets = [
@@ -166,13 +170,13 @@ def run(ctx: Context) -> SuiteResult:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="checkpointing benchmark worker (internal)")
-    p.add_argument("--worker", required=True, choices=list(CONFIGS))
+    p.add_argument("--worker", required=True, help="comma-separated configurations: " + ",".join(CONFIGS))
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     try:
-        _worker(a.worker, a.batch, a.size, a.smoke)
+        _worker(a.worker.split(","), a.batch, a.size, a.smoke)
     except SuiteUnavailable as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1

@@ -6,11 +6,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import gc
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,8 @@ Fn = Callable[[], Any]
 
 
 class SuiteUnavailable(RuntimeError):
-    """A suite cannot run in this build (a part it measures is missing); recorded, not fatal."""
+    """An optional dependency of a suite is not installed (MONAI: `pip install 'mtlxray[bench]'`);
+    recorded in the suite's JSON with the reason, not fatal."""
 
 
 @dataclass(frozen=True)
@@ -98,11 +97,18 @@ def count_flops(fn: Fn) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak(dtype: torch.dtype, *, n: int = 2048, repeats: int = 5) -> float:
-    """Measured matmul throughput (GFLOP/s) of an n×n×n product in `dtype`: the compute ceiling."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    t = measure(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
+def matmul_peak(dtype: torch.dtype, *, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured matmul throughput (GFLOP/s) of an n×n×n product in `dtype` on `device`: the
+    compute ceiling the model's figures are compared with (on a GPU, each call synchronises)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def mm() -> None:
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
+    t = measure(mm, warmup=2, repeats=repeats)
     return 2 * n**3 / t.median / 1e9
 
 
@@ -116,8 +122,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_info() -> list[dict]:
+    """Each visible CUDA device: name, memory, compute capability ([] without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                    "capability": f"{p.major}.{p.minor}"})
+    return out
+
+
 def machine_info() -> dict:
-    """What ran the benchmark: CPU, threads, library versions, date."""
+    """What ran the benchmark: CPU, threads, GPUs, library versions, date."""
     return {
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -127,6 +145,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": gpu_info(),
     }
 
 
@@ -175,20 +195,6 @@ class SuiteResult:
         }
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temp file in the same folder, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if v == 0 or 0.01 <= abs(v) < 1e5:
@@ -230,6 +236,8 @@ class Context:
     out: Path
     smoke: bool = False
     """Minimal sizes, only to prove the suite runs (the unit tests); figures are meaningless."""
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    """Where the suites that can use a GPU (`model`) run: the GPU when there is one."""
 
     def pick(self, full: Any, quick: Any, smoke: Any) -> Any:
         return smoke if self.smoke else quick if self.quick else full

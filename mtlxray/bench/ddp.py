@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -24,17 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target
-from mtlxray.bench.workloads import TINY, have_model
+from mtlxray.bench.common import Context, SuiteResult, Target
+from mtlxray.bench.workloads import TINY
+from mtlxray.io import free_port
 
 BATCH = 8
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -151,13 +145,11 @@ def _spawn_with_deadline(fn, args: tuple, deadline_s: float) -> None:
 
 
 def run(ctx: Context) -> SuiteResult:
-    if not have_model():
-        raise SuiteUnavailable("mtlxray.model.build_model is not part of this build")
     rounds = ctx.pick(5, 3, 1)
     steps = ctx.pick(10, 5, 1)
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         out = Path(tmp) / "ddp.json"
-        _spawn_with_deadline(_worker, (_free_port(), rounds, steps, str(out)), ctx.pick(1800, 900, 300))
+        _spawn_with_deadline(_worker, (free_port(), rounds, steps, str(out)), ctx.pick(1800, 900, 300))
         data = json.loads(out.read_text())
     step_s = {k: statistics.median(v) for k, v in data["times"].items()}
     thr = {k: (1 if k == "1_rank" else WORLD) * BATCH / v for k, v in step_s.items()}

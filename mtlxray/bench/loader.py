@@ -2,21 +2,36 @@
 and without augmentation, against a plain `torch.utils.data.Dataset` reading the PNG folders with
 PIL (the baseline) and reading the same tar bytes without decoding (the limit). Also
 `augment.on_device`: the loader's share (drawing the parameters) and, on this CPU, the whole of it
-with the batched warp (`affine_grid` + `grid_sample`) that a GPU would run."""
+with the batched warp (`affine_grid` + `grid_sample`) that a GPU would run.
+
+Remote rows: the same raw shards streamed from HTTP (nginx when installed, else Python's
+`http.server`) and from S3 (moto's standalone server, when `moto[server]` and boto3 are installed)
+on the loopback address, side by side with local disk. The servers share this machine's cores with
+the loader, so the rows bound what a loader process gets from storage, not what a network gives."""
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
+import functools
+import http.server
 import itertools
+import os
 import pstats
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, measure_side_by_side
+from mtlxray.bench.common import Context, SuiteResult, Target, measure_side_by_side
 from mtlxray.bench.shards import synth_tree
 from mtlxray.config import DataConfig
 
@@ -53,7 +68,7 @@ def _consume(stream: Iterator, n_batches: int):
     return lambda: [None for _ in itertools.islice(stream, n_batches)]
 
 
-def _shard_stream(root: Path, augment: bool, on_device: bool = False) -> Iterator:
+def _shard_stream(root: Path | str, augment: bool, on_device: bool = False) -> Iterator:
     from mtlxray.data.loader import build_train_loader
 
     cfg = DataConfig(shards=str(root), subset="lung", batch_size=BATCH, workers=0, samples_per_epoch=10**7)
@@ -81,7 +96,7 @@ def _read_only_stream(root: Path) -> Iterator:
 def _baseline_stream(tree: Path) -> Iterator:
     images = sorted(tree.glob("Lung Segmentation Data/Lung Segmentation Data/Train/*/images/*.png"))
     if not images:
-        raise SuiteUnavailable(f"{tree}: no PNG images in the COVID-QU-Ex layout")
+        raise RuntimeError(f"{tree}: no PNG images in the COVID-QU-Ex layout")
     ds = PngFolderDataset(images)
     return _cycle_batches(lambda: torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=0))
 
@@ -93,6 +108,94 @@ def _device_aug_stream(root: Path) -> Iterator:
 
     src = _shard_stream(root, augment=True, on_device=True)
     return (batch_to_device(batch, "cpu") for batch in src)
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@contextlib.contextmanager
+def http_server(root: Path, work: Path) -> Iterator[tuple[str, str]]:
+    """(URL, server name) of `root` served on the loopback address: nginx where installed (one
+    process, no daemon), else Python's threaded `http.server`."""
+    from mtlxray.io import free_port
+
+    port = free_port()
+    nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    if nginx:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "conf").write_text(
+            f"daemon off; master_process off; pid {work}/pid; error_log {work}/error.log;\n"
+            f"events {{}}\nhttp {{ access_log off; sendfile on; client_body_temp_path {work}/body;\n"
+            f"  server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n")
+        proc = subprocess.Popen([nginx, "-c", str(work / "conf"), "-p", str(work)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if _wait_port(port):
+                yield f"http://127.0.0.1:{port}", "nginx"
+                return
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", "python http.server"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def s3_server(root: Path) -> Iterator[str | None]:
+    """s3:// URL of `root` uploaded to moto's standalone S3 server, with the standard AWS variables
+    pointing at it while the block runs; None when moto or boto3 is not installed."""
+    try:
+        import boto3
+        import moto.server  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    from mtlxray.io import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        if not _wait_port(port, 60):
+            yield None
+            return
+        os.environ.update(env)
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), "bench", f"shards/{path.relative_to(root).as_posix()}")
+        yield "s3://bench/shards"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def batch_memory_cost(repeats: int, size: int = 256, batches: int = 20) -> dict:
@@ -132,18 +235,18 @@ def python_hotspots(fn, k: int = 8) -> list[dict]:
 
 
 def run(ctx: Context) -> SuiteResult:
-    try:
-        from mtlxray.data.shards import build_shards
-    except ImportError as e:
-        raise SuiteUnavailable(f"mtlxray.data is not part of this build: {e}") from None
+    from mtlxray.data.shards import build_shards
+
     n_batches = ctx.pick(32, 12, 2)
     repeats = ctx.pick(5, 3, 1)
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp, contextlib.ExitStack() as servers:
         tree = Path(tmp) / "tree"
         synth_tree(tree, ctx.pick("small", "small", "tiny"))
         roots = {fmt: Path(tmp) / fmt for fmt in ("raw", "png")}
         for fmt, root in roots.items():
             build_shards(tree, root, format=fmt, shard_size=50, workers=0, progress=False)
+        http_url, http_kind = servers.enter_context(http_server(roots["raw"], Path(tmp) / "nginx"))
+        s3_url = servers.enter_context(s3_server(roots["raw"]))
         streams = {
             "read_only_raw": _read_only_stream(roots["raw"]),
             "read_only_png": _read_only_stream(roots["png"]),
@@ -154,7 +257,10 @@ def run(ctx: Context) -> SuiteResult:
             "shards_raw_aug_params": _shard_stream(roots["raw"], augment=True, on_device=True),
             "raw_aug_on_device(cpu)": _device_aug_stream(roots["raw"]),
             "baseline_png_folder": _baseline_stream(tree),
+            "shards_raw_http": _shard_stream(http_url, augment=False),
         }
+        if s3_url is not None:
+            streams["shards_raw_s3"] = _shard_stream(s3_url, augment=False)
         # Fill every shuffle buffer first: until it is full, each batch out reads two batches in.
         fill = ctx.pick(DataConfig.shuffle_buffer // BATCH + 1, DataConfig.shuffle_buffer // BATCH + 1, 1)
         for s in streams.values():
@@ -163,6 +269,7 @@ def run(ctx: Context) -> SuiteResult:
                                      warmup=1, repeats=repeats)
         profile = None if ctx.smoke else {
             name: python_hotspots(_consume(streams[name], 4)) for name in ("shards_raw", "shards_raw_aug")}
+        servers.close()
     memory = batch_memory_cost(repeats)
 
     n = n_batches * BATCH
@@ -183,6 +290,12 @@ def run(ctx: Context) -> SuiteResult:
                                    "raw_aug_on_device": rate["shards_raw_aug_params"]},
         "note": "one process, DataLoader num_workers=0: samples/s per loader core",
         "batch_memory_page_faults": memory,
+        "remote": {"http_server": http_kind, "s3_server": "moto" if s3_url else "not installed (moto[server], boto3)",
+                   "local_raw": rate["shards_raw"], "http_raw": rate["shards_raw_http"],
+                   "s3_raw": rate.get("shards_raw_s3"),
+                   "http/local": rate["shards_raw_http"] / rate["shards_raw"],
+                   "s3/local": rate["shards_raw_s3"] / rate["shards_raw"] if "shards_raw_s3" in rate else None,
+                   "note": "loopback; the server runs on the same cores as the loader process"},
     }
     if profile is not None:
         result.details["profile_python_hotspots"] = profile

@@ -12,12 +12,15 @@ from pathlib import Path
 import torch
 
 from mtlxray.bench.common import Context, SuiteResult, count_flops
+from mtlxray.bench.gpus import bf16_dense_peak
 from mtlxray.bench.workloads import TINY, ours, train_step
+from mtlxray.paper import SUBSET_COUNTS
 
-H100_BF16_DENSE_FLOPS = 989e12
+H100_BF16_DENSE_FLOPS = bf16_dense_peak("NVIDIA H100 80GB HBM3")
 MFU = 0.40
-PHASES = {"phase1": (50, 21_715), "phase2": (30, 3_728)}
-"""phase -> (epochs, training images per epoch)."""
+PHASES = {"phase1": (50, sum(SUBSET_COUNTS["lung"]["train"].values())),
+          "phase2": (30, sum(SUBSET_COUNTS["infection"]["train"].values()))}
+"""phase -> (epochs as in configs/phase*.yaml, training images per epoch from the paper's tables)."""
 GPUS = (1, 8, 32)
 
 
@@ -42,27 +45,39 @@ def _loader_rates(out: Path) -> dict[str, float]:
     return data.get("details", {}).get("per_core_training_rate", {}) if data.get("status") == "ok" else {}
 
 
+def project_phase(flops_per_image: float, epochs: int, images: int, gpus: int, *,
+                  peak_flops: float = H100_BF16_DENSE_FLOPS, mfu: float = MFU) -> dict:
+    """Images/s per GPU at `mfu` of `peak_flops`, and the wall time of `epochs` × `images` on
+    `gpus` GPUs at linear scaling."""
+    img_s = peak_flops * mfu / flops_per_image
+    hours = epochs * images / (img_s * gpus) / 3600
+    return {"img/s/gpu": img_s, "img/s": img_s * gpus, "wall_h": hours, "wall_min": hours * 60}
+
+
+def loader_cores(per_gpu_rate: dict[str, float], per_core_rate: dict[str, float]) -> dict[str, dict[str, int]]:
+    """Loader cores each GPU needs, per loader pipeline and phase: its images/s over one core's rate."""
+    return {name: {phase: math.ceil(rate / r) for phase, rate in per_gpu_rate.items()}
+            for name, r in per_core_rate.items() if r > 0}
+
+
 def run(ctx: Context) -> SuiteResult:
     result = SuiteResult("projection", label="PROJECTION (not a measurement)")
     loader = _loader_rates(ctx.out)
     per_gpu_rate = {}
     for phase, (epochs, images) in PHASES.items():
         flops = flops_per_image(phase, ctx.smoke)
-        img_s = H100_BF16_DENSE_FLOPS * MFU / flops
-        per_gpu_rate[phase] = img_s
         for n in GPUS:
-            hours = epochs * images / (img_s * n) / 3600
-            result.rows.append({"phase": phase, "gpus": n, "GFLOP/img": flops / 1e9, "img/s/gpu": img_s,
-                                "img/s": img_s * n, "epochs": epochs, "images/epoch": images,
-                                "wall_h": hours, "wall_min": hours * 60})
-    cores = {name: {phase: math.ceil(rate / r) for phase, rate in per_gpu_rate.items()}
-             for name, r in loader.items() if r > 0}
+            p = project_phase(flops, epochs, images, n)
+            per_gpu_rate[phase] = p["img/s/gpu"]
+            result.rows.append({"phase": phase, "gpus": n, "GFLOP/img": flops / 1e9, "img/s/gpu": p["img/s/gpu"],
+                                "img/s": p["img/s"], "epochs": epochs, "images/epoch": images,
+                                "wall_h": p["wall_h"], "wall_min": p["wall_min"]})
     result.details = {
         "assumptions": {
             "peak_flops": H100_BF16_DENSE_FLOPS, "mfu": MFU, "scaling": "linear in GPUs (no eval, no I/O stalls)",
             "flops": "torch.utils.flop_counter FLOPs of fwd+bwd; phase1 with the infection branch frozen",
         },
-        "loader_cores_per_gpu": cores,
+        "loader_cores_per_gpu": loader_cores(per_gpu_rate, loader),
         "loader_per_core_rate_source": "loader.json (this machine)" if loader else "loader suite not run",
     }
     return result

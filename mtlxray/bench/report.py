@@ -4,11 +4,10 @@ each suite's table, each target met or not, and for unmet targets the profiler's
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from mtlxray.bench.common import Target, format_table, format_targets
+from mtlxray.io import write_text_atomic
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -34,24 +33,33 @@ def _profiles(data: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _machine(m: dict) -> str:
+    isa = f" ({m['cpu_capability']})" if "cpu_capability" in m else ""
+    gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in m.get("gpus") or [])
+    return (f"{m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"Python {m['python']}" + (f", GPU: {gpus}, CUDA {m.get('cuda')}" if gpus else ""))
+
+
 def render(results: Path, order: list[str]) -> str:
     """Markdown for every `<suite>.json` in `results`, in `order`."""
     found = [json.loads((results / f"{n}.json").read_text()) for n in order if (results / f"{n}.json").is_file()]
     if not found:
         return "(no results yet: run `mtlxray bench all`)"
-    m = found[0]["machine"]
-    isa = f" ({m['cpu_capability']})" if "cpu_capability" in m else ""
-    out = [f"Machine: {m['cpu']}{isa}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-           f"Python {m['python']}. A shared machine: each suite's heading gives its date and the 1-minute "
+    first = _machine(found[0]["machine"])
+    out = [f"Machine: {first}. A shared machine: each suite's heading gives its date and the 1-minute "
            f"load average at its end; absolute figures are noisy, ratios measured side by side are the evidence."]
     for data in found:
         m = data["machine"]
         out.append(f"\n### {data['suite']} ({data['label']}; {m['date']}, load {m['load_avg_1m']}, "
                    f"{'quick, ' if data['quick'] else ''}{data['wall_s']} s)\n")
+        if _machine(m) != first:
+            out.append(f"Machine: {_machine(m)}.\n")
         if data["status"] == "unavailable":
             out.append(f"Not run: {data['details'].get('reason', '')}")
             continue
         out.append(format_table(data["rows"]))
+        for title, rows in data["details"].get("tables", {}).items():
+            out.append(f"\n{title}\n\n{format_table(rows)}")
         targets = _targets(data)
         if targets:
             out.append("\n" + format_targets(targets))
@@ -67,8 +75,4 @@ def update_readme(readme: Path, results: Path, order: list[str]) -> None:
     text = readme.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{render(results, order)}\n{END}{tail}"
-    fd, tmp = tempfile.mkstemp(dir=readme.parent, prefix=".README.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, readme)
+    write_text_atomic(readme, f"{head}{BEGIN}\n{render(results, order)}\n{END}{tail}")

@@ -1,4 +1,11 @@
-"""Suite registry and the `mtlxray bench` entry point: run suites, write JSON, print tables."""
+"""Suite registry and the `mtlxray bench` entry point: run suites, write JSON, print tables.
+
+Results go to `--out`, or by default to `benchmarks/results` of the mtlxray checkout that holds the
+working directory (found by walking up to the folder with `pyproject.toml` and
+`benchmarks/README.md`); outside a checkout `--out` is required. Nothing is ever written inside
+the installed package. Only a run into the checkout's own results folder rewrites the results
+section of its `benchmarks/README.md`.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +16,45 @@ import time
 from pathlib import Path
 
 from mtlxray.errors import ConfigError
+from mtlxray.io import write_json_atomic
 
 from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, format_table, format_targets
-from mtlxray.bench.common import machine_info, write_json_atomic
+from mtlxray.bench.common import machine_info
 
 log = logging.getLogger(__name__)
 
-# Order matters for `all`: projection reads the model and loader results written before it.
+# Order matters for `all`: projection reads the loader results written before it.
 SUITES: dict[str, str] = {
     "attention": "mtlxray.bench.attention",
     "model": "mtlxray.bench.model",
     "checkpointing": "mtlxray.bench.checkpointing",
+    "memory": "mtlxray.bench.memory",
     "loader": "mtlxray.bench.loader",
     "shards": "mtlxray.bench.shards",
     "ddp": "mtlxray.bench.ddp",
     "projection": "mtlxray.bench.projection",
 }
-DEFAULT_OUT = Path("benchmarks") / "results"
-"""Results go to the checkout's benchmarks/results (relative to the working directory) or --out."""
-README = Path("benchmarks") / "README.md"
+
+
+def find_checkout(start: Path | None = None) -> Path | None:
+    """The mtlxray source checkout holding `start` (default: the working directory), or None."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        project = folder / "pyproject.toml"
+        if project.is_file() and (folder / "benchmarks" / "README.md").is_file() and \
+                'name = "mtlxray"' in project.read_text():
+            return folder
+    return None
+
+
+def default_out() -> Path:
+    """`<checkout>/benchmarks/results`; ConfigError outside a checkout (results never go into the
+    installed package)."""
+    checkout = find_checkout()
+    if checkout is None:
+        raise ConfigError(f"{Path.cwd()} is not inside an mtlxray checkout (no pyproject.toml with "
+                          "benchmarks/README.md above it): pass --out DIR for the results")
+    return checkout / "benchmarks" / "results"
 
 
 def run_suite(name: str, ctx: Context) -> dict:
@@ -41,8 +68,13 @@ def run_suite(name: str, ctx: Context) -> dict:
         result = SuiteResult(name, status="unavailable", details={"reason": str(e)})
     data = result.as_dict(machine_info(), ctx.quick)
     data["wall_s"] = round(time.perf_counter() - t0, 1)
-    write_json_atomic(ctx.out / f"{name}.json", data)
+    write_json_atomic(ctx.out / f"{name}.json", data, indent=2, default=str)
     return data
+
+
+def extra_tables(data: dict) -> list[str]:
+    """The named tables a suite adds beside its rows (`details["tables"]`: title -> rows)."""
+    return [f"{title}\n\n{format_table(rows)}" for title, rows in data["details"].get("tables", {}).items()]
 
 
 def render(data: dict) -> str:
@@ -52,10 +84,10 @@ def render(data: dict) -> str:
         return f"{head}\n{data['details'].get('reason', '')}"
     targets = [Target(**{k: v for k, v in t.items() if k != "met"}) for t in data["targets"]]
     parts = [head, format_table(data["rows"])]
-    if data["status"] == "partial":
-        parts.append(f"partial: {data['details'].get('missing', '')}")
     if targets:
         parts += ["", format_targets(targets)]
+    for table in extra_tables(data):
+        parts += ["", table]
     return "\n".join(parts)
 
 
@@ -64,14 +96,15 @@ def cli_main(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise ConfigError(f"unknown benchmark suite {unknown[0]!r}; choose from {', '.join(SUITES)}, all")
-    ctx = Context(quick=args.quick, out=Path(args.out) if args.out else DEFAULT_OUT)
+    ctx = Context(quick=args.quick, out=Path(args.out) if args.out else default_out())
     for name in names:
         data = run_suite(name, ctx)
         print(render(data), flush=True)
         print(flush=True)
-    if ctx.out.resolve() == DEFAULT_OUT.resolve() and README.is_file():
+    checkout = find_checkout()
+    if checkout is not None and ctx.out.resolve() == (checkout / "benchmarks" / "results").resolve():
         from mtlxray.bench.report import update_readme
 
-        update_readme(README, DEFAULT_OUT, list(SUITES))
-        log.info("updated the results section of %s", README)
+        update_readme(checkout / "benchmarks" / "README.md", ctx.out, list(SUITES))
+        log.info("updated the results section of %s", checkout / "benchmarks" / "README.md")
     return 0

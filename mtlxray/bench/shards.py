@@ -8,24 +8,18 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, measure_side_by_side
+from mtlxray.bench.common import Context, SuiteResult, measure_side_by_side
+from mtlxray.data.shards import build_shards
+from mtlxray.data.synth import synthesize
 
 
 def synth_tree(root: Path, scale: str, workers: int = 0) -> int:
     """Write synthetic phantoms in the COVID-QU-Ex layout (workers 0: all cores); returns the number of images."""
-    try:
-        from mtlxray.data.synth import synthesize
-    except ImportError as e:
-        raise SuiteUnavailable(f"mtlxray.data.synth is not part of this build: {e}") from None
     counts = synthesize(root, scale=scale, workers=workers, progress=False)
     return sum(n for splits in counts.values() for classes in splits.values() for n in classes.values())
 
 
 def run(ctx: Context) -> SuiteResult:
-    try:
-        from mtlxray.data.shards import build_shards
-    except ImportError as e:
-        raise SuiteUnavailable(f"mtlxray.data.shards is not part of this build: {e}") from None
     scale = ctx.pick("small", "small", "tiny")
     repeats = ctx.pick(5, 2, 1)
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:

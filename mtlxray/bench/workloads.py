@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Callable
 
 import torch
@@ -11,11 +10,6 @@ from torch import nn
 from mtlxray.bench.common import SuiteUnavailable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def have_model() -> bool:
-    return importlib.util.find_spec("mtlxray.model") is not None and hasattr(
-        importlib.import_module("mtlxray.model"), "build_model")
 
 
 TINY = ["model.img_size=64", "model.embed_dim=24", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,4,8]",
@@ -28,18 +22,32 @@ TINY = ["model.img_size=64", "model.embed_dim=24", "model.depths=[1,1,1,1]", "mo
 def ours(overrides: list[str] | None = None, phase: str = "phase2") -> nn.Module:
     """Our multi-task model from the default (paper) config plus `model.*` overrides, in `phase`
     mode: phase2 trains everything; phase1 freezes the infection decoder and head as training does."""
-    if not have_model():
-        raise SuiteUnavailable("mtlxray.model.build_model is not part of this build")
     from mtlxray.config import load_config
+
+    return ours_from_config(load_config(None, overrides or []), phase)
+
+
+def ours_from_config(cfg, phase: str | None = None) -> nn.Module:
+    """The model of a loaded `Config` in `phase` (default: the config's), frozen as training freezes it."""
     from mtlxray.model import build_model
+    from mtlxray.train.phases import apply_freezing
 
-    cfg = load_config(None, overrides or [])
+    phase = phase or cfg.phase.name
     model = build_model(cfg.model)
-    if phase == "phase1":
-        from mtlxray.train.phases import apply_freezing
-
-        apply_freezing(model, cfg.phase.frozen)
     model.set_mode(phase)
+    if phase == "phase1":
+        apply_freezing(model, cfg.phase.frozen)
+    return model
+
+
+def place(model: nn.Module, dtype: str, device: str | torch.device = "cpu", attention: str = "auto") -> nn.Module:
+    """Apply the window-attention kernel that `attention` (`model.attention`) resolves to for
+    `dtype` on `device`, as the trainer does where it places the model; models without window
+    attention (MONAI's) are returned unchanged."""
+    if hasattr(model, "set_attention"):
+        from mtlxray.hardware import resolve_attention
+
+        model.set_attention(resolve_attention(attention, DTYPES[dtype], torch.device(device).type))
     return model
 
 
@@ -65,21 +73,34 @@ def tensor_sum(out: Any) -> torch.Tensor:
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return sum(tensor_sum(o) for o in out)
+        return sum((tensor_sum(o) for o in out if o is not None), torch.zeros((), device=_device_of(out)))
     raise TypeError(f"unexpected model output {type(out).__name__}")
+
+
+def _device_of(out: Any) -> torch.device:
+    for o in out:
+        if isinstance(o, torch.Tensor):
+            return o.device
+    return torch.device("cpu")
 
 
 def train_step(model: nn.Module, x: torch.Tensor, dtype: str = "fp32",
                forward: Callable[[torch.Tensor], Any] | None = None) -> Callable[[], None]:
-    """One forward+backward (autocast in bf16, fp32 weights), gradients dropped after."""
-    fwd = forward or model
+    """One forward+backward on `x`'s device (autocast in bf16 over fp32 weights), gradients dropped
+    after. Our model runs the attention kernel `auto` resolves to for this dtype and device. On a
+    GPU the step ends with a synchronize, so that timing it times the work."""
+    place(model, dtype, x.device)
+    fwd = model if forward is None else forward
     bf16 = dtype == "bf16"
+    cuda = x.device.type == "cuda"
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = fwd(x)
         tensor_sum(out).backward()
         for p in model.parameters():
             p.grad = None
+        if cuda:
+            torch.cuda.synchronize(x.device)
 
     return step

@@ -14,24 +14,36 @@ one sample. The caller must therefore not call a collective per batch (counts of
 differ): accumulate per-sample results locally and gather once at the end (for example
 `accelerate.utils.gather_object`, or `all_gather` of the counts then of padded tensors).
 
+Evaluation also checks every shard against the manifest while it streams: a shard that ends
+early, or holds more samples than the manifest says, raises `ShardError` naming it (a tar cut at
+a 512-byte boundary between samples reads as a valid, shorter archive otherwise). Training checks
+shard sizes against the manifest's `bytes` when it starts (`check_shard_sizes`, a `stat` per
+local shard; remote shards when they are opened). A sample missing a member raises `ShardError`
+naming the shard and the key.
+
+`data.shards` may be a local folder or an http(s):// or s3:// prefix (`mtlxray.data.remote`).
+Manifest shard paths must stay inside the shard root (no absolute paths, no `..`).
+
 A batch is a dict: `img` uint8 (B, 1, H, W) in 0..255; `lung`, `inf` uint8 (B, 1, H, W) in {0, 1};
-`label` int64 (B,); `has_inf` bool (B,) (the infection mask is annotated); `key` list[str];
-`boxes` list of per-sample [[x0, y0, x1, y1], ...] from the stored infection mask. Batches stay
-uint8 until `batch_to_device` converts them to float32 on the device: a float32 batch is four
-times the bytes to copy in the loader, to pickle between processes and to send to the GPU.
+`label` int64 (B,) (by `data.classes`); `has_inf` bool (B,) (the infection mask is annotated);
+`key` list[str]; `boxes` list of per-sample [[x0, y0, x1, y1], ...], the 8-connected components of
+the batch's infection mask *after* augmentation (recomputed when the mask is warped, in the loader
+or in `batch_to_device`). Batches stay uint8 until `batch_to_device` converts them to float32 on
+the device: a float32 batch is four times the bytes to copy in the loader, to pickle between
+processes and to send to the GPU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import io
 import itertools
 import json
 import logging
-from pathlib import Path
-from typing import Iterable, Iterator
+import os
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -40,12 +52,18 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtlxray.config import DataConfig
+from mtlxray.data import remote
 from mtlxray.data.augment import augment, augment_batch, augment_params, sample_rng
-from mtlxray.data.tarstream import tar_samples, tar_to_samples
-from mtlxray.errors import ShardError
+from mtlxray.data.boxes import bounding_boxes
+from mtlxray.data.remote import RetryPolicy
+from mtlxray.data.sources import CLASS_SCHEMES, scheme_labels
+from mtlxray.data.tarstream import ShardSkips, tar_samples, tar_to_samples
+from mtlxray.errors import ConfigError, DataError, ShardError
+from mtlxray.io import sha256_file
 
 __all__ = ["read_manifest", "train_batches_per_epoch", "build_train_loader", "build_eval_loader",
-           "collate", "batch_to_device", "shard_urls"]
+           "collate", "batch_to_device", "shard_urls", "shard_location", "check_shard_sizes", "label_names",
+           "decode_image", "TrainLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -53,94 +71,212 @@ _SUBSETS = {"lung": ("lung",), "infection": ("infection",), "mixed": ("lung", "i
             "alternate": ("lung", "infection")}
 
 
-def read_manifest(root: str | Path) -> dict:
-    """Load `root/manifest.json`; ShardError if it is missing, unreadable, or lists no shards."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise ShardError(f"{path}: shard manifest not found (build it with `mtlxray shards build`)")
+def read_manifest(root: str | Path, policy: Optional[RetryPolicy] = None) -> dict:
+    """Load `root/manifest.json` (root: a folder or an http(s)/s3 prefix); ShardError if it is
+    missing, unreadable, or lists no shards."""
+    root = remote.normalise_root(root)
+    if remote.is_remote(root):
+        url = remote.join(root, "manifest.json")
+        try:
+            text = remote.fetch_bytes(url, policy)
+        except ShardError as e:
+            if "HTTP 404" in str(e) or "NoSuchKey" in str(e) or "S3 404" in str(e):
+                raise ShardError(f"{url}: shard manifest not found (build it with `mtlxray shards build` "
+                                 "and upload the whole folder)") from None
+            raise
+        where = url
+    else:
+        path = Path(root) / "manifest.json"
+        if not path.is_file():
+            raise ShardError(f"{path}: shard manifest not found (build it with `mtlxray shards build`)")
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            raise ShardError(f"{path}: unreadable manifest: {e}") from None
+        where = str(path)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path}: unreadable manifest: {e}") from None
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{where}: unreadable manifest: {e}") from None
     if not isinstance(manifest, dict) or not manifest.get("shards"):
-        raise ShardError(f"{path}: manifest lists no shards")
+        raise ShardError(f"{where}: manifest lists no shards")
     return manifest
 
 
 @functools.lru_cache(maxsize=4096)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
-def _entries(root: Path, manifest: dict, subset: str, split: str) -> list[dict]:
+def shard_location(root: str | Path, rel: object) -> str:
+    """The URL or path of a manifest shard entry; ShardError if `rel` would leave the shard root
+    (absolute, `..`, a drive or scheme)."""
+    root = remote.normalise_root(root)
+    text = rel if isinstance(rel, str) else ""
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if (not text or text.startswith(("/", "\\")) or ".." in parts or ":" in text or "\0" in text):
+        raise ShardError(f"{remote.join(root, 'manifest.json') if remote.is_remote(root) else Path(root) / 'manifest.json'}: "
+                         f"shard path {rel!r} leaves the shard root (absolute, '..' or a scheme)")
+    return remote.join(root, text) if remote.is_remote(root) else str(Path(root) / text)
+
+
+def _entries(root: str | Path, manifest: dict, subset: str, split: str) -> list[dict]:
     entries = manifest["shards"].get(subset, {}).get(split, [])
     if not entries or sum(e["samples"] for e in entries) == 0:
-        raise ShardError(f"{root / subset}: no samples for subset {subset!r}, split {split!r} in the manifest")
+        where = remote.join(remote.normalise_root(root), subset) if remote.is_remote(remote.normalise_root(root)) \
+            else Path(root) / subset
+        raise ShardError(f"{where}: no samples for subset {subset!r}, split {split!r} in the manifest")
+    for e in entries:
+        shard_location(root, e.get("path"))
     return entries
 
 
-def shard_urls(root: str | Path, manifest: dict, subset: str, split: str, verify: bool = False) -> list[str]:
-    """Paths of a split's shards; ShardError if one is missing or (verify) its sha256 differs."""
-    root = Path(root)
+def check_shard_sizes(root: str | Path, manifest: dict, subset: str, split: str) -> None:
+    """A `stat` per local shard: ShardError naming the first that is missing or whose size differs
+    from the manifest's `bytes` (truncated, or replaced). Remote shards are checked when opened."""
+    if remote.is_remote(remote.normalise_root(root)):
+        return
+    for e in _entries(root, manifest, subset, split):
+        path = Path(shard_location(root, e["path"]))
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ShardError(f"{path}: shard listed in the manifest is missing") from None
+        if size != e["bytes"]:
+            raise ShardError(f"{path}: {size} bytes, but the manifest says {e['bytes']} (truncated or replaced shard)")
+
+
+def shard_urls(root: str | Path, manifest: dict, subset: str, split: str, verify: bool = False,
+               policy: Optional[RetryPolicy] = None) -> list[str]:
+    """Paths (or URLs) of a split's shards, after `check_shard_sizes`; with `verify`, ShardError if a
+    shard's sha256 differs from the manifest (remote shards are streamed to hash them)."""
+    root = remote.normalise_root(root)
+    check_shard_sizes(root, manifest, subset, split)
     urls = []
     for e in _entries(root, manifest, subset, split):
-        path = root / e["path"]
-        if not path.is_file():
-            raise ShardError(f"{path}: shard listed in the manifest is missing")
+        loc = shard_location(root, e["path"])
         if verify:
-            st = path.stat()
-            if _file_sha256(str(path), st.st_size, st.st_mtime_ns) != e["sha256"]:
-                raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or replaced shard)")
+            if remote.is_remote(loc):
+                digest = remote.sha256_url(loc, policy, e["bytes"])
+            else:
+                st = os.stat(loc)
+                digest = _file_sha256(loc, st.st_size, st.st_mtime_ns)
+            if digest != e["sha256"]:
+                raise ShardError(f"{loc}: sha256 does not match the manifest (corrupt or replaced shard)")
         if e["samples"] > 0:
-            urls.append(str(path))
+            urls.append(loc)
     return urls
+
+
+def _sizes(root: str, manifest: dict, subset: str, split: str) -> dict[str, int]:
+    return {shard_location(root, e["path"]): e["bytes"] for e in _entries(root, manifest, subset, split)}
+
+
+def label_names(cfg: DataConfig) -> list[str]:
+    """Class names in label order for `data.classes` (what a batch's `label` indexes)."""
+    return list(CLASS_SCHEMES[cfg.classes]["names"])
+
+
+def _labels(cfg: DataConfig, manifest: dict, subsets) -> dict[str, int]:
+    """class name -> label under `data.classes` for every class of these subsets."""
+    names = sorted({c for s in subsets for c in manifest.get("classes", {}).get(s, [])})
+    try:
+        return scheme_labels(cfg.classes, names)
+    except DataError as e:
+        raise ConfigError(f"data.classes={cfg.classes}: {e}") from None
+
+
+def _train_keys(cfg: DataConfig, manifest: dict, subset: str) -> Optional[frozenset]:
+    """The training keys kept by `data.fraction` (per class, seeded), or None for all of them."""
+    if cfg.fraction >= 1.0:
+        return None
+    table = manifest.get("images")
+    if not isinstance(table, dict) or "rows" not in table:
+        raise ShardError(f"{cfg.shards}: data.fraction needs the manifest's image table; rebuild the shards")
+    cols = table["columns"]
+    k, sub, spl, cls = (cols.index(c) for c in ("key", "subset", "split", "class_name"))
+    by_class: dict[str, list[str]] = {}
+    for row in table["rows"]:
+        if row[sub] == subset and row[spl] == cfg.train_split:
+            by_class.setdefault(row[cls], []).append(row[k])
+    keep = []
+    for i, (name, keys) in enumerate(sorted(by_class.items())):
+        keys.sort()
+        n = max(1, int(round(len(keys) * cfg.fraction)))
+        rng = np.random.default_rng([cfg.fraction_seed, i, len(keys)])
+        keep += [keys[j] for j in rng.permutation(len(keys))[:n]]
+    return frozenset(keep)
 
 
 def _split_count(manifest: dict, subset: str, split: str) -> int:
     return sum(manifest["counts"].get(subset, {}).get(split, {}).values())
 
 
+def _train_count(cfg: DataConfig, manifest: dict, subset: str) -> int:
+    keys = _train_keys(cfg, manifest, subset)
+    return _split_count(manifest, subset, cfg.train_split) if keys is None else len(keys)
+
+
 def train_batches_per_epoch(cfg: DataConfig, world_size: int) -> int:
-    """Batches each rank yields per training epoch (>= 1)."""
+    """Batches each rank yields per training epoch (>= 1); counts `data.fraction` of the split."""
     samples = cfg.samples_per_epoch
     if samples is None:
-        manifest = read_manifest(cfg.shards)
-        samples = sum(_split_count(manifest, s, cfg.train_split) for s in _SUBSETS[cfg.subset])
+        manifest = read_manifest(cfg.shards, RetryPolicy.from_config(cfg))
+        samples = sum(_train_count(cfg, manifest, s) for s in _SUBSETS[cfg.subset])
     return max(1, samples // (cfg.batch_size * world_size))
 
 
-def _decode(sample: dict, fmt: str, size: int) -> dict:
-    """Raw tar members -> uint8 arrays + metadata."""
-
-    def array(name: str) -> np.ndarray:
-        data = sample[f"{name}.{fmt}"]
+def decode_image(sample: dict, name: str, fmt: str, size: int) -> np.ndarray:
+    """One image member (`img`, `lung`, `inf`) of a raw sample -> uint8 (size, size); ShardError
+    naming the shard and the key when it is missing or the wrong size."""
+    member = f"{name}.{fmt}"
+    where = f"{sample.get('__url__', '<shard>')}: sample {sample.get('__key__')!r}"
+    if member not in sample:
+        raise ShardError(f"{where} is incomplete (no {member}; truncated shard?)")
+    data = sample[member]
+    try:
         if fmt == "raw":
-            return np.frombuffer(data, dtype=np.uint8).reshape(size, size)
+            arr = np.frombuffer(data, dtype=np.uint8)
+            if arr.size != size * size:
+                raise ValueError(f"{arr.size} bytes, expected {size * size}")
+            return arr.reshape(size, size)
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im, dtype=np.uint8)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ShardError(f"{where}: unreadable {member}: {e}") from None
+    if arr.shape != (size, size):
+        raise ShardError(f"{where}: {member} is {arr.shape[1]}x{arr.shape[0]}, the manifest says {size}x{size}")
+    return arr
 
+
+def _decode(sample: dict, fmt: str, size: int, labels: Optional[dict[str, int]] = None) -> dict:
+    """Raw tar members -> uint8 arrays + metadata; the label by `labels` (class name -> label)."""
+    for member in ("cls.json", "box.json"):
+        if member not in sample:
+            raise ShardError(f"{sample.get('__url__', '<shard>')}: sample {sample.get('__key__')!r} is "
+                             f"incomplete (no {member}; truncated shard?)")
+    arrays = {name: decode_image(sample, name, fmt, size) for name in ("img", "lung", "inf")}
     meta = json.loads(bytes(sample["cls.json"]))  # members may be memoryviews (tarstream)
-    return {"key": sample["__key__"], "img": array("img"), "lung": array("lung"), "inf": array("inf"),
-            "label": int(meta["label"]), "has_inf": meta["subset"] == "infection",
+    label = int(meta["label"]) if labels is None else labels[meta["class_name"]]
+    return {"key": sample["__key__"], **arrays, "label": label, "has_inf": meta["subset"] == "infection",
             "boxes": json.loads(bytes(sample["box.json"]))}
 
 
-def _to_train_sample(sample: dict, fmt: str, size: int, cfg: DataConfig, seed: int, epoch: int) -> dict:
-    s = _decode(sample, fmt, size)
+def _to_train_sample(sample: dict, fmt: str, size: int, cfg: DataConfig, seed: int, epoch: int,
+                     labels: Optional[dict[str, int]] = None) -> dict:
+    s = _decode(sample, fmt, size, labels)
     if cfg.augment.enabled and cfg.augment.on_device:
         s["aug"] = augment_params(cfg.augment, sample_rng(seed, epoch, s["key"]), size)  # applied in batch_to_device
     elif cfg.augment.enabled:
         s["img"], s["lung"], s["inf"] = augment(s["img"], s["lung"], s["inf"], cfg.augment,
                                                 sample_rng(seed, epoch, s["key"]))
+        if s["boxes"]:  # the boxes of the warped mask (an empty mask stays empty)
+            s["boxes"] = bounding_boxes(s["inf"])
     return s
 
 
-def _to_eval_sample(sample: dict, fmt: str, size: int) -> dict:
-    return _decode(sample, fmt, size)
+def _to_eval_sample(sample: dict, fmt: str, size: int, labels: Optional[dict[str, int]] = None) -> dict:
+    return _decode(sample, fmt, size, labels)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -163,8 +299,9 @@ def batch_to_device(batch: dict, device: torch.device | str) -> dict:
 
     The uint8 tensors are copied first and converted on the device (non_blocking: the loader's
     pinned batches overlap the copy with compute). A batch carrying `aug` parameters
-    (`augment.on_device`) is augmented here, as a whole, on the device. `boxes` describe the
-    stored masks and are not warped."""
+    (`augment.on_device`) is augmented here, as a whole, on the device, and the `boxes` of its
+    samples that have any are recomputed from the warped infection masks (copied to the host as
+    uint8: one synchronisation for such a batch)."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     out["img"] = out["img"].float().div_(255.0)
     out["lung"] = out["lung"].float()
@@ -173,6 +310,12 @@ def batch_to_device(batch: dict, device: torch.device | str) -> dict:
     if params is not None:
         out["img"], masks = augment_batch(out["img"], torch.cat([out["lung"], out["inf"]], dim=1), params)
         out["lung"], out["inf"] = masks[:, :1], masks[:, 1:]
+        boxed = [i for i, b in enumerate(out.get("boxes") or []) if b]
+        if boxed:
+            warped = out["inf"][boxed, 0].to(torch.uint8).cpu().numpy()
+            out["boxes"] = list(out["boxes"])
+            for i, mask in zip(boxed, warped):
+                out["boxes"][i] = bounding_boxes(mask)
     return out
 
 
@@ -202,10 +345,14 @@ class _TrainStream(IterableDataset):
     """One rank's infinite stream of training batches; DataLoader workers each run one logical stream."""
 
     def __init__(self, urls: dict[str, list[str]], cfg: DataConfig, fmt: str, size: int, *, seed: int,
-                 epoch: int, rank: int, start_batch: int) -> None:
+                 epoch: int, rank: int, start_batch: int, sizes: Optional[dict[str, int]] = None,
+                 labels: Optional[dict[str, int]] = None, keep: Optional[dict[str, Optional[frozenset]]] = None) -> None:
         super().__init__()
         self.urls, self.cfg, self.fmt, self.size = urls, cfg, fmt, size
         self.seed, self.epoch, self.rank, self.start_batch = seed, epoch, rank, start_batch
+        self.sizes, self.labels, self.keep = sizes or {}, labels, keep or {}
+        self.policy = RetryPolicy.from_config(cfg)
+        self.skips = ShardSkips()
 
     def _logical(self) -> tuple[int, int, int]:
         """(logical stream id, number of streams, batches of it consumed before start_batch)."""
@@ -220,15 +367,20 @@ class _TrainStream(IterableDataset):
         k = list(_SUBSETS).index(subset)
         s = _stream_seed(self.seed, self.epoch, self.rank, stream, k)
         buf = max(1, self.cfg.shuffle_buffer)
-        return wds.DataPipeline(
+        sizes, keep = self.sizes, self.keep.get(subset)
+        stages = [
             wds.ResampledShards(self.urls[subset], seed=s, worker_seed=lambda: stream, deterministic=True),
-            tar_to_samples(),
-            wds.shuffle(buf, initial=min(buf, 100), seed=s + 1),
-        )
+            lambda src: ({"url": x["url"], "bytes": sizes.get(x["url"])} for x in src),
+            tar_to_samples(policy=self.policy, skip_failed=self.cfg.skip_failed_shards, skips=self.skips),
+        ]
+        if keep is not None:  # data.fraction: a fixed, seeded part of the split, chosen by key
+            stages.append(wds.select(lambda x: x["__key__"] in keep))
+        stages.append(wds.shuffle(buf, initial=min(buf, 100), seed=s + 1))
+        return wds.DataPipeline(*stages)
 
     def _batches(self, raw: Iterable[dict], skip_samples: int) -> wds.DataPipeline:
         to_sample = functools.partial(_to_train_sample, fmt=self.fmt, size=self.size, cfg=self.cfg,
-                                      seed=self.seed, epoch=self.epoch)
+                                      seed=self.seed, epoch=self.epoch, labels=self.labels)
         return wds.DataPipeline(
             lambda: iter(raw),
             lambda src: itertools.islice(src, skip_samples, None),  # resume: skipped before decoding
@@ -237,6 +389,14 @@ class _TrainStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict]:
+        reported = len(self.skips)
+        for batch in self._stream():
+            if len(self.skips) > reported:  # shards skipped since the last batch travel with this one
+                batch["__skipped__"] = self.skips.items[reported:]
+                reported = len(self.skips)
+            yield batch
+
+    def _stream(self) -> Iterator[dict]:
         _keep_freed_batch_memory()  # in the process that builds the batches (a worker, or this one)
         stream, n, skip = self._logical()
         mode, bsz = self.cfg.subset, self.cfg.batch_size
@@ -255,53 +415,95 @@ class _TrainStream(IterableDataset):
                 yield next(its[(stream + j * n) % 2])
 
 
+class TrainLoader:
+    """The training batches of one rank and epoch (iterate it once), and the shards skipped on the way.
+
+    `skipped_shards` lists (url, reason) of every shard that failed and was skipped
+    (`data.skip_failed_shards`), in the order the batches arrived, whichever loader worker skipped
+    it; `len(loader.skipped_shards)` is the count to log (for example in metrics.jsonl). Without
+    `skip_failed_shards` a failed shard raises `ShardError` instead.
+    """
+
+    def __init__(self, loader: Iterable[dict], batches: int) -> None:
+        self.loader, self.batches = loader, batches
+        self.skipped_shards: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            skipped = batch.pop("__skipped__", None)
+            if skipped:
+                self.skipped_shards.extend(tuple(x) for x in skipped)
+            yield batch
+
+
 def build_train_loader(cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                       start_batch: int = 0) -> Iterable[dict]:
+                       start_batch: int = 0) -> TrainLoader:
     """Training batches for one rank and epoch: exactly train_batches_per_epoch - start_batch of them.
 
     Deterministic in (cfg, seed, epoch, rank, world_size); `start_batch=k` yields batches k, k+1, ...
-    of the uninterrupted epoch without decoding the first k.
+    of the uninterrupted epoch without decoding the first k. Shard sizes are checked against the
+    manifest first (`check_shard_sizes`).
     """
     total = train_batches_per_epoch(cfg, world_size)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch={start_batch} outside [0, {total}] batches per epoch")
     if start_batch == total:
-        return []
-    manifest = read_manifest(cfg.shards)
-    urls = {s: shard_urls(cfg.shards, manifest, s, cfg.train_split, cfg.verify) for s in _SUBSETS[cfg.subset]}
+        return TrainLoader([], 0)
+    policy = RetryPolicy.from_config(cfg)
+    manifest = read_manifest(cfg.shards, policy)
+    subsets = _SUBSETS[cfg.subset]
+    urls = {s: shard_urls(cfg.shards, manifest, s, cfg.train_split, cfg.verify, policy) for s in subsets}
+    sizes = {u: n for s in subsets for u, n in _sizes(cfg.shards, manifest, s, cfg.train_split).items()}
+    keep = {s: _train_keys(cfg, manifest, s) for s in subsets}
     dataset = _TrainStream(urls, cfg, manifest["format"], manifest["image_size"], seed=seed, epoch=epoch,
-                           rank=rank, start_batch=start_batch)
+                           rank=rank, start_batch=start_batch, sizes=sizes, labels=_labels(cfg, manifest, subsets),
+                           keep=keep)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=False)
-    return loader.with_epoch(total - start_batch)
+    return TrainLoader(loader.with_epoch(total - start_batch), total - start_batch)
 
 
-def _rank_pieces(entries: list[dict], root: Path, rank: int, world_size: int) -> list[tuple[str, int, int]]:
-    """(shard path, first, stop) sample ranges for the rank's contiguous share of the split."""
+def _rank_pieces(entries: list[dict], root: str | Path, rank: int,
+                 world_size: int) -> list[tuple[str, int, int, int, int]]:
+    """(shard url, first, stop, samples in the shard, shard bytes) sample ranges for the rank's
+    contiguous share of the split."""
     n = sum(e["samples"] for e in entries)
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
     pieces, start = [], 0
     for e in entries:
         a, b = max(lo, start), min(hi, start + e["samples"])
         if a < b:
-            pieces.append((str(root / e["path"]), a - start, b - start))
+            pieces.append((shard_location(root, e["path"]), a - start, b - start, e["samples"], e["bytes"]))
         start += e["samples"]
     return pieces
 
 
 class _EvalStream(IterableDataset):
-    """Samples of this rank's pieces; DataLoader workers take every n-th piece."""
+    """Samples of this rank's pieces; DataLoader workers take every n-th piece. Each shard's sample
+    count is checked against the manifest while it streams; failed shards are never skipped."""
 
-    def __init__(self, pieces: list[tuple[str, int, int]], fmt: str, size: int) -> None:
+    def __init__(self, pieces: list[tuple[str, int, int, int, int]], fmt: str, size: int,
+                 labels: Optional[dict[str, int]] = None, policy: Optional[RetryPolicy] = None) -> None:
         super().__init__()
-        self.pieces, self.fmt, self.size = pieces, fmt, size
+        self.pieces, self.fmt, self.size, self.labels, self.policy = pieces, fmt, size, labels, policy
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         mine = self.pieces[info.id::info.num_workers] if info is not None else self.pieces
-        for path, first, stop in mine:
-            samples = tar_samples([{"url": path}])
-            for raw in itertools.islice(samples, first, stop):
-                yield _to_eval_sample(raw, self.fmt, self.size)
+        for url, first, stop, in_shard, nbytes in mine:
+            samples = tar_samples([{"url": url, "bytes": nbytes}], policy=self.policy)
+            n = 0
+            while n < stop:
+                raw = next(samples, None)
+                if raw is None:
+                    raise ShardError(f"{url}: holds {n} samples, but the manifest says {in_shard} (truncated shard)")
+                if n >= first:  # the samples before `first` are another rank's: read, never decoded
+                    yield _to_eval_sample(raw, self.fmt, self.size, self.labels)
+                n += 1
+            if stop == in_shard and next(samples, None) is not None:
+                raise ShardError(f"{url}: holds more samples than the manifest's {in_shard} (replaced shard?)")
 
 
 def build_eval_loader(cfg: DataConfig, *, subset: str, split: str, rank: int, world_size: int,
@@ -312,12 +514,13 @@ def build_eval_loader(cfg: DataConfig, *, subset: str, split: str, rank: int, wo
     """
     if subset not in ("lung", "infection"):
         raise ShardError(f"evaluation subset must be lung or infection, got {subset!r}")
-    manifest = read_manifest(cfg.shards)
-    root = Path(cfg.shards)
-    shard_urls(root, manifest, subset, split, cfg.verify)  # existence and checksum errors, early
+    policy = RetryPolicy.from_config(cfg)
+    root = remote.normalise_root(cfg.shards)
+    manifest = read_manifest(root, policy)
+    shard_urls(root, manifest, subset, split, cfg.verify, policy)  # existence, size and checksum errors, early
     pieces = _rank_pieces(_entries(root, manifest, subset, split), root, rank, world_size)
     dataset = wds.DataPipeline(
-        _EvalStream(pieces, manifest["format"], manifest["image_size"]),
+        _EvalStream(pieces, manifest["format"], manifest["image_size"], _labels(cfg, manifest, [subset]), policy),
         wds.batched(batch_size or cfg.eval_batch_size, collation_fn=collate, partial=True),
     )
     workers = min(cfg.workers, len(pieces))

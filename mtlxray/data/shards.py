@@ -1,12 +1,18 @@
 """Pack a dataset folder into WebDataset tar shards plus manifest.json.
 
 Output: `OUTPUT/<subset>/<split>-NNNNNN.tar` and `OUTPUT/manifest.json`. Every tar is byte-for-byte
-deterministic (fixed member order, mtime, owner and mode), written under a temporary name and
-renamed; the manifest is written last, so a shard set without a manifest is never read. A re-run
-whose inputs and parameters match the manifest is a no-op.
+deterministic (fixed member order, mtime, owner and mode). Shards are written into a private
+staging folder inside OUTPUT (each through `mtlxray.io.atomic_path`), then renamed into place once
+all succeeded; the manifest is written last, so a shard set without a manifest is never read and a
+failed build leaves the previous set as it was. A re-run whose inputs and parameters match the
+manifest is a no-op.
 
 Sample members (`<key>.<field>`): `img`, `lung`, `inf` as `.png` or `.raw` (uint8, side x side;
 masks 0/1, `inf` all zero where there is no annotation), `cls.json` and `box.json`.
+
+Images are read by `mtlxray.data.images.read_grayscale` (the reader `predict` uses, with the same
+pixel limit). The manifest's image table holds each sample's content and perceptual hash
+(`mtlxray.data.audit`), which `--dedupe`, `--exclude-from` and `mtlxray shards audit` use.
 """
 
 from __future__ import annotations
@@ -19,28 +25,37 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from PIL import Image
 
-from mtlxray import CLASS_NAMES
+from mtlxray.data import audit as audit_mod
 from mtlxray.data.boxes import bounding_boxes
-from mtlxray.data.sources import Record, list_source, source_fingerprint
-from mtlxray.errors import DataError
+from mtlxray.data.images import ImageReadError, read_grayscale
+from mtlxray.data.sources import (CLASS_SCHEMES, RADIOGRAPHY_RELEASE, Record, list_source,
+                                  source_fingerprint)
+from mtlxray.errors import ConfigError, DataError
+from mtlxray.io import atomic_path, sha256_file, write_text_atomic
 
-__all__ = ["BUILDER_VERSION", "IMAGE_SIZE", "build_shards", "sample_key", "format_tables", "cli_build",
-           "cli_info"]
+__all__ = ["BUILDER_VERSION", "IMAGE_SIZE", "DEFAULT_OUTPUT", "DEDUPE_MODES", "build_shards", "sample_key",
+           "format_tables", "release_check", "cli_build", "cli_info", "write_stdout"]
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 IMAGE_SIZE = 256
+DEFAULT_OUTPUT = "shards/synthetic"
+DEDUPE_MODES = ("none", "drop", "keep-first")
 _MTIME = 0  # fixed member mtime: identical inputs give identical tar bytes
+_SPLIT_RANK = {"test": 0, "val": 1, "train": 2}  # keep-first keeps the copy in the evaluation split
+_SUBSET_RANK = {"lung": 0, "infection": 1}
 
 
 class _Bad(Exception):
@@ -56,21 +71,11 @@ def sample_key(rec: Record) -> str:
     return "_".join(_sanitise(s) for s in (rec.subset, rec.split, rec.class_name, Path(rec.image.name).stem))
 
 
-def _open_gray(path: Path, what: str) -> tuple[np.ndarray, Optional[str]]:
-    """Read a PNG as uint8 grayscale -> (array, note if it had to be converted)."""
+def _read(path: Path, what: str, notes: list[str], max_pixels: int) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode == "L":
-                return np.asarray(im, dtype=np.uint8).copy(), None
-            if mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                top = arr.max() or 1.0
-                return np.round(arr / top * 255).astype(np.uint8), f"{what}: {mode} image rescaled to 8 bit"
-            return np.asarray(im.convert("L"), dtype=np.uint8).copy(), f"{what}: {mode} image converted to grayscale"
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise _Bad(f"corrupt or unreadable PNG ({what}): {e}") from None
+        return read_grayscale(path, max_pixels=max_pixels, notes=notes, what=what)
+    except ImageReadError as e:
+        raise _Bad(f"{what}: {e.reason}") from None
 
 
 def _binary_mask(arr: np.ndarray, what: str) -> np.ndarray:
@@ -83,12 +88,9 @@ def _binary_mask(arr: np.ndarray, what: str) -> np.ndarray:
     raise _Bad(f"{what} values {shown}{'...' if len(values) > 6 else ''} are not in {{0,1}} or {{0,255}}")
 
 
-def _load_mask(path: Path, shape: tuple[int, int], what: str, rescale: bool,
-               notes: list[str]) -> np.ndarray:
-    arr, note = _open_gray(path, what)
-    if note:
-        notes.append(note)
-    mask = _binary_mask(arr, what)
+def _load_mask(path: Path, shape: tuple[int, int], what: str, rescale: bool, notes: list[str],
+               max_pixels: int) -> np.ndarray:
+    mask = _binary_mask(_read(path, what, notes, max_pixels), what)
     if mask.shape != shape:
         # The Radiography DB ships 256^2 masks for 299^2 images: same aspect, so resize it.
         same_aspect = mask.shape[0] * shape[1] == mask.shape[1] * shape[0]
@@ -113,82 +115,94 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 def _make_sample(key: str, rec: Record, root: Path, fmt: str, size: int, rescale_masks: bool,
-                 notes: list[str]) -> dict:
-    img, note = _open_gray(rec.image, "image")
-    if note:
-        notes.append(note)
-    lung = _load_mask(rec.lung_mask, img.shape, "lung mask", rescale_masks, notes)
+                 notes: list[str], max_pixels: int) -> tuple[dict, dict]:
+    """(tar members, facts: hashes and whether the stored lung mask is empty)."""
+    img = _read(rec.image, "image", notes, max_pixels)
+    lung = _load_mask(rec.lung_mask, img.shape, "lung mask", rescale_masks, notes, max_pixels)
     if rec.inf_mask is not None:
-        inf = _load_mask(rec.inf_mask, img.shape, "infection mask", rescale_masks, notes)
+        inf = _load_mask(rec.inf_mask, img.shape, "infection mask", rescale_masks, notes, max_pixels)
     else:
         inf = np.zeros_like(img)
+    facts = {"content": audit_mod.content_hash(img), "phash": audit_mod.perceptual_hash(img)}
+    stored_lung_empty = not lung.any()
     img, lung, inf = _resize(img, size, False), _resize(lung, size, True), _resize(inf, size, True)
+    if stored_lung_empty or not lung.any():
+        notes.append("lung mask is empty" + ("" if stored_lung_empty else f" after resizing to {size} px"))
+        facts["empty_lung"] = True
     meta = {"label": rec.label, "class_name": rec.class_name, "source_path": str(rec.image.relative_to(root)),
             "subset": rec.subset, "split": rec.split}
-    return {"__key__": key, f"img.{fmt}": _encode(img, fmt), f"lung.{fmt}": _encode(lung, fmt),
-            f"inf.{fmt}": _encode(inf, fmt), "cls.json": json.dumps(meta, sort_keys=True).encode(),
-            "box.json": json.dumps(bounding_boxes(inf)).encode()}
+    sample = {"__key__": key, f"img.{fmt}": _encode(img, fmt), f"lung.{fmt}": _encode(lung, fmt),
+              f"inf.{fmt}": _encode(inf, fmt), "cls.json": json.dumps(meta, sort_keys=True).encode(),
+              "box.json": json.dumps(bounding_boxes(inf)).encode()}
+    return sample, facts
 
 
 @dataclass(frozen=True)
 class _ShardJob:
     root: str
-    out_dir: str
+    stage: str
     rel_path: str
     items: tuple[tuple[str, Record], ...]
     fmt: str
     size: int
     rescale_masks: bool
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    max_pixels: int
 
 
 def _write_shard(job: _ShardJob) -> dict:
-    """Write one shard under a temporary name; returns its stats, bad inputs and notes."""
-    root, final = Path(job.root), Path(job.out_dir) / job.rel_path
-    tmp = final.with_name(f".{final.name}.tmp")
+    """Write one shard into the staging folder; returns its stats, image rows, bad inputs and notes."""
+    root = Path(job.root)
     bad: list[dict] = []
     notes: list[dict] = []
+    rows: list[list[str]] = []
     counts: dict[str, int] = {}
-    samples = 0
-    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=_MTIME, user="mtlxray",
-                                             group="mtlxray", mode=0o444) as writer:
-        for key, rec in job.items:
-            sample_notes: list[str] = []
-            try:
-                sample = _make_sample(key, rec, root, job.fmt, job.size, job.rescale_masks, sample_notes)
-            except _Bad as e:
-                bad.append({"path": str(rec.image), "reason": str(e)})
-                continue
-            notes.extend({"path": str(rec.image), "note": n} for n in sample_notes)
-            writer.write(sample)
-            samples += 1
-            counts[rec.class_name] = counts.get(rec.class_name, 0) + 1
-    return {"tmp": str(tmp), "path": job.rel_path, "samples": samples, "bytes": tmp.stat().st_size,
-            "sha256": _sha256(tmp), "bad": bad, "notes": notes, "counts": counts,
-            "considered": len(job.items)}
+    empty = 0
+    with atomic_path(Path(job.stage) / job.rel_path) as tmp:
+        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=_MTIME, user="mtlxray",
+                                                 group="mtlxray", mode=0o444) as writer:
+            for key, rec in job.items:
+                sample_notes: list[str] = []
+                try:
+                    sample, facts = _make_sample(key, rec, root, job.fmt, job.size, job.rescale_masks,
+                                                 sample_notes, job.max_pixels)
+                except _Bad as e:
+                    bad.append({"path": str(rec.image), "reason": str(e)})
+                    continue
+                notes.extend({"path": str(rec.image), "note": n} for n in sample_notes)
+                writer.write(sample)
+                rows.append([key, rec.subset, rec.split, rec.class_name, job.rel_path,
+                             str(rec.image.relative_to(root)), facts["content"], facts["phash"]])
+                counts[rec.class_name] = counts.get(rec.class_name, 0) + 1
+                empty += bool(facts.get("empty_lung"))
+        size = tmp.stat().st_size
+        digest = sha256_file(tmp)
+    return {"staged": str(Path(job.stage) / job.rel_path), "path": job.rel_path, "samples": len(rows),
+            "bytes": size, "sha256": digest, "bad": bad, "notes": notes, "counts": counts, "rows": rows,
+            "empty_lung": empty, "considered": len(job.items)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _hash_record(job: tuple[str, Record, int]) -> tuple[str, Optional[str], Optional[str]]:
+    """(key, content hash, perceptual hash) of a record's image; None hashes when unreadable."""
+    key, rec, max_pixels = job
+    try:
+        img = read_grayscale(rec.image, max_pixels=max_pixels)
+    except ImageReadError:
+        return key, None, None
+    return key, audit_mod.content_hash(img), audit_mod.perceptual_hash(img)
 
 
-def _plan_jobs(records: list[Record], root: Path, out: Path, fmt: str, shard_size: int, size: int,
-               seed: int, rescale_masks: bool) -> list[_ShardJob]:
+def _keyed(records: list[Record]) -> dict[str, Record]:
     keyed: dict[str, Record] = {}
     for rec in records:
         key = sample_key(rec)
         if key in keyed:  # sanitising can merge names; keep keys unique and stable
             key = f"{key}_{hashlib.sha256(str(rec.image).encode()).hexdigest()[:8]}"
         keyed[key] = rec
+    return keyed
+
+
+def _plan_jobs(keyed: dict[str, Record], root: Path, stage: Path, fmt: str, shard_size: int, size: int,
+               seed: int, rescale_masks: bool, max_pixels: int) -> list[_ShardJob]:
     groups: dict[tuple[str, str], list[tuple[str, Record]]] = {}
     for key in sorted(keyed):
         rec = keyed[key]
@@ -199,9 +213,14 @@ def _plan_jobs(records: list[Record], root: Path, out: Path, fmt: str, shard_siz
         order = np.random.default_rng([seed, len(items)]).permutation(len(items))
         items = [items[i] for i in order]
         for n, start in enumerate(range(0, len(items), shard_size)):
-            jobs.append(_ShardJob(str(root), str(out), f"{subset}/{split}-{n:06d}.tar",
-                                  tuple(items[start:start + shard_size]), fmt, size, rescale_masks))
+            jobs.append(_ShardJob(str(root), str(stage), f"{subset}/{split}-{n:06d}.tar",
+                                  tuple(items[start:start + shard_size]), fmt, size, rescale_masks, max_pixels))
     return jobs
+
+
+def _safe_rel(rel: object) -> bool:
+    parts = str(rel).replace("\\", "/").split("/")
+    return isinstance(rel, str) and not rel.startswith("/") and ".." not in parts and ":" not in rel
 
 
 def _up_to_date(out: Path, params: dict, fingerprint: str) -> Optional[dict]:
@@ -217,76 +236,159 @@ def _up_to_date(out: Path, params: dict, fingerprint: str) -> Optional[dict]:
     for shards in old.get("shards", {}).values():
         for entries in shards.values():
             for e in entries:
+                if not _safe_rel(e.get("path")):
+                    return None
                 p = out / e["path"]
                 if not p.is_file() or p.stat().st_size != e["bytes"]:
                     return None
     return old
 
 
-def _run_jobs(jobs: list[_ShardJob], workers: int, progress: bool) -> list[dict]:
-    total = sum(len(j.items) for j in jobs)
+def _pool_map(fn, jobs: list, workers: int, progress: bool, desc: str, weight=lambda j: 1) -> list:
+    from tqdm import tqdm
+
     results = []
-    with tqdm(total=total, desc="shards", unit="img", disable=not progress) as bar:
-        if workers <= 1 or len(jobs) == 1:
+    with tqdm(total=sum(weight(j) for j in jobs), desc=desc, unit="img", disable=not progress) as bar:
+        if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                results.append(_write_shard(job))
-                bar.update(len(job.items))
+                results.append(fn(job))
+                bar.update(weight(job))
         else:
             with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-                for res in pool.imap(_write_shard, jobs):
+                for job, res in zip(jobs, pool.imap(fn, jobs, chunksize=1 if len(jobs) < 64 else 16)):
                     results.append(res)
-                    bar.update(res["considered"])
+                    bar.update(weight(job))
     return results
 
 
-def _fail_on_bad(bad: list[dict], tmps: list[str]) -> None:
+def _fail_on_bad(bad: list[dict]) -> None:
     for b in bad[:20]:
         log.error("bad input %s: %s", b["path"], b["reason"])
-    for t in tmps:
-        Path(t).unlink(missing_ok=True)
     first = bad[0]
     raise DataError(f"{first['path']}: {first['reason']} ({len(bad)} bad input(s) in all; "
                     "--skip-bad skips them and lists them in skipped.jsonl)")
 
 
+def _other_test_images(others: Sequence[str]) -> list[tuple[str, list]]:
+    from mtlxray.data.loader import read_manifest
+
+    out = []
+    for other in others:
+        manifest = read_manifest(other)
+        refs = [r for r in audit_mod.manifest_images(manifest, str(other)) if r.split == "test"]
+        out.append((str(other), refs))
+    return out
+
+
+def _select(keyed: dict[str, Record], root: Path, dedupe: str, exclude_from: Sequence[str], threshold: int,
+            workers: int, progress: bool, max_pixels: int) -> tuple[dict[str, Record], dict]:
+    """Drop duplicates (`dedupe`) and images found in other sets' test splits (`exclude_from`)."""
+    info: dict = {"mode": dedupe, "threshold": threshold, "exclude_from": [], "dropped": []}
+    if dedupe == "none" and not exclude_from:
+        return keyed, info
+    hashed = _pool_map(_hash_record, [(k, r, max_pixels) for k, r in keyed.items()], workers, progress, "hash")
+    refs = [audit_mod.ImageRef("build", rec.subset, rec.split, rec.class_name, key, "", "", c, p)
+            for (key, c, p), rec in zip(hashed, keyed.values()) if c is not None]
+    dropped: dict[str, str] = {}
+    for name, other in _other_test_images(exclude_from):
+        hits = audit_mod.find_pairs(refs, other, threshold)
+        n_before = len(dropped)
+        for pair in hits:
+            dropped.setdefault(pair.a.key, f"{pair.kind} duplicate of {pair.b.key} in the test split of {name} "
+                                           f"(--exclude-from)")
+        info["exclude_from"].append({"shards": name, "test_images": len(other), "dropped": len(dropped) - n_before})
+    if dedupe != "none":
+        rank = lambda r: (_SPLIT_RANK.get(r.split, 9), _SUBSET_RANK.get(r.subset, 9), r.key)  # noqa: E731
+        kept = [r for r in refs if r.key not in dropped]
+        for group in audit_mod.duplicate_groups(kept, threshold):
+            members = sorted((kept[i] for i in group), key=rank)
+            first = members[0]
+            for r in (members if dedupe == "drop" else members[1:]):
+                others = ", ".join(m.key for m in members if m is not r)
+                dropped.setdefault(r.key, f"duplicate of {others if dedupe == 'drop' else first.key} "
+                                          f"(--dedupe {dedupe})")
+    info["dropped"] = [{"key": k, "path": str(keyed[k].image), "reason": why} for k, why in sorted(dropped.items())]
+    return {k: r for k, r in keyed.items() if k not in dropped}, info
+
+
 def build_shards(input: str | Path, output: str | Path, *, layout: str = "covid-qu-ex", format: str = "png",
                  shard_size: int = 1000, workers: int = 0, skip_bad: bool = False, seed: int = 0,
-                 val_fraction: float = 0.2, image_size: int = IMAGE_SIZE, progress: bool = True) -> dict:
-    """Build the shard set and return the manifest (unchanged and unwritten when already up to date)."""
+                 val_fraction: float = 0.2, image_size: int = IMAGE_SIZE, progress: bool = True,
+                 classes: str = "covid3", dedupe: str = "none", exclude_from: Sequence[str | Path] = (),
+                 near_threshold: int = audit_mod.NEAR_THRESHOLD, max_pixels: Optional[int] = None) -> dict:
+    """Build the shard set and return the manifest (unchanged and unwritten when already up to date).
+
+    `classes`: label scheme (covid3, or radiography4 for the Radiography DB). `dedupe`: none, drop
+    (every copy of a duplicated image) or keep-first (one copy; the first in test, val, train order,
+    lung before infection, then by key). `exclude_from`: shard sets whose test images (exact or near
+    copies) are left out of this build. `max_pixels`: the pixel limit (default `images.MAX_PIXELS`,
+    the limit `predict` applies).
+    """
+    from mtlxray.data import images
+
+    max_pixels = images.MAX_PIXELS if max_pixels is None else int(max_pixels)
     if format not in ("png", "raw"):
         raise DataError(f"unknown shard format {format!r}; choose png or raw")
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
+    if image_size < 16:
+        raise DataError(f"image size must be >= 16, got {image_size}")
+    if dedupe not in DEDUPE_MODES:
+        raise DataError(f"unknown dedupe mode {dedupe!r}; choose one of {', '.join(DEDUPE_MODES)}")
     root, out = Path(input).resolve(), Path(output)
-    listing = list_source(layout, root, seed, val_fraction)
+    listing = list_source(layout, root, seed, val_fraction, classes)
     bad = [asdict(b) for b in listing.bad]
     if bad and not skip_bad:
-        _fail_on_bad(bad, [])
+        _fail_on_bad(bad)
     if not listing.records:
         raise DataError(f"{root}: no images found in the {layout} layout")
+    exclude = [str(x) for x in exclude_from]
+    exclude_ids = []
+    if exclude:
+        from mtlxray.data.loader import read_manifest
+
+        exclude_ids = [{"shards": x, "fingerprint": read_manifest(x).get("source", {}).get("fingerprint")}
+                       for x in exclude]
     params = {"layout": layout, "format": format, "shard_size": shard_size, "seed": seed,
               "val_fraction": val_fraction, "image_size": image_size, "skip_bad": skip_bad,
-              "builder_version": BUILDER_VERSION}
+              "builder_version": BUILDER_VERSION, "classes": classes, "dedupe": dedupe,
+              "exclude_from": exclude_ids, "near_threshold": near_threshold, "max_pixels": max_pixels}
     fingerprint = source_fingerprint(listing.records, root)
     old = _up_to_date(out, params, fingerprint)
     if old is not None:
         log.info("%s is up to date with %s; nothing to do", out, root)
         return old
 
-    jobs = _plan_jobs(listing.records, root, out, format, shard_size, image_size, seed,
-                      rescale_masks=layout == "radiography")
-    for subset in {j.rel_path.split("/")[0] for j in jobs}:
-        (out / subset).mkdir(parents=True, exist_ok=True)
-    results = _run_jobs(jobs, workers or os.cpu_count() or 1, progress)
-    bad += [b for r in results for b in r["bad"]]
-    if bad and not skip_bad:
-        _fail_on_bad(bad, [r["tmp"] for r in results])
-    manifest = _manifest(listing, results, params, fingerprint, root, len(bad))
-    _commit(out, results, manifest, bad, [n for r in results for n in r["notes"]])
+    workers = workers or os.cpu_count() or 1
+    keyed, dedupe_info = _select(_keyed(listing.records), root, dedupe, exclude, near_threshold, workers,
+                                 progress, max_pixels)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".build-"))
+    try:
+        jobs = _plan_jobs(keyed, root, stage, format, shard_size, image_size, seed,
+                          rescale_masks=layout == "radiography", max_pixels=max_pixels)
+        results = _pool_map(_write_shard, jobs, workers, progress, "shards", weight=lambda j: len(j.items))
+        bad += [b for r in results for b in r["bad"]]
+        if bad and not skip_bad:
+            _fail_on_bad(bad)
+        notes = [n for r in results for n in r["notes"]]
+        notes += [{"path": d["path"], "note": f"dropped: {d['reason']}"} for d in dedupe_info["dropped"]]
+        manifest = _manifest(listing, results, params, fingerprint, root, len(bad), dedupe_info, near_threshold)
+        _commit(out, results, manifest, bad, notes)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
 
 
-def _manifest(listing, results: list[dict], params: dict, fingerprint: str, root: Path, n_bad: int) -> dict:
+def _duplicates_summary(rows: list[list[str]], threshold: int) -> dict:
+    refs = [audit_mod._ref("", row) for row in rows]
+    pairs = audit_mod.find_pairs(refs, threshold=threshold)
+    return {"threshold": threshold, "exact_pairs": sum(p.kind == "exact" for p in pairs),
+            "near_pairs": sum(p.kind == "near" for p in pairs), "leakage_pairs": sum(p.leakage for p in pairs)}
+
+
+def _manifest(listing, results: list[dict], params: dict, fingerprint: str, root: Path, n_bad: int,
+              dedupe_info: dict, threshold: int) -> dict:
     counts: dict[str, dict[str, dict[str, int]]] = {}
     shards: dict[str, dict[str, list[dict]]] = {}
     for r in results:
@@ -297,14 +399,33 @@ def _manifest(listing, results: list[dict], params: dict, fingerprint: str, root
             per_class[c] += n
         shards.setdefault(subset, {}).setdefault(split, []).append(
             {k: r[k] for k in ("path", "samples", "bytes", "sha256")})
+    rows = sorted((row for r in results for row in r["rows"]), key=lambda row: row[0])
+    scheme = params["classes"]
     return {
         "builder_version": BUILDER_VERSION, "format": params["format"], "image_size": params["image_size"],
         "layout": params["layout"], "params": params,
         "source": {"root": str(root), "fingerprint": fingerprint, "images": len(listing.records)},
-        "label_names": list(CLASS_NAMES), "classes": listing.classes, "label_map": listing.label_map,
+        "label_scheme": scheme, "label_names": list(CLASS_SCHEMES[scheme]["names"]),
+        "classes": listing.classes, "label_map": listing.label_map,
         "counts": counts, "shards": shards, "skipped": n_bad,
-        "converted": len({n["path"] for r in results for n in r["notes"]}),
+        "converted": len({n["path"] for r in results for n in r["notes"] if "lung mask is empty" not in n["note"]}),
+        "empty_lung_masks": sum(r["empty_lung"] for r in results),
+        "dedupe": {**dedupe_info, "dropped_count": len(dedupe_info["dropped"])},
+        "duplicates": _duplicates_summary(rows, threshold),
+        "images": {"columns": list(audit_mod.IMAGE_COLUMNS), "rows": rows},
     }
+
+
+def manifest_text(manifest: dict) -> str:
+    """The manifest as JSON: indented, except the image table, which has one compact row per line."""
+    table = manifest.get("images")
+    if not isinstance(table, dict):
+        return json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    marker = "@@IMAGE_ROWS@@"
+    text = json.dumps({**manifest, "images": {"columns": table["columns"], "rows": marker}}, indent=1,
+                      sort_keys=True, allow_nan=False)
+    rows = ",\n   ".join(json.dumps(r, separators=(",", ":")) for r in table["rows"])
+    return text.replace(json.dumps(marker), f"[\n   {rows}\n  ]" if rows else "[]") + "\n"
 
 
 def _commit(out: Path, results: list[dict], manifest: dict, bad: list[dict], notes: list[dict]) -> None:
@@ -312,21 +433,45 @@ def _commit(out: Path, results: list[dict], manifest: dict, bad: list[dict], not
     (out / "manifest.json").unlink(missing_ok=True)
     keep = set()
     for r in results:
-        os.replace(r["tmp"], out / r["path"])
+        (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(r["staged"], out / r["path"])
         keep.add(r["path"])
-    for subset in manifest["shards"]:
-        for tar in (out / subset).glob("*.tar"):
+    for subset in ("lung", "infection"):
+        for tar in (out / subset).glob("*.tar") if (out / subset).is_dir() else ():
             if f"{subset}/{tar.name}" not in keep:
                 tar.unlink()
     for name, rows in (("skipped.jsonl", bad), ("notes.jsonl", notes)):
         if rows:
-            _atomic_write_text(out / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            write_text_atomic(out / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             log.warning("%d %s written to %s", len(rows), name.split(".")[0], out / name)
         else:
             (out / name).unlink(missing_ok=True)
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "manifest.json", manifest_text(manifest))
     total = sum(e["samples"] for s in manifest["shards"].values() for es in s.values() for e in es)
     log.info("wrote %d samples in %d shards to %s", total, len(results), out)
+
+
+def release_check(manifest: dict) -> Optional[str]:
+    """For a Radiography DB build: whether its images per class match the release's 21,165."""
+    if manifest.get("layout") != "radiography":
+        return None
+    have: dict[str, int] = {}
+    for splits in manifest["counts"].values():
+        for per_class in splits.values():
+            for c, n in per_class.items():
+                have[c] = have.get(c, 0) + n
+    total = sum(RADIOGRAPHY_RELEASE.values())
+    if have == RADIOGRAPHY_RELEASE:
+        return f"Radiography DB: matches the release ({total:,} images: " + ", ".join(
+            f"{c} {n:,}" for c, n in RADIOGRAPHY_RELEASE.items()) + ")"
+    diffs = []
+    for c, want in RADIOGRAPHY_RELEASE.items():
+        n = have.get(c, 0)
+        if n != want:
+            diffs.append(f"{c} {n:,} of {want:,} ({n - want:+,})")
+    diffs += [f"{c} {n:,} (not in the release)" for c, n in have.items() if c not in RADIOGRAPHY_RELEASE]
+    return (f"Radiography DB: DIFFERS from the release ({sum(have.values()):,} of {total:,} images): "
+            + "; ".join(diffs))
 
 
 def format_tables(manifest: dict) -> str:
@@ -345,15 +490,71 @@ def format_tables(manifest: dict) -> str:
         lines.append("total".ljust(width) + "".join(f"{sum(splits[s].values()):>9,}" for s in names))
         lines.append("")
     lines.append(f"format {manifest['format']}, {manifest['image_size']}px, skipped {manifest.get('skipped', 0)}, "
-                 f"converted {manifest.get('converted', 0)}")
+                 f"converted {manifest.get('converted', 0)}, empty lung masks {manifest.get('empty_lung_masks', 0)}")
+    if "label_names" in manifest:
+        lines.append(f"labels ({manifest.get('label_scheme', 'covid3')}): "
+                     + ", ".join(f"{i} {n}" for i, n in enumerate(manifest["label_names"])))
+    dup = manifest.get("duplicates")
+    if dup:
+        dd = manifest.get("dedupe", {})
+        lines.append(f"duplicates: {dup['exact_pairs']} exact and {dup['near_pairs']} near pair(s), "
+                     f"{dup['leakage_pairs']} across splits (dedupe {dd.get('mode', 'none')}, "
+                     f"{dd.get('dropped_count', 0)} dropped)")
+    check = release_check(manifest)
+    if check:
+        lines.append(check)
     return "\n".join(lines)
 
 
+def write_stdout(text: str) -> bool:
+    """Write to stdout; when the reader has gone (`... | head`), stop quietly instead of raising
+    BrokenPipeError (now and at interpreter exit). Returns False when the pipe was closed."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the final flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+
+
+def _refuse_other_set(out: Path, args: argparse.Namespace, classes: str) -> None:
+    """Without --output, never rebuild the default folder's set as a different kind of set."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    params = old.get("params", {})
+    want = {"format": args.format, "image_size": args.image_size, "layout": args.layout, "classes": classes}
+    have = {"format": old.get("format"), "image_size": old.get("image_size"), "layout": old.get("layout"),
+            "classes": params.get("classes", "covid3")}
+    differ = [k for k in want if want[k] != have[k]]
+    old_root = old.get("source", {}).get("root")
+    if old_root and Path(old_root) != Path(args.input).resolve():
+        differ.append("input")
+    if differ:
+        what = ", ".join(f"{k} {have[k] if k != 'input' else old_root}" for k in differ)
+        raise ConfigError(f"{out} already holds another shard set ({what}); pass --output to write this one "
+                          f"elsewhere, or remove {out} first")
+
+
 def cli_build(args: argparse.Namespace) -> int:
-    manifest = build_shards(args.input, args.output, layout=args.layout, format=args.format,
+    out = args.output
+    if out is None:
+        out = DEFAULT_OUTPUT
+        _refuse_other_set(Path(out), args, args.classes)
+    manifest = build_shards(args.input, out, layout=args.layout, format=args.format,
                             shard_size=args.shard_size, workers=args.workers, skip_bad=args.skip_bad,
-                            seed=args.seed, val_fraction=args.val_fraction)
-    print(format_tables(manifest))
+                            seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size,
+                            classes=args.classes, dedupe=args.dedupe, exclude_from=args.exclude_from or (),
+                            near_threshold=args.near_threshold)
+    write_stdout(format_tables(manifest) + "\n")
     return 0
 
 
@@ -362,7 +563,7 @@ def cli_info(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.root)
     if args.json:
-        print(json.dumps(manifest["counts"], indent=1, sort_keys=True))
+        write_stdout(json.dumps(manifest["counts"], indent=1, sort_keys=True) + "\n")
     else:
-        print(format_tables(manifest))
+        write_stdout(format_tables(manifest) + "\n")
     return 0

@@ -4,8 +4,10 @@
   {images,lung masks}` and `Infection Segmentation Data/Infection Segmentation Data/.../{images,lung masks,
   infection masks}`. Classes COVID-19, Non-COVID, Normal map to labels 2, 1, 0.
 - COVID-19 Radiography Database (`radiography`): `<class>/images/*.png` and `<class>/masks/*.png` (lung
-  masks). Classes map onto the three labels as `RADIOGRAPHY_LABELS` says: Lung_Opacity and Viral Pneumonia
-  are both non-COVID disease. There are no official splits; `split_stratified` makes a seeded 80/20 one.
+  masks). With the `covid3` label scheme (the default) its classes fold onto the three labels as
+  `RADIOGRAPHY_LABELS` says: Lung_Opacity and Viral Pneumonia are both non-COVID disease; with
+  `radiography4` they keep their own labels (`CLASS_SCHEMES`). There are no official splits;
+  `split_stratified` makes a seeded 80/20 one. `RADIOGRAPHY_RELEASE` holds the release's counts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from mtlxray.errors import DataError
 
 __all__ = [
     "SUBSET_DIRS", "SPLIT_DIRS", "Record", "BadInput", "Listing", "QU_EX_LABELS", "RADIOGRAPHY_LABELS", "list_covid_qu_ex",
-    "list_radiography", "list_source", "split_stratified", "source_fingerprint",
+    "list_radiography", "list_source", "split_stratified", "source_fingerprint", "CLASS_SCHEMES", "RADIOGRAPHY_RELEASE",
+    "scheme_labels",
 ]
 
 SUBSET_DIRS = {"lung": "Lung Segmentation Data", "infection": "Infection Segmentation Data"}
@@ -33,6 +36,30 @@ QU_EX_LABELS = {name: label for label, name in enumerate(CLASS_NAMES)}
 """COVID-QU-Ex class folder -> label."""
 RADIOGRAPHY_LABELS = {"Normal": 0, "Lung_Opacity": 1, "Viral Pneumonia": 1, "COVID": 2}
 """Radiography DB class folder -> label (0 Normal, 1 Non-COVID, 2 COVID-19)."""
+RADIOGRAPHY_RELEASE = {"COVID": 3616, "Lung_Opacity": 6012, "Normal": 10192, "Viral Pneumonia": 1345}
+"""Images per class in the COVID-19 Radiography Database release (21,165 in all)."""
+
+CLASS_SCHEMES: dict[str, dict] = {
+    "covid3": {"names": list(CLASS_NAMES), "labels": {**QU_EX_LABELS, **RADIOGRAPHY_LABELS}},
+    # Normal, Lung_Opacity and COVID keep the covid3 indices (0, 1, 2), so label 2 is COVID in both
+    # schemes and a 4-class label folds back to 3 classes by mapping 3 (Viral Pneumonia) to 1.
+    "radiography4": {"names": ["Normal", "Lung_Opacity", "COVID", "Viral Pneumonia"],
+                     "labels": {"Normal": 0, "Lung_Opacity": 1, "COVID": 2, "Viral Pneumonia": 3}},
+}
+"""Label schemes (`data.classes`, `shards build --classes`): class names in label order, and the
+class folder name -> label of every source class the scheme covers."""
+
+
+def scheme_labels(scheme: str, class_names) -> dict[str, int]:
+    """class folder -> label under `scheme` for these classes; DataError naming any it cannot label."""
+    if scheme not in CLASS_SCHEMES:
+        raise DataError(f"unknown class scheme {scheme!r}; choose one of {sorted(CLASS_SCHEMES)}")
+    labels = CLASS_SCHEMES[scheme]["labels"]
+    unknown = [c for c in class_names if c not in labels]
+    if unknown:
+        raise DataError(f"class scheme {scheme!r} has no label for class(es) {unknown}; "
+                        f"it covers {sorted(labels)}")
+    return {c: labels[c] for c in class_names}
 
 
 @dataclass(frozen=True)
@@ -134,8 +161,9 @@ def split_stratified(names: list[str], seed: int, class_index: int, val_fraction
     return {ordered[i] for i in rng.permutation(len(ordered))[:n_val]}
 
 
-def list_radiography(root: str | Path, seed: int = 0, val_fraction: float = 0.2) -> Listing:
-    """List the COVID-19 Radiography Database with a stratified train/val split (subset `lung`)."""
+def list_radiography(root: str | Path, seed: int = 0, val_fraction: float = 0.2, classes: str = "covid3") -> Listing:
+    """List the COVID-19 Radiography Database with a stratified train/val split (subset `lung`),
+    labelled by the class scheme `classes` (covid3 or radiography4)."""
     root = Path(root)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val fraction must be in [0, 1), got {val_fraction}")
@@ -144,6 +172,7 @@ def list_radiography(root: str | Path, seed: int = 0, val_fraction: float = 0.2)
         raise DataError(
             f"{root}: not a COVID-19 Radiography Database folder; expected class folders "
             f"{', '.join(repr(c + '/images') for c in RADIOGRAPHY_LABELS)} under it")
+    labels = scheme_labels(classes, present)
     records: list[Record] = []
     bad: list[BadInput] = []
     for class_name in present:
@@ -160,18 +189,22 @@ def list_radiography(root: str | Path, seed: int = 0, val_fraction: float = 0.2)
                 bad.append(BadInput(str(image), f"image without a mask (missing {mask})"))
                 continue
             split = "val" if image.name in val else "train"
-            records.append(Record(image, mask, None, RADIOGRAPHY_LABELS[class_name], class_name, "lung", split))
-    return Listing(records, bad, {"lung": present}, {"lung": {c: RADIOGRAPHY_LABELS[c] for c in present}})
+            records.append(Record(image, mask, None, labels[class_name], class_name, "lung", split))
+    return Listing(records, bad, {"lung": present}, {"lung": labels})
 
 
-def list_source(layout: str, root: str | Path, seed: int = 0, val_fraction: float = 0.2) -> Listing:
-    """Dispatch on the layout name (`covid-qu-ex` or `radiography`)."""
+def list_source(layout: str, root: str | Path, seed: int = 0, val_fraction: float = 0.2,
+                classes: str = "covid3") -> Listing:
+    """Dispatch on the layout name (`covid-qu-ex` or `radiography`); `classes` is the label scheme."""
     if not Path(root).is_dir():
         raise DataError(f"input folder not found: {root}")
     if layout == "covid-qu-ex":
+        if classes != "covid3":
+            raise DataError(f"class scheme {classes!r} is for the Radiography DB; COVID-QU-Ex has the "
+                            "covid3 classes only")
         return list_covid_qu_ex(root)
     if layout == "radiography":
-        return list_radiography(root, seed, val_fraction)
+        return list_radiography(root, seed, val_fraction, classes)
     raise DataError(f"unknown layout {layout!r}; choose covid-qu-ex or radiography")
 
 

@@ -6,11 +6,19 @@ not depend on the number of worker processes. The classes are visible in the ima
 - Normal: clear lungs.
 - Non-COVID: a unilateral lobar consolidation or a pleural effusion.
 - COVID-19: bilateral, peripheral, lower-zone ground-glass opacities; these are the infection mask.
+
+`duplicates=N` then plants N known duplicates across splits, for testing the audit: a training
+image (with its masks) replaces a val or test image of the same class, as an exact copy (the same
+pixels, re-encoded) or a near copy (resized down and up, JPEG re-encoded, brightness changed, or
+shifted by one pixel), alternately within a subset and from the infection subset into the lung
+subset (COVID-QU-Ex's infection images come from the lung subset's pool). Counts stay as planned;
+`duplicates.json` at the root lists every planted pair.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import multiprocessing as mp
 import os
@@ -19,16 +27,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 from tqdm import tqdm
 
 from mtlxray import CLASS_NAMES
 from mtlxray.data.sources import SPLIT_DIRS, SUBSET_DIRS
 from mtlxray.errors import DataError
+from mtlxray.io import atomic_path, write_json_atomic
 from mtlxray.paper import SUBSET_COUNTS
 
 __all__ = [
     "SCALE_COUNTS", "PhantomSpec", "plan", "file_name", "render_phantom",
-    "synthesize", "cli_main",
+    "synthesize", "plant_duplicates", "NEAR_TRANSFORMS", "cli_main",
 ]
 
 log = logging.getLogger(__name__)
@@ -187,10 +197,9 @@ def render_phantom(rng: np.random.Generator, class_name: str, size: int) -> tupl
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), lung, inf
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _write_png(path: Path, array: np.ndarray, compress_level: int = 6) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array, mode="L").save(tmp, format="PNG", compress_level=compress_level)
 
 
 def _render_and_write(job: tuple[str, int, int, PhantomSpec]) -> None:
@@ -203,11 +212,97 @@ def _render_and_write(job: tuple[str, int, int, PhantomSpec]) -> None:
         _write_png(folder / "infection masks" / spec.name, inf.astype(np.uint8) * 255)
 
 
+NEAR_TRANSFORMS = ("resize", "jpeg", "brightness", "shift")
+"""How planted near duplicates differ from their source, in the order they are used."""
+
+
+def _near_copy(img: np.ndarray, masks: list[np.ndarray], how: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A near copy of an image (and its 0/255 masks, moved alike where the geometry changes)."""
+    h, w = img.shape
+    if how == "resize":  # a lower-resolution copy brought back to the original size
+        small = (max(8, int(w * 0.75)), max(8, int(h * 0.75)))
+        img = np.asarray(Image.fromarray(img).resize(small, Image.Resampling.BILINEAR)
+                         .resize((w, h), Image.Resampling.BILINEAR))
+        masks = [np.asarray(Image.fromarray(m).resize(small, Image.Resampling.NEAREST)
+                            .resize((w, h), Image.Resampling.NEAREST)) for m in masks]
+    elif how == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=75)
+        img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+    elif how == "brightness":
+        img = np.clip(img.astype(np.float32) * 1.08 + 6.0, 0, 255).astype(np.uint8)
+    elif how == "shift":  # one pixel right and down, edges repeated
+        img = ndimage.shift(img, (1, 1), order=0, mode="nearest")
+        masks = [ndimage.shift(m, (1, 1), order=0, mode="constant", cval=0) for m in masks]
+    else:
+        raise ValueError(how)
+    return np.ascontiguousarray(img, dtype=np.uint8), [np.ascontiguousarray(m, dtype=np.uint8) for m in masks]
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def plant_duplicates(root: str | Path, scale: str, n: int, seed: int = 0) -> list[dict]:
+    """Replace n val/test images of a synthesised tree by copies of training images (see the module
+    docstring) and write `duplicates.json`; returns its pairs ({kind, transform, source, copy}:
+    paths relative to `root`)."""
+    root = Path(root)
+    specs = plan(scale)
+    rng = np.random.default_rng([seed, 7919, n])
+    train = [s for s in specs if s.split == "train"]
+    evals = [s for s in specs if s.split != "train"]
+    order_t, order_e = rng.permutation(len(train)), rng.permutation(len(evals))
+    used_src, used_dst = set(), set()
+    pairs = []
+    for k in range(n):
+        kind = "exact" if k % 2 == 0 else "near"
+        cross = (k // 2) % 2 == 1  # infection train -> lung val/test, else within one subset
+        pick = None
+        for i in order_e:
+            dst = evals[i]
+            if i in used_dst or (cross and dst.subset != "lung"):
+                continue
+            src_subset = "infection" if cross else dst.subset
+            for j in order_t:
+                src = train[j]
+                if j not in used_src and src.subset == src_subset and src.class_name == dst.class_name:
+                    pick = (i, j)
+                    break
+            if pick:
+                break
+        if pick is None:
+            raise DataError(f"scale {scale!r} has room for fewer than {n} planted duplicates; "
+                            f"{k} planted (use a larger scale or fewer)")
+        used_dst.add(pick[0])
+        used_src.add(pick[1])
+        dst, src = evals[pick[0]], train[pick[1]]
+        mask_dirs = ["lung masks"] + (["infection masks"] if dst.subset == "infection" else [])
+        img = _read_png(root / src.folder / "images" / src.name)
+        masks = [_read_png(root / src.folder / d / src.name) for d in mask_dirs]
+        transform = ""
+        if kind == "near":
+            transform = NEAR_TRANSFORMS[(k // 2) % len(NEAR_TRANSFORMS)]
+            img, masks = _near_copy(img, masks, transform)
+        # An exact copy is the same pixels in another file (another compression level: other bytes).
+        _write_png(root / dst.folder / "images" / dst.name, img, compress_level=1)
+        for d, m in zip(mask_dirs, masks):
+            _write_png(root / dst.folder / d / dst.name, m, compress_level=1)
+        pairs.append({"kind": kind, "transform": transform,
+                      "source": str(src.folder / "images" / src.name), "copy": str(dst.folder / "images" / dst.name)})
+    write_json_atomic(root / "duplicates.json", pairs, indent=1)
+    return pairs
+
+
 def synthesize(output: str | Path, scale: str = "small", seed: int = 0, size: int = 256,
-               workers: int = 0, progress: bool = True) -> dict:
-    """Write a phantom tree under `output`; returns SCALE_COUNTS[scale] (what was written)."""
+               workers: int = 0, progress: bool = True, duplicates: int = 0) -> dict:
+    """Write a phantom tree under `output`; returns SCALE_COUNTS[scale] (what was written). With
+    `duplicates`, plant that many known duplicates across splits (`plant_duplicates`)."""
     if size < 32:
         raise DataError(f"synthetic image size must be >= 32, got {size}")
+    if duplicates < 0:
+        raise DataError(f"--duplicates must be >= 0, got {duplicates}")
     specs = plan(scale)
     root = Path(output)
     for spec in specs:
@@ -226,11 +321,17 @@ def synthesize(output: str | Path, scale: str = "small", seed: int = 0, size: in
                 bar.update()
     bar.close()
     log.info("wrote %d synthetic images (scale %s, seed %d) under %s", len(jobs), scale, seed, root)
+    if duplicates:
+        plant_duplicates(root, scale, duplicates, seed)
+        log.info("planted %d duplicates across splits (listed in %s)", duplicates, root / "duplicates.json")
+    else:
+        (root / "duplicates.json").unlink(missing_ok=True)
     return SCALE_COUNTS[scale]
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    counts = synthesize(args.output, args.scale, args.seed, args.size, args.workers)
+    counts = synthesize(args.output, args.scale, args.seed, args.size, args.workers,
+                        duplicates=args.duplicates)
     for subset, splits in counts.items():
         total = sum(sum(c.values()) for c in splits.values())
         print(f"{subset}: {total} images  " + "  ".join(

@@ -5,14 +5,16 @@ by field and copies every member: on raw shards (five members per sample) that w
 loader core's time, more than decoding and batching together (see benchmarks/README.md). The
 shards are ustar archives of regular files, so a header needs only its name, size, type and
 checksum. Local shards are memory-mapped and members are handed out as zero-copy memoryviews (a
-raw image then goes from the page cache straight into the batch); other URLs (`pipe:`, http) are
-opened with webdataset's `gopen` and read as a stream. webdataset's `group_by_keys` still groups
-members into samples. GNU long names and pax `path` records are honoured, so any tar of regular
-files reads as `tarfile` would read it.
+raw image then goes from the page cache straight into the batch); http(s):// and s3:// URLs are
+streamed by `mtlxray.data.remote` (resuming reads, retries with backoff); other URLs (`pipe:`) are
+opened with webdataset's `gopen`. Members are grouped into samples as webdataset's `group_by_keys`
+groups them. GNU long names and pax `path` records are honoured, so any tar of regular files reads
+as `tarfile` would read it.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from typing import BinaryIO, Iterable, Iterator
@@ -20,11 +22,15 @@ from typing import BinaryIO, Iterable, Iterator
 from webdataset import filters
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext
 
+from mtlxray.data import remote
+from mtlxray.data.remote import RetryPolicy
 from mtlxray.errors import ShardError
 
-__all__ = ["tar_members", "tar_samples", "tar_to_samples"]
+__all__ = ["tar_members", "tar_samples", "tar_to_samples", "ShardSkips"]
+
+log = logging.getLogger(__name__)
 
 _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -113,28 +119,87 @@ def _local_path(url: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _expand(sources: Iterable[dict]) -> Iterator[dict]:
-    """webdataset's file-sample records ({"fname", "data", "__url__"}), with {} at each shard's end
-    so that `group_by_keys` never joins samples across shards."""
-    for source in sources:
-        url = source["url"]
-        path = _local_path(url)
-        stream = _MappedFile(path) if path is not None else gopen(url)
+def _open(source: dict, policy: RetryPolicy | None):
+    """(stream, is_mapped) for a source record {"url", optional "bytes"}."""
+    url = source["url"]
+    path = _local_path(url)
+    if path is not None:
+        return _MappedFile(path), True
+    if remote.is_remote(url):
+        return remote.open_stream(url, policy, source.get("bytes")), False
+    if "://" not in url and not url.startswith("pipe:"):
+        raise ShardError(f"{url}: shard not found")
+    return gopen(url), False
+
+
+def _shard_samples(source: dict, policy: RetryPolicy | None) -> Iterator[dict]:
+    """The samples of one shard: members grouped by key (as webdataset's `group_by_keys` does:
+    the key is the name up to the first dot of its last path part, the suffix lower-cased). A
+    sample is yielded only once the next key starts or the archive ends cleanly, so a read that
+    fails mid-shard never yields the sample it was reading."""
+    url = source["url"]
+    stream, mapped = _open(source, policy)
+    current: dict | None = None
+    try:
+        for name, data in tar_members(stream, url):
+            if name.startswith("__"):  # webdataset metadata members (__index__ and the like)
+                continue
+            prefix, suffix = base_plus_ext(name)
+            if prefix is None:
+                continue
+            suffix = suffix.lower()
+            if current is None or prefix != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix, "__url__": url}
+            if suffix in current:
+                raise ShardError(f"{url}: duplicate member {name!r}")
+            current[suffix] = data
+    finally:
+        if not mapped:
+            stream.close()
+    if current is not None:
+        yield current
+
+
+class ShardSkips:
+    """Shards a training stream skipped (`data.skip_failed_shards`): (url, reason) pairs, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def tar_samples(src: Iterable[dict], handler=reraise_exception, *, policy: RetryPolicy | None = None,
+                skip_failed: bool = False, skips: ShardSkips | None = None,
+                max_consecutive_failures: int | None = None) -> Iterator[dict]:
+    """Samples from a stream of {"url": ..., optional "bytes": ...} records, like
+    `webdataset.tarfile_samples`; member data is bytes or a zero-copy memoryview.
+
+    A shard that cannot be read raises `ShardError` naming it. With `skip_failed`, the shard is
+    recorded in `skips` and the stream goes on with the next one (the sample being read when it
+    failed is dropped, never yielded incomplete); `max_consecutive_failures` failed shards in a row
+    (default: 3 or the number of distinct URLs seen, whichever is larger) still raise.
+    """
+    failures = 0
+    urls: set[str] = set()
+    for source in src:
+        urls.add(source["url"])
         try:
-            for name, data in tar_members(stream, url):
-                if name.startswith("__"):  # webdataset metadata members (__index__ and the like)
-                    continue
-                yield {"fname": name, "data": data, "__url__": url}
-        finally:
-            if path is None:
-                stream.close()
-        yield {}
-
-
-def tar_samples(src: Iterable[dict], handler=reraise_exception) -> Iterator[dict]:
-    """Samples from a stream of {"url": ...} records, like `webdataset.tarfile_samples`; member
-    data is bytes or a zero-copy memoryview."""
-    return group_by_keys(_expand(src), handler=handler)
+            yield from _shard_samples(source, policy)
+            failures = 0
+        except ShardError as e:
+            if not skip_failed:
+                raise
+            failures += 1
+            if skips is not None:
+                skips.items.append((source["url"], str(e)))
+            log.warning("skipping shard: %s", e)
+            limit = max_consecutive_failures or max(3, len(urls))
+            if failures >= limit:
+                raise ShardError(f"{e} ({failures} shards failed in a row; giving up)") from None
 
 
 tar_to_samples = filters.pipelinefilter(tar_samples)

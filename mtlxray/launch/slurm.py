@@ -1,29 +1,27 @@
-"""Slurm parameters for submitit, as one pure function (dinov2 style).
+"""Slurm parameters for submitit, as one pure function (dinov2 style), and their sbatch form.
 
-`slurm_parameters(launch, cluster, overrides)` builds submitit executor parameters: defaults,
-then the config's `launch:` section, then the cluster's, then the caller's; the last one wins.
+`slurm_parameters(launch, cluster, overrides)` builds submitit executor parameters: defaults (a
+default `LaunchConfig`: the one source of launch defaults, which the `#SBATCH` headers of
+slurm/phase*.sh repeat), then the config's `launch:` section, then the cluster's, then the
+caller's; the last one wins. `sbatch_flags(params)` writes the same request as sbatch options, for
+`mtlxray submit --dry-run` and for the `sbatch --test-only` check before anything is submitted.
 Who a task is and where a job's tasks meet is `mtlxray.dist`'s business.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
 from mtlxray.config import LaunchConfig
 from mtlxray.errors import ConfigError
 
-__all__ = ["DEFAULT_SLURM_PARAMETERS", "slurm_parameters"]
+__all__ = ["DEFAULT_SLURM_PARAMETERS", "slurm_parameters", "sbatch_flags", "parse_slurm_time", "format_slurm_time",
+           "parse_mem_gb", "PREEMPT_SIGNAL"]
 
-
-DEFAULT_SLURM_PARAMETERS: dict[str, Any] = {
-    "nodes": 1,
-    "gpus_per_node": 8,
-    "cpus_per_task": 8,
-    "timeout_min": 24 * 60,
-    "slurm_signal_delay_s": 120,
-    "slurm_additional_parameters": {"requeue": True},
-}
+PREEMPT_SIGNAL = "USR2"
+"""The signal submitit sends before the time limit (its default; `SUBMITIT_PREEMPT_SIGNAL` changes it)."""
 
 
 def _from_launch(launch: LaunchConfig) -> dict[str, Any]:
@@ -40,9 +38,18 @@ def _from_launch(launch: LaunchConfig) -> dict[str, Any]:
         params["slurm_partition"] = launch.partition
     if launch.account:
         params["slurm_account"] = launch.account
+    if launch.qos:
+        params["slurm_qos"] = launch.qos
     if launch.slurm_extra:
         params["slurm_additional_parameters"] = dict(launch.slurm_extra)
     return params
+
+
+DEFAULT_SLURM_PARAMETERS: dict[str, Any] = {
+    **_from_launch(LaunchConfig()),
+    "slurm_additional_parameters": {"requeue": True},
+}
+"""A default LaunchConfig as submitit parameters, plus `--requeue` (preempted jobs come back)."""
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,7 +77,86 @@ def slurm_parameters(launch: Optional[LaunchConfig] = None, cluster: Optional[Ma
     params.setdefault("tasks_per_node", max(gpus, 1))
     if gpus == 0:
         params.pop("gpus_per_node", None)
-    for key in ("nodes", "tasks_per_node", "timeout_min"):
+    for key in ("nodes", "tasks_per_node", "timeout_min", "cpus_per_task"):
         if int(params[key]) < 1:
             raise ConfigError(f"slurm parameter `{key}` must be >= 1, got {params[key]}")
     return params
+
+
+# submitit parameter -> sbatch option, as submitit's Slurm executor writes them.
+_SBATCH_NAMES = {"name": "job-name", "nodes": "nodes", "tasks_per_node": "ntasks-per-node",
+                 "cpus_per_task": "cpus-per-task", "gpus_per_node": "gpus-per-node", "timeout_min": "time",
+                 "mem_gb": "mem"}
+
+
+def sbatch_flags(params: Mapping[str, Any]) -> list[str]:
+    """The sbatch options that submitit writes for `params` (submitit names, as `slurm_parameters` gives).
+
+    Output paths are left out (submitit puts them in its folder).
+    """
+    flags: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None or key in ("slurm_additional_parameters", "slurm_signal_delay_s"):
+            continue
+        if key == "mem_gb":
+            value = f"{int(value)}GB" if float(value) == int(value) else f"{int(float(value) * 1024)}MB"
+        if key in _SBATCH_NAMES:
+            flags[_SBATCH_NAMES[key]] = value
+        elif key.startswith("slurm_"):
+            flags[key[len("slurm_"):].replace("_", "-")] = value
+        else:
+            raise ConfigError(f"unknown launch parameter `{key}`")
+    flags["signal"] = f"{PREEMPT_SIGNAL}@{params.get('slurm_signal_delay_s', 90)}"
+    for key, value in (params.get("slurm_additional_parameters") or {}).items():
+        flags[key.replace("_", "-")] = value
+    order = {name: i for i, name in enumerate(_FLAG_ORDER)}
+    keys = sorted(flags, key=lambda k: (order.get(k, len(order)), k))
+    return [f"--{k}" if flags[k] is True else f"--{k}={flags[k]}" for k in keys if flags[k] is not False]
+
+
+_FLAG_ORDER = ("job-name", "partition", "account", "qos", "nodes", "ntasks-per-node", "gpus-per-node",
+               "cpus-per-task", "mem", "time", "signal", "requeue")
+
+
+_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+
+
+def parse_slurm_time(text: str) -> int:
+    """Minutes (rounded up) from a Slurm time: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
+    m = _TIME.match(text.strip())
+    if m is None:
+        raise ConfigError(f"--time {text!r}: not a Slurm time (M, H:M:S, D-H, D-H:M, D-H:M:S)")
+    d, a, b, c = (int(g) if g is not None else None for g in m.group("d", "a", "b", "c"))
+    if d is None:
+        if b is None:
+            seconds = a * 60  # M
+        elif c is None:
+            seconds = a * 60 + b  # M:S
+        else:
+            seconds = a * 3600 + b * 60 + c  # H:M:S
+    else:
+        seconds = d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)  # D-H[:M[:S]]
+    minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise ConfigError(f"--time {text!r}: must be at least one minute")
+    return minutes
+
+
+def format_slurm_time(minutes: int) -> str:
+    """`H:MM:SS` (hours may exceed 24), as the `#SBATCH --time` lines write it."""
+    return f"{minutes // 60}:{minutes % 60:02d}:00"
+
+
+_MEM = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<u>[KMGT]?)B?$", re.IGNORECASE)
+
+
+def parse_mem_gb(text: str) -> float:
+    """GB from a Slurm memory size: `64G`, `500M`, `1T`; a bare number is in MB, as for sbatch."""
+    m = _MEM.match(text.strip())
+    if m is None:
+        raise ConfigError(f"--mem {text!r}: not a memory size such as 64G or 500M")
+    scale = {"K": 1 / 1024 ** 2, "M": 1 / 1024, "G": 1, "T": 1024, "": 1 / 1024}[m.group("u").upper()]
+    gb = float(m.group("n")) * scale
+    if gb <= 0:
+        raise ConfigError(f"--mem {text!r}: must be more than zero")
+    return gb

@@ -1,43 +1,55 @@
-"""A phase1 → phase2 chain with submitit: Slurm (afterok dependencies) or local, requeue-safe.
+"""A chain of training phases with submitit: Slurm (afterok dependencies) or local, requeue-safe.
 
 Each phase is one submitit job running `TrainJob`, a thin picklable `Checkpointable` holding only
-its arguments. Every task of a job sets the torch.distributed variables from submitit's
-`JobEnvironment` and calls `mtlxray.train.main.run_training`. On preemption or timeout (submitit's
-USR2, or SIGTERM/SIGUSR1) every rank saves `last` at the same step and training returns 75; then
-global rank 0 hands over to submitit, which calls `checkpoint()` (a resubmission with
-resume="auto") and requeues the job.
+its arguments. Every task of a job sets the torch.distributed variables through
+`mtlxray.dist.export_submitit_env` and calls `mtlxray.train.main.run_training`.
+
+Preemption and time limits: submitit's signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)
+reaches every task, where the training loop's stop handlers catch it: every rank saves `last` at
+the same step boundary and training returns 75. Then global rank 0 hands the signal back to
+submitit's own handler, which calls `checkpoint()` (a resubmission with resume="auto") and
+requeues the job; the other ranks exit 0 at once, without a result, so that nothing stale is read
+as the job's outcome, nothing waits for the requeue, and no task exits non-zero (srun's
+`--kill-on-bad-exit` would kill rank 0 before it requeues).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from mtlxray.config import load_config
 from mtlxray.errors import EXIT_REQUEUE, ConfigError, MtlxError
-from mtlxray.launch.slurm import slurm_parameters
+from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
+from mtlxray.launch.slurm import parse_mem_gb, parse_slurm_time, sbatch_flags, slurm_parameters
 
-__all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "cli_main"]
+__all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "cli_main", "SubmitError"]
 
 logger = logging.getLogger(__name__)
-
-REQUEUE_GRACE_S = 300
-"""How long a non-zero rank waits, after saving, for rank 0's requeue to stop it."""
 
 
 class TrainingFailed(MtlxError):
     """A training job ended with a non-zero exit that was not a requeue."""
+
+
+class SubmitError(MtlxError):
+    """sbatch refused a job, or the cluster can never run it."""
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -51,28 +63,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.workdir = workdir or os.getcwd()
 
     def __call__(self) -> str:
-        """Train; returns the run folder. Rank 0 requeues the job after a signal-triggered save."""
+        """Train; returns the run folder. After a signal-triggered save, rank 0 requeues the job."""
+        from mtlxray.dist import export_submitit_env
         from mtlxray.train.main import run_training
 
         # The job's stdout is its log, as under `mtlxray train`.
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file otherwise
         os.chdir(self.workdir)
-        env = submitit.JobEnvironment()  # the trainer reads the task's identity through mtlxray.dist
+        world = export_submitit_env()
         cfg = load_config(self.config, self.overrides)
-        with _preempt_signal_to_trainer(env) as submitit_handler:
-            rc = run_training(cfg, resume=self.resume)
+        rc = run_training(cfg, resume=self.resume)
         if rc == EXIT_REQUEUE:
-            logger.info("rank %d saved after a signal", env.global_rank)
-            if env.global_rank == 0 and submitit_handler is not None:
-                # Every rank has saved `last` at the same step: now let submitit checkpoint()
-                # (a resume="auto" resubmission) and requeue. It exits this process.
-                submitit_handler(env._usr_sig(), None)
-            elif env.global_rank != 0:
-                # Rank 0 requeues the whole job, which stops this task too; a result written
-                # here would read as the job's end.
-                time.sleep(REQUEUE_GRACE_S)
-            raise TrainingFailed(f"{self.config}: training stopped for a requeue that did not happen")
+            if world.rank != 0:
+                logger.info("rank %d: training saved (exit %d); rank 0 requeues the job", world.rank, rc)
+                sys.exit(0)  # no result file: the requeued job writes this task's result
+            logger.info("training saved (exit %d): submitit checkpoints and requeues the job", rc)
+            _requeue_through_submitit()  # exits this process once the job is requeued
+            raise TrainingFailed(f"{self.config}: training stopped for a requeue that submitit did not do")
         if rc != 0:
             raise TrainingFailed(f"{self.config}: training exited with {rc}")
         return str(Path(cfg.run.output_dir) / cfg.run.name)
@@ -83,29 +92,29 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, "auto", self.workdir))
 
 
-@contextmanager
-def _preempt_signal_to_trainer(env: submitit.JobEnvironment) -> Iterator[Optional[Any]]:
-    """Route submitit's preemption signal to the trainer's save-and-stop (SIGUSR1) while training.
+def _requeue_through_submitit() -> None:
+    """Give submitit's preemption signal back to submitit's own handler, which requeues and exits.
 
-    submitit's own handler would checkpoint and exit in the middle of a step, on rank 0 only;
-    the trainer instead saves on every rank at one step boundary. Yields submitit's handler.
+    The training loop caught the signal (its stop handlers cover submitit's USR2) so that every
+    rank saved at one step boundary, and restored submitit's handler when it closed. Raising the
+    signal again now runs that handler: it calls `TrainJob.checkpoint()` (the resubmission),
+    `scontrol requeue`s the job and exits.
     """
-    sig = env._usr_sig()
-    previous = signal.getsignal(sig)
-
-    def forward(signum: int, frame: Any) -> None:
-        if callable(signal.getsignal(signal.SIGUSR1)):
-            signal.raise_signal(signal.SIGUSR1)
-        else:
-            logger.warning("%s before training installed its handlers: ignored", signal.Signals(signum).name)
-
-    if sig != signal.SIGUSR1:
-        signal.signal(sig, forward)
+    signum = signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+    handler = signal.getsignal(signum)
+    if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        raise TrainingFailed(f"training saved, but submitit's {signum.name} handler is not in place to requeue "
+                             "the job; resubmit it to resume from checkpoints/last")
     try:
-        yield previous if callable(previous) else None
-    finally:
-        if sig != signal.SIGUSR1:
-            signal.signal(sig, previous)
+        signal.raise_signal(signum)
+    except SystemExit as e:
+        # Requeued: submitit exits with -1 (255); say 75, the requeue code, like `mtlxray train`.
+        # Other codes are submitit's own signals (the local executor's requeue code): kept.
+        raise SystemExit(EXIT_REQUEUE if e.code == -1 else e.code) from None
+    except subprocess.CalledProcessError as e:
+        cmd = " ".join(map(str, e.cmd)) if isinstance(e.cmd, (list, tuple)) else str(e.cmd)
+        raise TrainingFailed(f"training saved, but `{cmd}` failed (exit {e.returncode}); resubmit the job to "
+                             "resume from checkpoints/last") from None
 
 
 @dataclass
@@ -127,34 +136,61 @@ class PhaseReport:
 
 @dataclass
 class Phase:
-    """One submitted (or not yet submitted) phase of a pipeline."""
+    """One phase of a pipeline: its plan, its submitit parameters and, once submitted, its job."""
 
-    config: str
-    overrides: list[str]
-    run_dir: Path
+    plan: PhasePlan
+    params: dict[str, Any]
     job: Optional[submitit.Job] = None
+
+    @property
+    def config(self) -> str:
+        return self.plan.config
+
+    @property
+    def overrides(self) -> list[str]:
+        return list(self.plan.overrides)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.plan.run_dir
 
 
 @dataclass
 class Pipeline:
-    """The phases of a chain, in order, with their submitit jobs."""
+    """The phases of a chain, in order, with their submitit jobs (none in a dry run)."""
 
     phases: list[Phase]
     folder: Path
     executor: str
+    dry_run: bool = False
     reports: list[PhaseReport] = field(default_factory=list)
 
     @property
     def jobs(self) -> list[submitit.Job]:
         return [p.job for p in self.phases if p.job is not None]
 
+    def describe(self) -> str:
+        """Each job's sbatch options, one job per line; `<phaseK>` stands for the id phase K will get."""
+        lines = []
+        for phase in self.phases:
+            lines.append(f"# phase {phase.plan.index}: {phase.config} -> {phase.run_dir}")
+            if self.executor == "slurm":
+                dep = ([f"--dependency=afterok:<phase{phase.plan.index - 1}>"] if phase.plan.index > 1 else [])
+                lines.append(" ".join(["sbatch", *sbatch_flags(phase.params), *dep]))
+            else:
+                lines.append("local: " + " ".join(f"{k}={v}" for k, v in _local_params(phase.params).items()))
+        return "\n".join(lines) + "\n"
+
     def wait(self) -> list[PhaseReport]:
-        """Wait for every phase; a failed phase cancels the ones waiting on it. Reports each phase."""
+        """Wait for every phase; a failed phase cancels the ones waiting on it. Reports each phase.
+
+        A job with several tasks (several nodes or GPUs) counts as done once every task is.
+        """
         reports: list[PhaseReport] = []
         failed = False
         for phase in self.phases:
             if phase.job is None:
-                reports.append(_report(phase, "NOT_SUBMITTED", "an earlier phase failed"))
+                reports.append(_report(phase, "NOT_SUBMITTED", "an earlier phase failed" if failed else None))
                 continue
             if failed:
                 # Its afterok dependency can never be satisfied: Slurm would keep it pending forever.
@@ -163,9 +199,9 @@ class Pipeline:
                 continue
             error = None
             try:
-                phase.job.result()
+                phase.job.results()  # every task's result, not only task 0's
             except Exception as e:  # submitit re-raises the job's failure as a generic error
-                error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                error = _job_error(phase.job, e)
                 failed = True
             reports.append(_report(phase, _final_state(phase.job, failed=error is not None), error))
         self.reports = reports
@@ -190,82 +226,150 @@ def _final_state(job: submitit.Job, failed: bool) -> str:
         time.sleep(1.0)
 
 
+_QUALIFIED = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )")
+_LOG_ERROR = re.compile(r"error|exception|cancelled|killed|timeout|time limit|out of memory|oom", re.IGNORECASE)
+
+
+def _job_error(job: submitit.Job, exc: BaseException) -> str:
+    """One line: the cause of a job's failure as its log states it, and where the log is."""
+    task = job.task(0) if job.num_tasks > 1 else job
+    text = str(exc)
+    line = ""
+    if isinstance(exc, FailedJobError) and "----------------------" in text:
+        # A task raised: submitit's message holds the traceback; its last line is the cause.
+        trace = text.split("----------------------")[1]
+        line = next((ln.strip() for ln in reversed(trace.splitlines()) if ln.strip()), "")
+        line = _QUALIFIED.sub("", line)
+    elif isinstance(exc, UncompletedJobError):
+        # No result (killed, time limit, out of memory, node failure): the log's last word on it.
+        for path in (task.paths.stderr, task.paths.stdout):
+            try:
+                lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+            except OSError:
+                continue
+            line = next((ln for ln in reversed(lines) if _LOG_ERROR.search(ln)), lines[-1] if lines else "")
+            if line:
+                break
+    if not line:
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return f"{line} (log {task.paths.stderr})"
+
+
 def _report(phase: Phase, state: str, error: Optional[str]) -> PhaseReport:
-    best = phase.run_dir / "checkpoints" / "best"
+    best = phase.plan.best_checkpoint
     return PhaseReport(config=phase.config, job_id=phase.job.job_id if phase.job else None, state=state,
                        run_dir=str(phase.run_dir), best_checkpoint=str(best) if best.exists() else None,
                        error=error)
 
 
+def _local_params(params: dict[str, Any]) -> dict[str, Any]:
+    local = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    local["nodes"] = 1
+    return local
+
+
 def _executor(kind: str, folder: Path, params: dict[str, Any]) -> submitit.AutoExecutor:
     if kind == "slurm":
-        if shutil.which("sbatch") is None:
-            raise ConfigError("executor=slurm: `sbatch` is not on PATH (not a Slurm login node?); "
-                              "use executor=local to run the chain on this machine")
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    elif kind == "local":
-        executor = submitit.AutoExecutor(folder=folder, cluster="local")
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-        params["nodes"] = 1
     else:
-        raise ConfigError(f"executor must be `slurm` or `local`, got {kind!r}")
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+        params = _local_params(params)
     executor.update_parameters(**params)
     return executor
 
 
+def _sbatch_test_only(phase: Phase) -> None:
+    """Ask Slurm whether it could ever run this job (`sbatch --test-only`): fail now, not pend forever."""
+    cmd = ["sbatch", "--test-only", *sbatch_flags(phase.params), "--wrap=true"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SubmitError(f"{phase.plan.label}: sbatch --test-only failed to run: {e}") from None
+    if res.returncode != 0:
+        reason = _last_line(res.stderr or res.stdout) or f"exit {res.returncode}"
+        raise SubmitError(f"{phase.plan.label}: the cluster cannot run this job ({reason}); "
+                          f"asked for: {' '.join(sbatch_flags(phase.params))}")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _submit(executor: submitit.AutoExecutor, phase: Phase) -> submitit.Job:
+    # submitit prints sbatch's stderr itself before raising; the one-line error below says it.
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return executor.submit(TrainJob(phase.config, phase.overrides, "auto"))
+    except FailedJobError as e:
+        raise SubmitError(f"{phase.plan.label}: sbatch failed: {_last_line(str(e)) or 'no message'}") from None
+
+
 def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = None,
                     overrides: Optional[Sequence[str]] = None, folder: Optional[str | Path] = None,
+                    dry_run: bool = False, phase_overrides: Optional[dict[int, Sequence[str]]] = None,
                     **slurm_params: Any) -> Pipeline:
     """Submit one job per config; each later one runs after the previous succeeds, from its best checkpoint.
 
+    Before anything is submitted, the whole chain is checked (`validate_chain`: configs, shards,
+    run folders, the init_from chain) and, on Slurm, every job is put to `sbatch --test-only`, so
+    that a request the cluster can never run fails now instead of pending forever.
     `executor` defaults to the first config's launch.executor. `overrides` (`a.b=c`) apply to every
-    phase; phase k>1 also gets `phase.init_from=<run of phase k-1>/checkpoints/best`. `slurm_params`
-    are submitit parameters (nodes, gpus_per_node, tasks_per_node, timeout_min, slurm_partition,
-    ...) that override each config's launch section. Slurm phases are chained with `afterok`;
-    local ones run one after the other (the local executor has no dependencies), so with
-    executor="local" this returns once all but the last have finished.
+    phase, `phase_overrides[k]` to phase k (1-based) only; phase k>1 also gets
+    `phase.init_from=<run of phase k-1>/checkpoints/best`. `slurm_params` are submitit parameters
+    (nodes, gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, timeout_min, slurm_partition,
+    slurm_account, slurm_qos, ...) that override each config's launch section. Slurm phases are
+    chained with `afterok`; local ones run one after the other (the local executor has no
+    dependencies), so with executor="local" this returns once all but the last have finished.
+    `dry_run` checks and plans, and submits nothing (`Pipeline.describe()` shows the jobs).
     """
-    if not configs:
-        raise ConfigError("submit_pipeline needs at least one config")
     overrides = list(overrides or [])
-    cfgs = [str(Path(c).resolve()) for c in configs]
-    first = load_config(cfgs[0], overrides)
-    kind = executor or first.launch.executor
+    kind = executor or plan_chain(configs, overrides, phase_overrides)[0].cfg.launch.executor
+    if kind not in ("slurm", "local"):
+        raise ConfigError(f"executor must be `slurm` or `local`, got {kind!r}")
+    if kind == "slurm" and not dry_run and shutil.which("sbatch") is None:
+        raise ConfigError("executor=slurm: `sbatch` is not on PATH (not a Slurm login node?); "
+                          "use executor=local to run the chain on this machine")
+    plans = validate_chain(configs, overrides, phase_overrides)
+    first = plans[0].cfg
     folder = Path(folder or Path(first.run.output_dir) / first.run.name / "submitit").resolve()
-    phases: list[Phase] = []
-    previous: Optional[Phase] = None
-    for path in cfgs:
-        phase_over = list(overrides)
-        if previous is not None:
-            phase_over.append(f"phase.init_from={previous.run_dir / 'checkpoints' / 'best'}")
-        cfg = load_config(path, phase_over)
-        phases.append(Phase(path, phase_over, (Path(cfg.run.output_dir) / cfg.run.name).resolve()))
-        previous = phases[-1]
-    pipeline = Pipeline(phases, folder, kind)
+    phases = []
+    for plan in plans:
+        params = slurm_parameters(plan.cfg.launch, overrides=slurm_params)
+        params.setdefault("name", f"mtlx-{plan.cfg.run.name}")
+        phases.append(Phase(plan, params))
+    pipeline = Pipeline(phases, folder, kind, dry_run=dry_run)
+    if dry_run:
+        return pipeline
+    if kind == "slurm":
+        for phase in phases:
+            _sbatch_test_only(phase)
 
-    for i, phase in enumerate(phases):
-        cfg = load_config(phase.config, phase.overrides)
-        params = slurm_parameters(cfg.launch, overrides=slurm_params)
-        params.setdefault("name", f"mtlx-{cfg.run.name}")
-        prev_job = phases[i - 1].job if i else None
-        if prev_job is not None and kind == "slurm":
-            extra = dict(params.get("slurm_additional_parameters", {}))
-            extra["dependency"] = f"afterok:{prev_job.job_id}"
-            params["slurm_additional_parameters"] = extra
-        elif prev_job is not None and not _succeeded(prev_job):
-            break
-        ex = _executor(kind, folder, params)
-        phase.job = ex.submit(TrainJob(phase.config, phase.overrides, "auto"))
-        logger.info("submitted %s as job %s (%s); run dir %s; logs in %s", Path(phase.config).name,
-                    phase.job.job_id, kind, phase.run_dir, folder)
+    try:
+        for i, phase in enumerate(phases):
+            params = dict(phase.params)
+            prev_job = phases[i - 1].job if i else None
+            if prev_job is not None and kind == "slurm":
+                params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
+                                                         "dependency": f"afterok:{prev_job.job_id}"}
+            elif prev_job is not None and not _succeeded(prev_job):
+                break
+            phase.job = _submit(_executor(kind, folder, params), phase)
+            logger.info("submitted %s as job %s (%s); run dir %s; logs in %s", Path(phase.config).name,
+                        phase.job.job_id, kind, phase.run_dir, folder)
+    except BaseException:
+        if kind == "slurm":  # half a chain is worse than none: its later phases would never run
+            for job in pipeline.jobs:
+                job.cancel(check=False)
+        raise
     return pipeline
 
 
 def _succeeded(job: submitit.Job) -> bool:
     try:
-        job.result()
+        job.results()
     except Exception as e:  # the job's failure, re-raised by submitit
-        logger.error("job %s failed: %s", job.job_id, str(e).strip().splitlines()[-1:] or e)
+        logger.error("job %s failed: %s", job.job_id, _job_error(job, e))
         return False
     return True
 
@@ -273,16 +377,29 @@ def _succeeded(job: submitit.Job) -> bool:
 def cli_main(args: argparse.Namespace) -> int:
     """`mtlxray submit --config C [--then C2 ...]`."""
     params: dict[str, Any] = {}
-    for key in ("nodes", "gpus_per_node", "timeout_min"):
+    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
-    if args.partition is not None:
-        params["slurm_partition"] = args.partition
-    pipeline = submit_pipeline([args.config, *args.then], executor=args.executor,
-                               overrides=args.overrides, folder=args.folder, **params)
+    if args.time is not None and args.timeout_min is not None:
+        raise ConfigError("give --time or --timeout-min, not both")
+    if args.time is not None:
+        params["timeout_min"] = parse_slurm_time(args.time)
+    elif args.timeout_min is not None:
+        params["timeout_min"] = args.timeout_min
+    if args.mem is not None:
+        params["mem_gb"] = parse_mem_gb(args.mem)
+    for key in ("partition", "account", "qos"):
+        if getattr(args, key) is not None:
+            params[f"slurm_{key}"] = getattr(args, key)
+    pipeline = submit_pipeline([args.config, *args.then], executor=args.executor, overrides=args.overrides,
+                               folder=args.folder, dry_run=args.dry_run, **params)
+    if args.dry_run:
+        sys.stdout.write(pipeline.describe())
+        return 0
     for phase in pipeline.phases:
         job_id = phase.job.job_id if phase.job else "-"
         sys.stdout.write(f"{Path(phase.config).name}\t{job_id}\t{phase.run_dir}\n")
+    sys.stdout.flush()
     if not args.wait:
         return 0
     reports = pipeline.wait()

@@ -13,19 +13,21 @@ from mtlxray.model.base import Mode
 __all__ = ["MaskHead", "ClassHead"]
 
 class MaskHead(nn.Module):
-    """3×3 conv C→mid, ReLU, 1×1 conv mid→1, bilinear upsample to the image size. Returns logits.
+    """3×3 conv C→mid (no bias) + BN + ReLU, 1×1 conv mid→1, bilinear upsample to the image size.
 
-    With C=48, mid=24: 10,392 + 25 = 10,417 parameters. The sigmoid lives in the loss.
+    With C=48, mid=24: 10,368 + 48 (BN) + 25 = 10,441 parameters, the paper's 10.44K. Returns
+    logits; the sigmoid lives in the loss.
     """
 
     def __init__(self, in_chs: int = 48, mid_chs: int = 24) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, mid_chs, 3, padding=1)
+        self.conv = nn.Conv2d(in_chs, mid_chs, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(mid_chs)
         self.act = nn.ReLU(inplace=True)
         self.out = nn.Conv2d(mid_chs, 1, 1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        x = self.out(self.act(self.conv(x)))  # B, 1, h, w
+        x = self.out(self.act(self.bn(self.conv(x))))  # B, 1, h, w
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # B, 1, H, W
 
 

@@ -1,8 +1,9 @@
-"""The multi-task Swin-UNet, the U-Net baselines, and `build_model` with its small registry.
+"""The multi-task Swin-UNet, and `build_model` with the registry of every model (`MODELS`).
 
-All models share one output dict and submodule names (`encoder`, `ppm`, `lung_decoder`,
-`inf_decoder`, `lung_head`, `inf_head`, `cls_head`), which freezing and learning-rate rules
-refer to:
+The Swin-UNet's submodules (`encoder`, `ppm`, `lung_decoder`, `inf_decoder`, `lung_head`,
+`inf_head`, `cls_head`) are what its freezing and learning-rate rules refer to. The baselines
+(`mtlxray.model.zoo`, `mtlxray.model.clip`: smp, timm and open_clip models) return the same dict,
+with None for the outputs they do not produce (their `tasks`):
 
     out = model(x)           # x: B×1×H×W in [0, 1]
     out["lung"]              # B×1×H×W logits
@@ -22,12 +23,12 @@ import torch.nn as nn
 from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
 from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode
-from mtlxray.model.decoder import PPM, ConvBNReLU, CrossAttention, DecoderBranch, UpConv
+from mtlxray.model.decoder import PPM, CrossAttention, DecoderBranch, UpConv
 from mtlxray.model.base import MTLModel, Mode, check_mode
 from mtlxray.model.heads import ClassHead, MaskHead
 from mtlxray.model.swin import SwinEncoder
 
-__all__ = ["MultiTaskUNet", "MTLSwinUNet", "UNetEncoder", "build_model", "MODELS"]
+__all__ = ["MultiTaskUNet", "MTLSwinUNet", "build_model", "MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,30 @@ class MultiTaskUNet(MTLModel):
         super().set_mode(mode)
         self.cls_head.set_mode(mode)
 
+    def classifier_names(self) -> list[str]:
+        """Module names of the class head's last layer (re-initialised on a class-count change)."""
+        return ["cls_head.fc"]
+
+    def encoder_block_prefixes(self, n: int) -> list[str]:
+        """Prefixes of the patch embedding and the first `n` encoder blocks, counted across stages
+        (a stage's patch merging goes with its first block); n=0 gives []."""
+        stages = getattr(self.encoder, "stages", None)
+        if stages is None or not hasattr(self.encoder, "patch_embed"):
+            raise ConfigError(f"{type(self.encoder).__name__} has no Swin blocks to count")
+        blocks = [(i, j) for i, stage in enumerate(stages) for j in range(len(stage.blocks))]
+        if not 0 <= n <= len(blocks):
+            raise ConfigError(f"the encoder has {len(blocks)} blocks; cannot freeze the first {n}")
+        out = ["encoder.patch_embed"] if n else []
+        for i, j in blocks[:n]:
+            if j == 0 and any(True for _ in stages[i].downsample.parameters()):
+                out.append(f"encoder.stages.{i}.downsample")
+            out.append(f"encoder.stages.{i}.blocks.{j}")
+        return out
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 1, H, W) in [0, 1] -> the encoder's NCHW maps (strides 4, 8, 16, 32; the last normed)."""
+        return self.encoder((x - _MEAN) / _STD)
+
     def _inf_frozen(self) -> bool:
         return self.inf_decoder is not None and not any(p.requires_grad for p in self.inf_decoder.parameters())
 
@@ -118,7 +143,7 @@ class MultiTaskUNet(MTLModel):
         """x: (B, 1, H, W) in [0, 1] -> {"lung", "inf", "cls"} logits (inf is None in phase1)."""
         mode = check_mode(mode or self.mode)
         size = (x.shape[-2], x.shape[-1])
-        feats = self.encoder((x - _MEAN) / _STD)  # NCHW maps, strides 4, 8, 16, 32
+        feats = self.encode(x)  # NCHW maps, strides 4, 8, 16, 32
         bottleneck = self.ppm(feats[-1])  # B, C, H/32, W/32
         lung_feat, inf_feat = self._decode(bottleneck, feats[-2::-1])
         lung = self.lung_head(lung_feat, size)  # B, 1, H, W
@@ -150,59 +175,73 @@ class MTLSwinUNet(MultiTaskUNet):
         )
 
 
-class UNetEncoder(nn.Module):
-    """Convolutional U-Net encoder with the Swin encoder's strides (4, 8, 16, 32) and widths.
+def _swin_unet(cfg: ModelConfig, pretrained: bool) -> MTLModel:
+    model = MTLSwinUNet(cfg)
+    if pretrained and cfg.encoder_pretrained:
+        from mtlxray.model.pretrained import load_timm_swin_encoder
 
-    A stride-2 conv stem and a max-pool reach stride 4; each later stage max-pools then applies
-    two 3×3 conv+BN+ReLU. Returns one NCHW map per stage.
-    """
-
-    def __init__(self, in_chans: int, widths: Sequence[int]) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True), nn.MaxPool2d(2), ConvBNReLU(widths[0], widths[0]),
-        )
-        self.stages = nn.ModuleList([
-            nn.Sequential(nn.MaxPool2d(2), ConvBNReLU(cin, cout), ConvBNReLU(cout, cout))
-            for cin, cout in zip(widths[:-1], widths[1:])
-        ])
-        self.feature_info = [{"num_chs": w, "reduction": 4 * 2 ** i, "module": "stem" if i == 0 else f"stages.{i - 1}"}
-                             for i, w in enumerate(widths)]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = [self.stem(x)]  # B, w0, H/4, W/4
-        for stage in self.stages:
-            feats.append(stage(feats[-1]))
-        return feats
+        load_timm_swin_encoder(model.encoder, cfg.encoder_pretrained, cfg)
+    return model
 
 
-def _unet(cfg: ModelConfig, two_decoders: bool) -> MultiTaskUNet:
-    widths = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
-    skips = widths[-2::-1]
-    return MultiTaskUNet(
-        encoder=UNetEncoder(cfg.in_chans, widths), ppm=nn.Identity(),
-        lung_decoder=DecoderBranch(widths[-1], skips, cfg.decoder_channels),
-        inf_decoder=DecoderBranch(widths[-1], skips, cfg.decoder_channels) if two_decoders else None,
-        num_classes=cfg.num_classes, head_channels=cfg.head_channels, cls_channels=cfg.cls_channels,
-        cls_use_bottleneck=cfg.cls_use_bottleneck, bottleneck_chs=widths[-1],
-    )
+def _smp(cfg: ModelConfig, pretrained: bool) -> MTLModel:
+    from mtlxray.model.zoo import SMP_ARCHS, SmpSegmenter
+
+    model = SmpSegmenter(cfg, SMP_ARCHS[cfg.name], with_cls=cfg.name == "mtl_unet")
+    if pretrained and cfg.encoder_pretrained:
+        model.load_encoder(cfg.encoder_pretrained, cfg)
+    return model
 
 
-MODELS: dict[str, Callable[[ModelConfig], MultiTaskUNet]] = {
-    "mtl_swin_unet": MTLSwinUNet,
-    "unet": lambda cfg: _unet(cfg, two_decoders=False),
-    "mtl_unet": lambda cfg: _unet(cfg, two_decoders=True),
+def _timm(cfg: ModelConfig, pretrained: bool) -> MTLModel:
+    from mtlxray.model.zoo import TIMM_CLASSIFIERS, TimmClassifier
+
+    return TimmClassifier(cfg, cfg.timm_name or TIMM_CLASSIFIERS[cfg.name], pretrained)
+
+
+def _clip(cfg: ModelConfig, pretrained: bool) -> MTLModel:
+    from mtlxray.model.clip import ClipZeroShot
+
+    return ClipZeroShot(cfg, pretrained)
+
+
+MODELS: dict[str, Callable[[ModelConfig, bool], MTLModel]] = {
+    "mtl_swin_unet": _swin_unet,   # the paper's model (encoder from scratch, or model.encoder_pretrained)
+    "unet": _smp,                  # smp Unet, lung only
+    "unetpp": _smp,                # smp UnetPlusPlus, lung only
+    "deeplabv3p": _smp,            # smp DeepLabV3Plus, lung only
+    "mtl_unet": _smp,              # smp Unet + classification branch after the encoder: lung + class
+    "swin_t_cls": _timm,           # timm swin_tiny_patch4_window7_224, class only
+    "vit_b_cls": _timm,            # timm vit_base_patch16_224
+    "dinov2_cls": _timm,           # timm vit_small_patch14_dinov2 (model.timm_name for larger ones)
+    "beitv2_cls": _timm,           # timm beitv2_base_patch16_224
+    "clip_zeroshot": _clip,        # open_clip, class logits = similarities to the class prompts
 }
+"""Registry name -> builder(cfg, pretrained): the model in phase1 mode."""
+
+_WEIGHTS_FIELD = {"mtl_swin_unet": "encoder_pretrained", "unet": "encoder_pretrained",
+                  "unetpp": "encoder_pretrained", "deeplabv3p": "encoder_pretrained",
+                  "mtl_unet": "encoder_pretrained", "clip_zeroshot": "pretrained"}
+"""Which weights field a model reads (`pretrained` for the timm classifiers too)."""
 
 
-def build_model(cfg: ModelConfig) -> MultiTaskUNet:
-    """Build the model named by `cfg.name` (mtl_swin_unet, unet, mtl_unet) in phase1 mode."""
+def build_model(cfg: ModelConfig, pretrained: bool = True) -> MTLModel:
+    """Build the model named by `cfg.name` (see `MODELS`) in phase1 mode.
+
+    With `pretrained` (the default) the weights named by `model.pretrained` or
+    `model.encoder_pretrained` are loaded from their local files; pass False when a checkpoint's
+    weights will be loaded over the model anyway (`MTLModel.from_pretrained`, export).
+    """
     if cfg.name not in MODELS:
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose from {', '.join(MODELS)}")
-    model = MODELS[cfg.name](cfg)
+    uses = _WEIGHTS_FIELD.get(cfg.name, "pretrained")
+    for name in ("pretrained", "encoder_pretrained"):
+        if name != uses and getattr(cfg, name):
+            raise ConfigError(f"model.{name} is not read by {cfg.name}; its weights file goes in model.{uses}")
+    model = MODELS[cfg.name](cfg, pretrained)
     model.set_grad_checkpointing(cfg.grad_checkpoint)
-    if cfg.name == "mtl_swin_unet":
-        log.info("window attention: %s (auto: explicit softmax on CPU, SDPA on GPU)",
-                 cfg.attention)
+    if model.attention_kernel is not None:
+        # The kernel for a device and precision is chosen where the model is placed there
+        # (model.set_attention(mtlxray.hardware.resolve_attention(...)), which logs the choice).
+        log.debug("window attention: %s as built (model.attention=%s)", model.attention_kernel, cfg.attention)
     return model

@@ -1,4 +1,8 @@
-"""Parameter counts per part (beside the paper's figures) and FLOPs per image: `mtlxray model-summary`."""
+"""Parameter counts per part and FLOPs per image: `mtlxray model-summary`.
+
+The Swin-UNet's parts are printed beside the paper's figures; any other model (the baselines of
+the model zoo) by its top-level submodules.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtlxray.paper import PART_PARAMS
 
-__all__ = ["count_params_by_part", "count_flops", "cli_main"]
+__all__ = ["count_params_by_part", "count_params_by_child", "count_flops", "cli_main"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,24 @@ def count_params_by_part(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def count_params_by_child(model: nn.Module) -> dict[str, int]:
+    """Parameters under each top-level submodule (and directly on the model), frozen ones too."""
+    counts = {name: _numel(child) for name, child in model.named_children()}
+    own = sum(p.numel() for p in model.parameters(recurse=False))
+    if own:
+        counts["(model)"] = own
+    counts["total"] = _numel(model)
+    return counts
+
+
 def count_flops(model: nn.Module, img_size: int, in_chans: int = 1, mode: str = "phase2") -> dict[str, float]:
     """FLOPs for one image: forward, and forward + backward of the summed outputs."""
     was_training = model.training
     model.eval()  # batch 1 cannot train BatchNorm on 1×1 pooled maps; eval counts the same FLOPs
     x = torch.rand(1, in_chans, img_size, img_size)
     try:
+        with torch.no_grad():  # warm-up: what a model computes once and keeps (CLIP's class
+            model(x, mode=mode)  # embeddings in eval mode) is amortised, not counted per image
         with FlopCounterMode(display=False) as fwd:
             with torch.no_grad():
                 model(x, mode=mode)
@@ -66,17 +82,38 @@ def _table(counts: dict[str, int], flops: dict[str, float], name: str, img_size:
     return "\n".join(lines)
 
 
+def _child_table(counts: dict[str, int], flops: dict[str, float], name: str, img_size: int, mode: str,
+                 tasks: list[str]) -> str:
+    lines = [f"model {name}, {img_size}x{img_size} input, {mode}, outputs {', '.join(tasks)}",
+             f"{'part':<16}{'params':>14}"]
+    lines += [f"{part:<16}{n:>14,}" for part, n in counts.items()]
+    lines.append(f"GFLOPs/image: forward {flops['forward'] / 1e9:.2f}, "
+                 f"forward+backward {flops['forward_backward'] / 1e9:.2f}")
+    return "\n".join(lines)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """`mtlxray model-summary [--config C] [--json] [overrides]`."""
     from mtlxray.config import load_config
-    from mtlxray.model.net import build_model
+    from mtlxray.model.net import MultiTaskUNet, build_model
 
     cfg = load_config(args.config, args.overrides)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, pretrained=False)  # counting needs no weights
     mode = cfg.phase.name
     model.set_mode(mode)
-    counts = count_params_by_part(model)
     flops = count_flops(model, cfg.model.img_size, cfg.model.in_chans, mode)
+    if not isinstance(model, MultiTaskUNet):  # a baseline: its own parts, no paper column
+        counts = count_params_by_child(model)
+        tasks = sorted(model.tasks)
+        if args.json:
+            print(json.dumps({
+                "model": cfg.model.name, "img_size": cfg.model.img_size, "mode": mode, "tasks": tasks,
+                "params": counts, "paper_params": None, "gflops": {k: v / 1e9 for k, v in flops.items()},
+            }, indent=2))
+        else:
+            print(_child_table(counts, flops, cfg.model.name, cfg.model.img_size, mode, tasks))
+        return 0
+    counts = count_params_by_part(model)
     if args.json:
         print(json.dumps({
             "model": cfg.model.name, "img_size": cfg.model.img_size, "mode": mode,

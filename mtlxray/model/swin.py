@@ -5,6 +5,9 @@ as 256 (maps 64/32/16/8 with window 7) work; padding tokens are masked as keys. 
 is not larger than the window at the configured image size, the window shrinks to the map and the
 shift is dropped. The relative position bias is gathered from its table on every call (it is
 learned); the window layout and the shift/padding mask are built once per (size, dtype, device).
+The attention kernel (SDPA or an explicit softmax) is an attribute set at construction or by
+`set_attention`, never decided per forward: the choice per device and precision is made outside
+the model (`mtlxray.hardware.resolve_attention`) by the code that places it.
 """
 
 from __future__ import annotations
@@ -16,32 +19,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlxray.hardware import cpu_has_native_bf16
 from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode, run_checkpointed, run_segment
 
 __all__ = [
     "SwinEncoder", "SwinBlock", "WindowAttention", "PatchEmbed", "PatchMerging", "DropPath",
-    "window_partition", "window_layout", "resolve_attention",
+    "window_partition", "window_layout", "AttnImpl", "AttnKernel", "ATTENTION_KERNELS", "DEFAULT_KERNEL",
 ]
 
 log = logging.getLogger(__name__)
 
 AttnImpl = Literal["auto", "sdpa", "explicit"]
+"""`model.attention`: a kernel, or `auto` for the measured choice per device and precision."""
+AttnKernel = Literal["sdpa", "explicit"]
+"""The kernel a `WindowAttention` runs."""
+ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit")
+DEFAULT_KERNEL: AttnKernel = "sdpa"
+"""What `auto` runs until the code that places the model on a device and precision applies the
+measured choice (`model.set_attention(mtlxray.hardware.resolve_attention(...))`): SDPA is
+PyTorch's portable kernel, never far from the faster one on CPU and fused on GPUs. The model
+itself never looks at the hardware (a check per forward would also be a branch that tracers and
+exporters have to follow)."""
 
-# Measured fwd+bwd at the Swin-T window shapes, 2-core CPUs (README, "Window attention", and the
-# `attention` benchmark): with an additive mask CPU SDPA takes its math path, slower than the
-# explicit form by 1.1-1.8× in fp32 and, on AVX-512 CPUs (native bf16 dot products), about 2× in
-# bf16. On AVX2-only CPUs the explicit form's bf16 batched matmuls take a slow path and SDPA (which
-# accumulates in fp32) was 8× faster. Elsewhere SDPA's fused kernels accept the mask.
-def resolve_attention(impl: str, dtype: torch.dtype, device_type: str) -> str:
-    """The attention kernel to run: `impl` unless it is `auto`, then the measured choice."""
-    if impl != "auto":
-        return impl
-    if device_type != "cpu":
-        return "sdpa"
-    if dtype == torch.bfloat16:
-        return "explicit" if cpu_has_native_bf16() else "sdpa"
-    return "explicit"
+
+def check_kernel(kernel: str) -> AttnKernel:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"window attention kernel must be one of {'|'.join(ATTENTION_KERNELS)}, got {kernel!r} "
+                         "(resolve `auto` first: mtlxray.hardware.resolve_attention)")
+    return kernel  # type: ignore[return-value]
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -76,7 +80,9 @@ def window_layout(H: int, W: int, ws: int, shift: int,
 
     gather, valid_w, region_w = windows(src).flatten(), windows(valid), windows(region)
     blocked = (region_w[:, :, None] != region_w[:, None, :]) | ~valid_w[:, None, :]  # nW, N, N
-    blocked &= ~torch.eye(N, dtype=torch.bool, device=device)
+    # Out of place: exporters have no in-place `&=` (aten::__iand_), and this runs inside a trace
+    # whenever the layout for a size is not cached yet.
+    blocked = blocked & ~torch.eye(N, dtype=torch.bool, device=device)
     scatter = torch.empty(H * W, dtype=torch.long, device=device)
     slots = torch.arange(gather.numel(), device=device)
     keep = valid_w.flatten()
@@ -114,20 +120,23 @@ class WindowAttention(nn.Module):
 
     qkv and the output projection run on the map's own tokens; one gather forms the padded,
     rolled windows and one gather reads the result back, so padding costs no Linear FLOPs and
-    padding keys are masked out. `attention` picks the kernel: `sdpa`
-    (F.scaled_dot_product_attention with bias+mask as attn_mask), `explicit`
-    (softmax(q·kᵀ·scale + bias + mask)·v) or `auto` (the measured choice per device and dtype).
+    padding keys are masked out. `attention` is the kernel, fixed until `set_attention` (timm's
+    `fused_attn`): `sdpa` (F.scaled_dot_product_attention with bias+mask as attn_mask) or
+    `explicit` (softmax(q·kᵀ·scale + bias + mask)·v); both compute the same maths.
     """
 
+    fused_attn: bool
+    """True: the SDPA kernel; False: the explicit softmax."""
+
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
-                 attention: AttnImpl = "auto") -> None:
+                 attention: AttnKernel = DEFAULT_KERNEL) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.window_size = window_size
         self.shift_size = shift_size
-        self.attention = attention
+        self.set_attention(attention)
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -136,6 +145,14 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=False)
         self._layout_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
         self._mask_cache: dict[tuple, Optional[torch.Tensor]] = {}
+
+    def set_attention(self, kernel: AttnKernel) -> None:
+        """Run `kernel` (`sdpa` or `explicit`) from the next forward on."""
+        self.fused_attn = check_kernel(kernel) == "sdpa"
+
+    @property
+    def attention(self) -> AttnKernel:
+        return "sdpa" if self.fused_attn else "explicit"
 
     def _layout(self, H: int, W: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -163,7 +180,7 @@ class WindowAttention(nn.Module):
         bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)  # heads, N, N
         if mask is not None:
             bias = bias + mask  # nW, heads, N, N
-        if resolve_attention(self.attention, q.dtype, q.device.type) == "sdpa":
+        if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, nW, heads, N, N
@@ -186,7 +203,7 @@ class SwinBlock(nn.Module):
     """Pre-norm (shifted-)window attention + MLP, both residual with stochastic depth. NHWC in and out."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, attention: AttnImpl = "auto") -> None:
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, attention: AttnKernel = DEFAULT_KERNEL) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
@@ -243,7 +260,7 @@ class SwinStage(nn.Module):
     """Optional patch merging, then `depth` blocks alternating W-MSA and SW-MSA."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, resolution: int, window_size: int,
-                 mlp_ratio: float, drop_path: list[float], downsample: bool, attention: AttnImpl) -> None:
+                 mlp_ratio: float, drop_path: list[float], downsample: bool, attention: AttnKernel) -> None:
         super().__init__()
         self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
         # On maps no larger than the window, the window covers the map and shifting is pointless.
@@ -262,6 +279,8 @@ class SwinEncoder(nn.Module):
     """Swin Transformer returning one NCHW feature map per stage (strides 4, 8, 16, 32).
 
     `feature_info` lists `num_chs`, `reduction` and `module` for each output (timm style).
+    `attention` is the window-attention kernel (`sdpa`, `explicit`, or `auto`: `DEFAULT_KERNEL`
+    until `set_attention` applies the choice for a device and precision).
     """
 
     def __init__(self, img_size: int = 256, in_chans: int = 1, patch_size: int = 4, embed_dim: int = 96,
@@ -269,6 +288,9 @@ class SwinEncoder(nn.Module):
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
                  attention: AttnImpl = "auto", grad_checkpoint: CheckpointMode = "none") -> None:
         super().__init__()
+        if attention != "auto":
+            check_kernel(attention)
+        kernel = DEFAULT_KERNEL if attention == "auto" else attention
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
@@ -278,13 +300,25 @@ class SwinEncoder(nn.Module):
             dim = embed_dim * 2 ** i
             reduction = patch_size * 2 ** i
             self.stages.append(SwinStage(dim, depth, heads, img_size // reduction, window_size, mlp_ratio,
-                                         rates[start:start + depth], downsample=i > 0, attention=attention))
+                                         rates[start:start + depth], downsample=i > 0, attention=kernel))
             self.feature_info.append({"num_chs": dim, "reduction": reduction, "module": f"stages.{i}"})
             start += depth
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
         self.apply(_init_weights)
         self.set_grad_checkpointing(grad_checkpoint)
-        log.debug("Swin encoder: attention=%s, grad_checkpoint=%s", attention, grad_checkpoint)
+        log.debug("Swin encoder: attention=%s (kernel %s), grad_checkpoint=%s", attention, kernel, grad_checkpoint)
+
+    def set_attention(self, kernel: AttnKernel) -> None:
+        """Run every window attention with `kernel` (`sdpa` or `explicit`)."""
+        check_kernel(kernel)
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.set_attention(kernel)
+
+    @property
+    def attention(self) -> AttnKernel:
+        """The kernel the window attentions run (`set_attention` sets them all alike)."""
+        return next(m.attention for m in self.modules() if isinstance(m, WindowAttention))
 
     def set_grad_checkpointing(self, mode: CheckpointMode = "block") -> None:
         """Recompute activations in backward per window attention, or per block (whole or

@@ -1,17 +1,19 @@
-"""PNG figures: loss curves per phase, confusion matrix, mask overlays and Dice histograms.
+"""PNG figures: loss curves per phase, confusion matrix, mask and error overlays, Dice histograms,
+and the annotated overlay `predict` writes per image.
 
-Everything renders with matplotlib's Agg backend (no display needed) and is written atomically.
+Everything renders with matplotlib's Agg backend (no display needed) or PIL, and is written
+atomically through `mtlxray.io` (files get the mode the umask gives, like any other file).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -19,6 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from mtlxray.io import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -28,50 +33,168 @@ INF_RGB = (1.0, 0.25, 0.1)
 """Infection overlay colour (red-orange)."""
 _ALPHA = {"lung": 0.35, "inf": 0.65}
 """Blend weight per mask; infection is stronger so it stays visible on top of lung."""
+TP_RGB = (0.2, 0.75, 0.3)
+"""Error overlays: predicted and true (green, faint)."""
+FP_RGB = (1.0, 0.1, 0.85)
+"""Error overlays: predicted but not true, a false positive (magenta)."""
+FN_RGB = (1.0, 0.85, 0.0)
+"""Error overlays: true but missed, a false negative (yellow); magenta and yellow stay apart under
+the common colour-vision deficiencies and against grey."""
+_ERROR_ALPHA = {"tp": 0.25, "fp": 0.8, "fn": 0.8}
 
 
 @dataclass(frozen=True)
 class OverlayCase:
-    """One row of an overlay grid: the image, its true masks and the predicted masks (H×W each)."""
+    """One row of an overlay grid: the image, its true and predicted masks (H×W each; infection
+    None where there is none, e.g. a phase-1 model), and optionally the score it was ranked by."""
 
     title: str
     image: np.ndarray
     lung_true: np.ndarray
-    inf_true: np.ndarray
+    inf_true: Optional[np.ndarray]
     lung_pred: np.ndarray
-    inf_pred: np.ndarray
+    inf_pred: Optional[np.ndarray]
+    score: Optional[float] = None
+    """Shown under the title as `score_name score` (e.g. infection Dice 0.412)."""
+    score_name: str = "Dice"
+
+
+def rank_cases(cases: Sequence[OverlayCase], n: Optional[int] = None,
+               worst_first: bool = True) -> list[OverlayCase]:
+    """Cases ordered by `score` (worst first by default; cases without a finite score last),
+    the first `n` of them if given: e.g. a phase-2 report's worst cases by infection Dice."""
+    def key(c: OverlayCase) -> tuple[bool, float]:
+        ok = c.score is not None and math.isfinite(c.score)
+        return (not ok, (c.score if worst_first else -c.score) if ok else 0.0)
+
+    ranked = sorted(cases, key=key)
+    return ranked if n is None else ranked[:n]
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    """Write the figure to `out` through a temp file, then close it."""
+    """Write the figure to `out` atomically, then close it."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     logger.debug("wrote %s", out)
     return out
 
 
-def overlay_rgb(image: np.ndarray, lung: np.ndarray, inf: np.ndarray) -> np.ndarray:
-    """Blend masks onto a grayscale image: lung in LUNG_RGB, infection in INF_RGB on top.
+def save_png(array: np.ndarray, out: Path) -> Path:
+    """Write an H×W or H×W×3 uint8 array as a PNG atomically."""
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return out
 
-    image: H×W uint8 or float in [0, 1]; lung, inf: H×W bool/0-1. Returns H×W×3 uint8.
-    """
+
+def _gray_rgb(image: np.ndarray) -> np.ndarray:
+    """H×W uint8 or float in [0, 1] -> H×W×3 float32 in [0, 1]."""
     img = image.astype(np.float32)
     if image.dtype == np.uint8:
         img = img / 255.0
-    rgb = np.repeat(img[..., None], 3, axis=-1)  # H×W×3
-    for mask, colour, alpha in ((lung, LUNG_RGB, _ALPHA["lung"]), (inf, INF_RGB, _ALPHA["inf"])):
-        m = mask.astype(bool)[..., None]  # H×W×1
+    return np.repeat(img[..., None], 3, axis=-1)
+
+
+def _blend(rgb: np.ndarray, layers) -> np.ndarray:
+    """Blend (mask, colour, alpha) layers in order onto float RGB; returns H×W×3 uint8."""
+    for mask, colour, alpha in layers:
+        if mask is None:
+            continue
+        m = np.asarray(mask).astype(bool)[..., None]  # H×W×1
         rgb = np.where(m, (1 - alpha) * rgb + alpha * np.asarray(colour, np.float32), rgb)
     return (rgb.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def overlay_rgb(image: np.ndarray, lung: np.ndarray, inf: Optional[np.ndarray]) -> np.ndarray:
+    """Blend masks onto a grayscale image: lung in LUNG_RGB, infection in INF_RGB on top.
+
+    image: H×W uint8 or float in [0, 1]; lung, inf: H×W bool/0-1 (inf may be None). Returns H×W×3 uint8.
+    """
+    return _blend(_gray_rgb(image), ((lung, LUNG_RGB, _ALPHA["lung"]), (inf, INF_RGB, _ALPHA["inf"])))
+
+
+def error_rgb(image: np.ndarray, true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Segmentation errors on a grayscale image: false positives (predicted, not true) in FP_RGB,
+    false negatives (true, missed) in FN_RGB, true positives faint in TP_RGB. H×W×3 uint8."""
+    t, p = np.asarray(true).astype(bool), np.asarray(pred).astype(bool)
+    return _blend(_gray_rgb(image), ((t & p, TP_RGB, _ERROR_ALPHA["tp"]), (p & ~t, FP_RGB, _ERROR_ALPHA["fp"]),
+                                     (t & ~p, FN_RGB, _ERROR_ALPHA["fn"])))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """`text` broken at spaces into lines no wider than `width` pixels (a longer word stands alone)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def annotate_rgb(rgb: np.ndarray, lines: Sequence[str],
+                 legend: Sequence[tuple[str, tuple[float, float, float]]]) -> np.ndarray:
+    """`rgb` (H×W×3 uint8) with a dark band below it holding `lines` of text and a colour legend.
+
+    The image keeps its pixel grid (the band is added under row H-1), so pixel (x, y) of the
+    result is pixel (x, y) of the input; text wraps to the image width.
+    """
+    h, w = rgb.shape[:2]
+    size = max(10, min(28, w // 32))
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, line_h = max(2, size // 3), size + max(2, size // 4)
+    text_lines = [part for line in lines for part in _wrap(probe, line, font, w - 2 * pad)]
+    items = [(label, tuple(int(round(255 * c)) for c in colour)) for label, colour in legend]
+    rows: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    x = pad
+    for label, colour in items:  # legend entries: a swatch and its label, wrapped like text
+        item_w = size + pad + int(probe.textlength(label, font=font)) + 2 * pad
+        if rows[-1] and x + item_w > w - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append((label, colour))
+        x += item_w
+    n_rows = len(text_lines) + (len(rows) if items else 0)
+    band = Image.new("RGB", (w, n_rows * line_h + 2 * pad), (24, 24, 24))
+    draw = ImageDraw.Draw(band)
+    y = pad
+    for line in text_lines:
+        draw.text((pad, y), line, fill=(255, 255, 255), font=font)
+        y += line_h
+    for row in rows if items else []:
+        x = pad
+        for label, colour in row:
+            draw.rectangle((x, y + 1, x + size - 1, y + size), fill=colour)
+            x += size + pad
+            draw.text((x, y), label, fill=(230, 230, 230), font=font)
+            x += int(draw.textlength(label, font=font)) + 2 * pad
+        y += line_h
+    return np.concatenate([rgb, np.asarray(band, np.uint8)], axis=0)
+
+
+def prediction_overlay(image: np.ndarray, lung: np.ndarray, inf: Optional[np.ndarray], *, predicted_class: str,
+                       probability: float, severity: Optional[float], note: str = "") -> np.ndarray:
+    """The overlay `predict` writes: lung and infection on the image, and a band below it with the
+    predicted class and its probability, the severity, and a legend. H'×W×3 uint8, H' > H.
+
+    severity: infected lung area in percent, or None (then `note` says why, e.g. gated).
+    """
+    sev = f"severity {severity:.1f}%" if severity is not None else f"severity n/a{f' ({note})' if note else ''}"
+    lines = [f"{predicted_class} (p={probability:.3f})", sev]
+    legend = [("lung", LUNG_RGB)] + ([("infection", INF_RGB)] if inf is not None else [])
+    return annotate_rgb(overlay_rgb(image, lung, inf), lines, legend)
 
 
 def read_metrics_jsonl(path: Path) -> list[dict]:
@@ -164,31 +287,50 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], out: Path,
     return _save(fig, out)
 
 
-def plot_overlay_grid(cases: Sequence[OverlayCase], out: Path, title: str = "") -> Path:
-    """One row per case: image, ground truth overlay, prediction overlay."""
+ERROR_LEGEND = [Patch(color=FP_RGB, label="false positive"), Patch(color=FN_RGB, label="false negative"),
+                Patch(color=TP_RGB, alpha=0.6, label="true positive")]
+
+
+def plot_overlay_grid(cases: Sequence[OverlayCase], out: Path, title: str = "", *, errors: bool = True) -> Path:
+    """One row per case, in the order given: the image, the ground truth and the prediction
+    overlays, then (with `errors`) the lung errors and, where any case has infection masks, the
+    infection errors: false positives in FP_RGB, false negatives in FN_RGB. Each row is labelled
+    with the case's title and its score (see `rank_cases` to order them)."""
+    has_inf = any(c.inf_true is not None or c.inf_pred is not None for c in cases)
+    names = ["image", "ground truth", "prediction"]
+    if errors:
+        names += ["lung errors"] + (["infection errors"] if has_inf else [])
     n = max(len(cases), 1)
-    fig, axes = plt.subplots(n, 3, figsize=(9.0, 3.1 * n), squeeze=False)
+    fig, axes = plt.subplots(n, len(names), figsize=(3.0 * len(names), 3.1 * n), squeeze=False)
     for row, case in zip(axes, cases):
-        panels = (
-            ("image", np.repeat(case.image[..., None], 3, -1) if case.image.ndim == 2 else case.image),
-            ("ground truth", overlay_rgb(case.image, case.lung_true, case.inf_true)),
-            ("prediction", overlay_rgb(case.image, case.lung_pred, case.inf_pred)),
-        )
-        for ax, (name, rgb) in zip(row, panels):
+        panels = [
+            np.repeat(case.image[..., None], 3, -1) if case.image.ndim == 2 else case.image,
+            overlay_rgb(case.image, case.lung_true, case.inf_true),
+            overlay_rgb(case.image, case.lung_pred, case.inf_pred),
+        ]
+        if errors:
+            panels.append(error_rgb(case.image, case.lung_true, case.lung_pred))
+            if has_inf:
+                zeros = np.zeros(case.image.shape[:2], bool)
+                panels.append(error_rgb(case.image, zeros if case.inf_true is None else case.inf_true,
+                                        zeros if case.inf_pred is None else case.inf_pred))
+        for ax, name, rgb in zip(row, names, panels):
             ax.imshow(rgb, cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(name, fontsize=9)
-        row[0].set_ylabel(case.title, fontsize=8)
+        label = case.title if case.score is None else f"{case.title}\n{case.score_name} {case.score:.3f}"
+        row[0].set_ylabel(label, fontsize=8)
     if not cases:
         for ax in axes[0]:
             ax.axis("off")
         axes[0][1].text(0.5, 0.5, "no cases", ha="center", va="center")
     legend = [Patch(color=LUNG_RGB, label="lung"), Patch(color=INF_RGB, label="infection")]
-    fig.legend(handles=legend, loc="upper right", ncol=2, fontsize=9)
+    fig.legend(handles=legend + (ERROR_LEGEND if errors else []), loc="upper right",
+               ncol=len(legend) + (len(ERROR_LEGEND) if errors else 0), fontsize=9)
     if title:
-        fig.suptitle(title, x=0.4)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+        fig.suptitle(title, x=0.02, ha="left")  # left, clear of the legend on the right
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return _save(fig, out)
 
 

@@ -1,30 +1,12 @@
-"""Markdown tables for evaluation reports and the demo report, and an atomic text writer."""
+"""Markdown tables for evaluation reports and the demo report."""
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 SEG_ROWS = (("Dice", "dice"), ("IoU", "iou"), ("Pixel accuracy", "pixel_accuracy"),
             ("Sensitivity", "sensitivity"), ("Specificity", "specificity"))
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def fmt(value: object, digits: int = 4) -> str:
@@ -49,51 +31,75 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def segmentation_table(metrics: Mapping) -> str:
+def segmentation_table(summary: Mapping) -> str:
     """Lung and infection metrics, mean over images and global, with CIs on the mean Dice."""
-    lung, inf, ci = metrics["lung"], metrics["infection"], metrics.get("ci95", {})
-    rows = []
-    for label, key in SEG_ROWS:
-        rows.append([label, lung.get(key), lung.get(f"{key}_global"), inf.get(key), inf.get(f"{key}_global")])
-    rows.append(["Dice 95% CI (mean)", fmt_ci(ci.get("lung_dice")), "", fmt_ci(ci.get("inf_dice")), ""])
-    rows.append(["Images", metrics["lung"].get("n_images"), "", metrics["infection"].get("n_images"), ""])
-    return table(["Metric", "Lung (mean)", "Lung (global)", "Infection (mean)", "Infection (global)"], rows)
+    m, ci = summary["metrics"], summary.get("ci95", {})
+    tasks = [t for t in ("lung", "inf") if f"{t}_dice" in m]
+    if not tasks:
+        return "The model has no segmentation output.\n"
+    headers = ["Metric"]
+    for t in tasks:
+        name = "Lung" if t == "lung" else "Infection"
+        headers += [f"{name} (mean)", f"{name} (global)"]
+    rows = [[label, *(v for t in tasks for v in (m.get(f"{t}_{key}"), m.get(f"{t}_{key}_global")))]
+            for label, key in SEG_ROWS]
+    rows.append(["Dice 95% CI (mean)", *(v for t in tasks for v in (fmt_ci(ci.get(f"{t}_dice")), ""))])
+    rows.append(["Images", *(v for t in tasks for v in (m.get(f"{t}_n"), ""))])
+    text = table(headers, rows)
+    if "inf_fp_share" in m:
+        text += ("\n" + table(["Infection on negative images", "Value"], [
+            ["Images with any predicted infection", fmt_pct(m["inf_fp_share"])],
+            ["Mean predicted infection area (% of predicted lung)", fmt(m["inf_fp_area_pct"], 2)],
+            ["Negative images", m["inf_negatives_n"]]]))
+    return text
 
 
-def classification_tables(metrics: Mapping) -> str:
+def fmt_pct(value: object) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def classification_tables(summary: Mapping) -> str:
     """Headline classification figures, per-class figures and the confusion matrix."""
-    c, ci, names = metrics["classification"], metrics.get("ci95", {}), metrics["class_names"]
+    m, ci, names = summary["metrics"], summary.get("ci95", {}), summary["class_names"]
+    if "accuracy" not in m:
+        return "The model has no class output.\n"
     head = table(["Metric", "Value", "95% CI"], [
-        ["Accuracy", c["accuracy"], fmt_ci(ci.get("accuracy"))],
-        ["Macro F1", c["f1_macro"], fmt_ci(ci.get("f1_macro"))],
-        ["Macro precision", c["precision_macro"], ""],
-        ["Macro recall (sensitivity)", c["recall_macro"], ""],
-        ["Macro specificity", c["specificity_macro"], ""],
-        ["Macro one-vs-rest AUC", c["auc_macro"], fmt_ci(ci.get("auc_macro"))],
+        ["Accuracy", m["accuracy"], fmt_ci(ci.get("accuracy"))],
+        ["Macro F1", m["f1_macro"], fmt_ci(ci.get("f1_macro"))],
+        ["Macro precision", m["precision_macro"], ""],
+        ["Macro recall (sensitivity)", m["recall_macro"], ""],
+        ["Macro specificity", m["specificity_macro"], ""],
+        ["Macro one-vs-rest AUC", m["auc_macro"], fmt_ci(ci.get("auc_macro"))],
     ])
     per = table(["Class", "Precision", "Recall", "Specificity", "F1", "AUC (one-vs-rest)"], [
-        [n, c[f"precision/{n}"], c[f"recall/{n}"], c[f"specificity/{n}"], c[f"f1/{n}"], c[f"auc/{n}"]]
+        [n, m[f"precision/{n}"], m[f"recall/{n}"], m[f"specificity/{n}"], m[f"f1/{n}"], m[f"auc/{n}"]]
         for n in names
     ])
-    cm = table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, metrics["confusion"])])
+    cm = table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, summary["confusion"])])
     return f"{head}\n{per}\n{cm}"
 
 
-def evaluation_markdown(metrics: Mapping, figures: Mapping[str, str], heading: str = "#") -> str:
+def evaluation_markdown(summary: Mapping, figures: Mapping[str, str], heading: str = "#") -> str:
     """The body of an evaluation report: what was evaluated, the tables, and the figures (relative paths)."""
-    h = heading
+    h, m = heading, summary["metrics"]
+    positives = "/".join(summary.get("infection_classes", ["COVID-19"]))
+    if "inf_n" in m:
+        inf_note = (f"Infection metrics are computed on {positives} images that have an infection mask only "
+                    f"({int(m['inf_n'])} images); on the other classes the share of images with any predicted "
+                    "infection is reported instead. ")
+    else:
+        inf_note = f"The model has no infection head in {summary.get('phase', 'this phase')}: no infection metrics. "
     lines = [
-        f"{h} Evaluation: {metrics['subset']} subset, {metrics['split']} split\n",
-        f"Checkpoint `{metrics['checkpoint']}`, shards `{metrics['shards']}`, "
-        f"{metrics['n_images']} images, {metrics['world_size']} process(es). "
-        f"Masks are thresholded at probability 0.5. Infection metrics are computed on COVID-19 images "
-        f"that have an infection mask only ({metrics['infection']['n_images']} images); a Dice of "
-        f"an empty prediction on an empty mask counts as 1. Intervals are 95% percentile bootstrap "
-        f"intervals over images ({metrics['bootstrap']} resamples).\n",
+        f"{h} Evaluation: {summary['subset']} subset, {summary['split']} split\n",
+        f"Checkpoint `{summary['checkpoint']}`, shards `{summary['shards']}`, "
+        f"{int(m['n_images'])} images, {summary['world_size']} process(es). "
+        f"Masks are thresholded at probability 0.5. {inf_note}A Dice of an empty prediction on an empty mask "
+        f"counts as 1. Macro averages cover the classes present in the split. Intervals are 95% percentile "
+        f"bootstrap intervals over images ({summary['bootstrap']} resamples).\n",
         f"{h}# Segmentation\n",
-        segmentation_table(metrics),
+        segmentation_table(summary),
         f"{h}# Classification\n",
-        classification_tables(metrics),
+        classification_tables(summary),
     ]
     if figures:
         lines.append(f"{h}# Figures\n")

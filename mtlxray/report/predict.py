@@ -5,8 +5,12 @@ are resized back to the original size. Per image the output folder gets
 
     masks/<name>_lung.png, masks/<name>_inf.png   0/255 masks at the original size
                                                  (<name>: the file's stem, made file-name safe)
-    overlays/<name>_overlay.png                  lung and infection drawn on the image
-    predictions.jsonl                            one JSON line per image
+    overlays/<name>_overlay.png                  lung and infection drawn on the image, with a band
+                                                 below it: predicted class and probability,
+                                                 severity, legend
+    predictions.jsonl, predictions.csv           one record per image (the CSV has one column per
+                                                 class probability)
+    errors.jsonl                                 the inputs that failed, if any
 
 Severity is the infected lung area over the lung area, in percent (infection pixels outside the
 predicted lung are not counted). With a gate P (after MultiCheXNet), infection is reported only
@@ -15,18 +19,24 @@ checkpoint has no infection output, so it never reports infection.
 
 A file that cannot be used (unreadable, not an image, larger than the decompression-bomb limit)
 is reported in errors.jsonl and on stderr while the others carry on; the exit code is then 1.
+
+The output folder must be empty (or new): files of an earlier run (masks of images no longer
+predicted, an old errors.jsonl) would otherwise sit beside the new ones and read as current. With
+`--overwrite` predict first deletes what it writes (`PREDICT_OUTPUTS`) and keeps anything else.
+Every file is written atomically with the mode the umask gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
-import os
 import re
+import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,18 +44,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from mtlxray import CLASS_NAMES
-from mtlxray.errors import DataError
-from mtlxray.report.figures import overlay_rgb
-from mtlxray.report.markdown import write_text_atomic
+from mtlxray.data.images import read_grayscale
+from mtlxray.errors import ConfigError, DataError, MtlxError
+from mtlxray.io import write_text_atomic
+from mtlxray.report.figures import prediction_overlay, save_png
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 """Suffixes picked up from folders; files named explicitly are tried whatever their suffix."""
 COVID = CLASS_NAMES.index("COVID-19")
+PREDICT_OUTPUTS = ("masks", "overlays", "predictions.jsonl", "predictions.csv", "errors.jsonl")
+"""What predict writes under its output folder (and `--overwrite` deletes first)."""
+CSV_FIELDS = ["file", "name", "width", "height", "predicted_class", *(f"p_{c}" for c in CLASS_NAMES),
+              "infection_reported", "lung_area_px", "infection_area_px", "severity_percent"]
+"""predictions.csv columns; `p_<class>` are the class probabilities."""
 
 
 @dataclass(frozen=True)
@@ -74,24 +89,11 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failu
 def load_gray(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """An image file as H×W uint8 grayscale; DataError naming the file if it cannot be used.
 
-    max_pixels: refuse larger images before decoding (default: PIL.Image.MAX_IMAGE_PIXELS).
+    The shard builder's reader (`mtlxray.data.images.read_grayscale`): 16-bit images rescaled by
+    their range, DICOM through pydicom, and the same pixel limit (max_pixels, default
+    `mtlxray.data.images.MAX_PIXELS`), refused before decoding.
     """
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x its limit; treat that as the error it guards against.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if limit is not None and im.width * im.height > limit:
-                    raise DataError(f"{path}: {im.width}x{im.height} pixels exceeds the limit of {limit} "
-                                    "(decompression-bomb guard)")
-                return np.array(im.convert("L"), dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{path}: refused as a decompression bomb: {e}") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image PIL can read") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image: {e}") from None
+    return read_grayscale(path, max_pixels=max_pixels)
 
 
 def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -99,18 +101,6 @@ def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     batch = [F.interpolate(torch.from_numpy(im).float()[None, None] / 255.0, size=(size, size),
                            mode="bilinear", align_corners=False, antialias=True) for im in images]
     return torch.cat(batch)  # B×1×S×S
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    """Write a PNG through a temp file and rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
@@ -147,9 +137,14 @@ def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p:
     inf = (inf_p > 0.5) if reported else np.zeros_like(lung)
     lung_area = int(lung.sum())
     severity = 100.0 * int((inf & lung).sum()) / lung_area if reported and lung_area else None
-    _save_png(out / "masks" / f"{name}_lung.png", lung.astype(np.uint8) * 255)
-    _save_png(out / "masks" / f"{name}_inf.png", inf.astype(np.uint8) * 255)
-    _save_png(out / "overlays" / f"{name}_overlay.png", overlay_rgb(image, lung, inf))
+    save_png(lung.astype(np.uint8) * 255, out / "masks" / f"{name}_lung.png")
+    save_png(inf.astype(np.uint8) * 255, out / "masks" / f"{name}_inf.png")
+    predicted = int(probs.argmax())
+    note = "" if reported else ("no infection output (phase-1 model)" if not has_inf
+                                else f"P(COVID-19) below the gate {gate:g}")
+    overlay = prediction_overlay(image, lung, inf if reported else None, predicted_class=CLASS_NAMES[predicted],
+                                 probability=float(probs[predicted]), severity=severity, note=note)
+    save_png(overlay, out / "overlays" / f"{name}_overlay.png")
     return {
         "file": str(path),
         "name": name,
@@ -167,7 +162,13 @@ def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p:
 def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, *, gate: float | None = None,
                   batch_size: int = 8, max_pixels: int | None = None,
                   device: torch.device | str = "cpu") -> tuple[list[dict], list[Failure]]:
-    """Run `model` on image files, writing masks and overlays under `out`; (records, failures)."""
+    """Run `model` on image files, writing masks and overlays under `out`; (records, failures).
+
+    The model runs as given (its device, dtype and attention kernel); `load_predictor` prepares
+    one for CPU. ConfigError for a gate outside [0, 1] or a batch size below 1."""
+    check_gate(gate)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     out = Path(out)
     for sub in ("masks", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -192,28 +193,103 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
     return records, failures
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+def check_gate(gate: float | None) -> None:
+    """ConfigError (a usage error, exit 2) unless `gate` is None or a probability."""
+    if gate is not None and not 0.0 <= gate <= 1.0:
+        raise ConfigError(f"--gate must be a probability in [0, 1], got {gate}")
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Create `out` for a fresh prediction and check that files can be written there.
+
+    A folder that is not empty is refused (ConfigError) unless `overwrite`, which first deletes
+    what predict writes (`PREDICT_OUTPUTS`), so no file of an earlier run is left to read as
+    current; other files are kept. A folder that cannot be created or written is a one-line
+    MtlxError.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {out} is not empty: pass --overwrite to replace an earlier prediction "
+                              "there, or choose a new folder")
+        for name in PREDICT_OUTPUTS:
+            path = out / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+            except OSError as e:
+                raise MtlxError(f"--out {out}: cannot remove the earlier {name}: {e.strerror or e}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise MtlxError(f"--out {out}: cannot write there: {e.strerror or e}") from None
+    return out
+
+
+def _jsonl(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def predictions_csv(records: Sequence[dict]) -> str:
+    """The records as CSV (`CSV_FIELDS`): one row per image, one `p_<class>` column per class."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = {k: r[k] for k in CSV_FIELDS if k in r}
+        row.update({f"p_{c}": r["probs"][c] for c in CLASS_NAMES})
+        row["severity_percent"] = "" if r["severity_percent"] is None else r["severity_percent"]
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def write_predictions(out: str | Path, records: Sequence[dict], failures: Sequence[Failure] = ()) -> None:
+    """predictions.jsonl and predictions.csv (always, even empty), and errors.jsonl when any input
+    failed, under `out`."""
+    out = Path(out)
+    write_text_atomic(out / "predictions.jsonl", _jsonl(records))
+    write_text_atomic(out / "predictions.csv", predictions_csv(records))
+    if failures:
+        write_text_atomic(out / "errors.jsonl", _jsonl(asdict(f) for f in failures))
+
+
+def load_predictor(checkpoint: str | Path, device: torch.device | str = "cpu"):
+    """(model, cfg) from a checkpoint or `save_pretrained` folder, ready for `predict_files` on
+    `device` in fp32: eval mode, the window-attention kernel resolved for that device."""
+    from mtlxray.checkpoint import load_model_from_checkpoint
+    from mtlxray.hardware import resolve_attention
+
+    device = torch.device(device)
+    model, cfg = load_model_from_checkpoint(checkpoint)  # MTLModel.from_pretrained, weights checked finite
+    model = model.to(device).float().eval()
+    model.set_attention(resolve_attention(cfg.model.attention, torch.float32, device.type))
+    return model, cfg
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from mtlxray.checkpoint import load_model_from_checkpoint
-
-    if args.gate is not None and not 0.0 <= args.gate <= 1.0:
-        raise DataError(f"--gate must be a probability in [0, 1], got {args.gate}")
-    model, cfg = load_model_from_checkpoint(args.checkpoint)
+    check_gate(args.gate)
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    model, cfg = load_predictor(args.checkpoint)
     paths, failures = collect_inputs(args.inputs)
-    out = Path(args.out)
-    records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
-                                 batch_size=args.batch_size)
-    failures += bad
-    _write_jsonl(out / "predictions.jsonl", records)
-    if failures:
-        _write_jsonl(out / "errors.jsonl", (asdict(f) for f in failures))
+    try:
+        records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
+                                     batch_size=args.batch_size)
+        failures += bad
+        write_predictions(out, records, failures)
+    except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback
+        raise MtlxError(f"--out {out}: writing failed: {e.strerror or e}"
+                        f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
     for r in records:
         sev = "n/a" if r["severity_percent"] is None else f"{r['severity_percent']:.1f}%"
         print(f"{r['file']}: {r['predicted_class']} (p={r['probs'][r['predicted_class']]:.3f}), severity {sev}")
     for f in failures:
         print(f"FAILED {f.path}: {f.error}", file=sys.stderr)
-    print(f"{len(records)} image(s) predicted, {len(failures)} failed -> {out / 'predictions.jsonl'}")
+    print(f"{len(records)} image(s) predicted, {len(failures)} failed -> {out / 'predictions.jsonl'}, "
+          f"{out / 'predictions.csv'}")
     return 1 if failures else 0

@@ -1,6 +1,8 @@
-"""Training: losses, phases, the Accelerate/DeepSpeed loop, checkpoints and preemption."""
+"""Training: the loop and its components (losses, phases, optimizer, logs, validation, signals).
 
-from mtlxray.checkpoint import load_model_from_checkpoint
+Importing this package is cheap (no torch): `mtlxray train` installs its signal handlers first.
+"""
+
 from mtlxray.train.main import run_training
 
-__all__ = ["run_training", "load_model_from_checkpoint"]
+__all__ = ["run_training"]

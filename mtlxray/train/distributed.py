@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from mtlxray.config import Config
-from mtlxray.dist import export_torch_env, pg_timeout, resolve_world
+from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
 from mtlxray.errors import ConfigError
 
-__all__ = ["build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo"]
+__all__ = ["build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
+           "keep_grads_in_parameter_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +79,39 @@ def keep_deepspeed_collectives_on_gloo() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def keep_grads_in_parameter_layout(model: torch.nn.Module) -> None:
+    """Give every trainable parameter's gradient the parameter's own strides, before DDP sees it.
+
+    oneDNN's convolution backward returns weight gradients whose strides differ from the weight's
+    in size-1 dimensions (a 1×1 kernel, a depthwise kernel's single input channel): the same
+    memory layout, but DDP compares strides exactly, warns "grad strides do not match bucket view
+    strides" and takes its slow copy path for those parameters every step. Re-striding such a
+    gradient is free (a view); one with a really different layout is made contiguous.
+    """
+    def hook(p: torch.nn.Parameter):
+        def restride(grad: torch.Tensor) -> torch.Tensor:
+            if grad.stride() == p.stride():
+                return grad
+            same = all(g == q for g, q, n in zip(grad.stride(), p.stride(), p.shape) if n > 1)
+            return grad.as_strided(p.shape, p.stride()) if same else grad.contiguous()
+        return restride
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(hook(p))
+
+
 def build_accelerator(cfg: Config, run_dir: Path):
     """An Accelerator for cfg.run.backend/precision on this machine (GPU: nccl; CPU: gloo)."""
     from accelerate import Accelerator
     from accelerate.utils import (DDPCommunicationHookType, DeepSpeedPlugin, DistributedDataParallelKwargs,
-                                  InitProcessGroupKwargs, ProjectConfiguration)
+                                  ProjectConfiguration)
 
     world = resolve_world()
     distributed = world.world_size > 1 or cfg.run.backend == "deepspeed"
     export_torch_env(world, force=distributed)
     on_gpu = torch.cuda.is_available()
-    # gloo must be named on CPU (else each DeepSpeed rank thinks it is alone), and only when there is
-    # a process group to make: accelerate treats any named backend as distributed.
-    pg = InitProcessGroupKwargs(backend="gloo" if distributed and not on_gpu else None, timeout=pg_timeout())
+    pg = process_group_kwargs(world, force=distributed)
     hook = {"fp32": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
             "bf16": DDPCommunicationHookType.BF16}[cfg.run.grad_allreduce]
     kwargs: dict = {

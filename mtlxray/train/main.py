@@ -6,15 +6,19 @@ import argparse
 import logging
 
 from mtlxray.config import Config, load_config
+from mtlxray.errors import ConfigError
 
 __all__ = ["run_training", "cli_main"]
 
 
-def run_training(cfg: Config, resume: str = "auto") -> int:
-    """Train one phase; returns 0 when done or EXIT_REQUEUE (75) after a signal-triggered save."""
-    from mtlxray.train.engine import Trainer
+def run_training(cfg: Config, resume: str = "auto", overwrite: bool = False) -> int:
+    """Train one phase; returns 0 when done or EXIT_REQUEUE (75) after a signal-triggered save.
 
-    trainer = Trainer(cfg, resume)
+    resume: `auto` (newest complete checkpoint of the run, if any), `none` (a fresh run; refused
+    in a used run folder unless `overwrite`), or a checkpoint path."""
+    from mtlxray.train.trainer import Trainer
+
+    trainer = Trainer(cfg, resume, overwrite)
     try:
         return trainer.fit()
     finally:
@@ -24,4 +28,6 @@ def run_training(cfg: Config, resume: str = "auto") -> int:
 def cli_main(args: argparse.Namespace) -> int:
     # accelerate logs every file of every checkpoint at INFO; our own checkpoint line says enough.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    return run_training(load_config(args.config, args.overrides), args.resume)
+    if args.overwrite and args.resume != "none":
+        raise ConfigError("--overwrite replaces an earlier run and goes with `--resume none`")
+    return run_training(load_config(args.config, args.overrides), args.resume, args.overwrite)

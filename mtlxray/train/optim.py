@@ -48,10 +48,13 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: Config, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (or Adam, optim.name) over `param_groups`. `fused` selects torch's fused kernel, which
+    can skip a whole update on the device when told the gradients were not finite (train.nonfinite)."""
     o = cfg.optim
-    return torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+               fused=fused or None)
 
 
 def cosine_factor(step: int, *, total: int, warmup: int, floor: float) -> float:
@@ -63,7 +66,12 @@ def cosine_factor(step: int, *, total: int, warmup: int, floor: float) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
-    """Cosine lr → min_lr with warmup. One LambdaLR factor for every group keeps their ratios."""
-    fn = partial(cosine_factor, total=total_steps, warmup=cfg.schedule.warmup_steps,
-                 floor=cfg.schedule.min_lr / cfg.optim.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    """Cosine lr → min_lr with warmup (schedule.min_lr_mode: one factor for every group, which keeps
+    their ratios, or each group down to min_lr itself)."""
+    s = cfg.schedule
+    if s.min_lr_mode == "relative":
+        floors = [s.min_lr / cfg.optim.lr] * len(optimizer.param_groups)
+    else:
+        floors = [min(1.0, s.min_lr / g["lr"]) for g in optimizer.param_groups]
+    fns = [partial(cosine_factor, total=total_steps, warmup=s.warmup_steps, floor=f) for f in floors]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)

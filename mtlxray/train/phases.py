@@ -9,7 +9,7 @@ from torch import nn
 from mtlxray.config import PhaseConfig
 from mtlxray.errors import ConfigError
 
-__all__ = ["matches_prefix", "apply_freezing", "prepare_phase"]
+__all__ = ["matches_prefix", "apply_freezing", "frozen_prefixes", "prepare_phase"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,25 @@ def apply_freezing(model: nn.Module, frozen: list[str]) -> int:
     return n_frozen
 
 
+def frozen_prefixes(model: nn.Module, phase: PhaseConfig) -> list[str]:
+    """phase.frozen plus the first phase.freeze_encoder_blocks encoder blocks of the model."""
+    prefixes = list(phase.frozen)
+    if phase.freeze_encoder_blocks:
+        if not hasattr(model, "encoder_block_prefixes"):
+            raise ConfigError(f"phase.freeze_encoder_blocks: {type(model).__name__} has no encoder blocks to count")
+        prefixes += model.encoder_block_prefixes(phase.freeze_encoder_blocks)
+    return prefixes
+
+
 def prepare_phase(model: nn.Module, phase: PhaseConfig) -> None:
     """Switch the model to the phase's mode (which parks the parts it never uses), then freeze."""
     model.set_mode(phase.name)
-    apply_freezing(model, phase.frozen)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    parked = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = apply_freezing(model, frozen_prefixes(model, phase))
     n_total = sum(p.numel() for p in model.parameters())
-    logger.info("%s: %d of %d parameters frozen (%s)", phase.name, n_frozen, n_total,
-                ", ".join(phase.frozen) or "none")
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_parked = sum(p.numel() for n, p in model.named_parameters() if n in parked)
+    logger.info("%s: training %d of %d parameters; frozen by the phase: %d (%s); unused in this mode: %d",
+                phase.name, n_trained, n_total, frozen, ", ".join(phase.frozen) or "no prefix"
+                + (f", the first {phase.freeze_encoder_blocks} encoder blocks" if phase.freeze_encoder_blocks else ""),
+                n_parked)

@@ -1,7 +1,9 @@
-"""Preemption signals and non-finite losses, decided identically on every rank.
+"""Preemption signals, decided identically on every rank.
 
-SIGUSR1 (Slurm's `--signal=B:USR1@T`) and SIGTERM only set a flag. At each step boundary the
-ranks all-reduce their flags, so that they all save `last` and exit together with EXIT_REQUEUE.
+SIGUSR1 (Slurm's `--signal=B:USR1@T`), SIGUSR2 (submitit's default preemption signal) and SIGTERM
+only set a flag. `StopFlag.install()` runs first thing in `mtlxray train`, before torch is
+imported, so a signal during start-up is recorded, not fatal. The ranks combine their flags at
+each log step (`agree`), so they all save `last` at the same step and exit with EXIT_REQUEUE.
 """
 
 from __future__ import annotations
@@ -11,55 +13,52 @@ import signal
 from types import FrameType
 from typing import Optional
 
-import torch
-
-from mtlxray.errors import NonFiniteLossError
-
-__all__ = ["StopFlag", "agree", "NonFiniteGuard"]
+__all__ = ["StopFlag", "agree", "STOP_SIGNALS"]
 
 logger = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; installs its handlers on construction and restores them on close."""
+    """Set by a stop signal; `install()` puts its handlers in place, `close()` restores the previous ones."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    _installed: Optional["StopFlag"] = None
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        """Name of the first signal received (SIGUSR1, SIGUSR2 or SIGTERM), None before any."""
+        self._previous: dict = {}
+
+    @classmethod
+    def install(cls) -> "StopFlag":
+        """The process's flag, with its handlers installed (idempotent: the trainer reuses the one
+        the CLI installed at start-up, keeping any signal it already caught)."""
+        if cls._installed is None:
+            flag = cls()
+            flag._previous = {s: signal.signal(s, flag._handle) for s in STOP_SIGNALS}
+            cls._installed = flag
+        return cls._installed
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.requested = signal.Signals(signum).name
-        logger.warning("%s received: saving at the next step boundary", self.requested)
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+        logger.warning("%s received: saving at the next log step, then exiting for a requeue", name)
 
     def close(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous = {}
+        if StopFlag._installed is self:
+            StopFlag._installed = None
 
 
 def agree(accelerator, *flags: bool) -> list[bool]:
-    """Each flag OR-ed across ranks (one all-reduce for all of them)."""
+    """Each flag OR-ed across ranks (one all-reduce for all of them, one host read)."""
+    import torch
+
     t = torch.tensor([float(f) for f in flags], device=accelerator.device)
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
-
-
-class NonFiniteGuard:
-    """Skips up to `budget` non-finite steps in a run, then raises NonFiniteLossError."""
-
-    def __init__(self, budget: int, skipped: int = 0) -> None:
-        self.budget = budget
-        self.skipped = skipped
-
-    def skip(self, step: int, losses: dict[str, float]) -> None:
-        """Record a non-finite loss at `step` (1-based); raise once the budget is spent."""
-        detail = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        if self.skipped >= self.budget:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({detail}); skip budget run.nan_skip_budget="
-                f"{self.budget} spent; the last good checkpoint is kept")
-        self.skipped += 1
-        logger.warning("non-finite loss at step %d (%s): skipped (%d of %d)", step, detail,
-                       self.skipped, self.budget)

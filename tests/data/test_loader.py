@@ -233,3 +233,98 @@ def test_batch_order_is_the_same_in_a_fresh_interpreter(tiny_shards):
     cfg = _cfg(tiny_shards, batch_size=3, subset="mixed")
     here = [b["key"] for b in build_train_loader(cfg, seed=5, epoch=1, rank=0, world_size=1)]
     assert json.loads(out.strip().splitlines()[-1]) == here
+
+
+def _aug_cfg(root, on_device: bool) -> DataConfig:
+    cfg = _cfg(root, subset="infection", batch_size=4)
+    cfg.augment.rotate_deg, cfg.augment.translate, cfg.augment.scale = 20.0, 0.15, 0.15
+    cfg.augment.on_device = on_device
+    return cfg
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_boxes_follow_the_augmented_infection_mask(tiny_shards, on_device):
+    cfg = _aug_cfg(tiny_shards, on_device)
+    plain = _cfg(tiny_shards, subset="infection", batch_size=4)
+    plain.augment.enabled = False
+    moved = 0
+    for b, b0 in zip(build_train_loader(cfg, seed=0, epoch=0, rank=0, world_size=1),
+                     build_train_loader(plain, seed=0, epoch=0, rank=0, world_size=1)):
+        assert b["key"] == b0["key"]
+        f = batch_to_device(b, "cpu") if on_device else b
+        for i in range(len(b["key"])):
+            inf = f["inf"][i, 0].to(torch.uint8).numpy()
+            assert f["boxes"][i] == bounding_boxes(inf)  # the components of the mask the model sees
+            moved += f["boxes"][i] != b0["boxes"][i]
+    assert moved > 0  # the stored boxes would have been wrong for these samples
+
+
+def _radiography_shards(tree, out):
+    from mtlxray.data.shards import build_shards
+
+    return build_shards(tree, out, layout="radiography", format="raw", image_size=32, workers=1, progress=False)
+
+
+def test_data_classes_picks_the_label_scheme_from_each_samples_class_name(radiography_tree, tiny_shards, tmp_path):
+    from mtlxray.errors import ConfigError
+
+    out = tmp_path / "rad"
+    manifest = _radiography_shards(radiography_tree, out)
+    assert manifest["label_scheme"] == "covid3" and manifest["label_names"] == ["Normal", "Non-COVID", "COVID-19"]
+    want = {"covid3": {"Normal": 0, "Lung_Opacity": 1, "Viral Pneumonia": 1, "COVID": 2},
+            "radiography4": {"Normal": 0, "Lung_Opacity": 1, "COVID": 2, "Viral Pneumonia": 3}}
+    for scheme, labels in want.items():
+        seen = {}
+        for b in build_eval_loader(_cfg(out, classes=scheme), subset="lung", split="train", rank=0, world_size=1):
+            for key, label in zip(b["key"], b["label"].tolist()):
+                seen[key.split("_")[2] if "Viral" not in key else "Viral Pneumonia"] = label
+        assert {("Lung_Opacity" if k == "Lung" else k): v for k, v in seen.items()} == labels
+        batch = next(iter(build_train_loader(_cfg(out, classes=scheme), seed=0, epoch=0, rank=0, world_size=1)))
+        assert set(batch["label"].tolist()) <= set(labels.values())
+    assert loader_mod.label_names(_cfg(out, classes="radiography4")) == ["Normal", "Lung_Opacity", "COVID",
+                                                                          "Viral Pneumonia"]
+    with pytest.raises(ConfigError, match=r"data.classes=radiography4: .*no label for class\(es\) \['COVID-19'"):
+        build_eval_loader(_cfg(tiny_shards, classes="radiography4"), subset="lung", split="val", rank=0, world_size=1)
+
+
+def test_a_radiography4_build_records_its_four_label_names(radiography_tree, tmp_path):
+    from mtlxray.data.shards import build_shards
+
+    m = build_shards(radiography_tree, tmp_path / "r4", layout="radiography", format="raw", image_size=32,
+                     workers=1, progress=False, classes="radiography4")
+    assert m["label_scheme"] == "radiography4"
+    assert m["label_names"] == ["Normal", "Lung_Opacity", "COVID", "Viral Pneumonia"]
+    assert m["label_map"]["lung"] == {"COVID": 2, "Lung_Opacity": 1, "Normal": 0, "Viral Pneumonia": 3}
+
+
+def test_data_fraction_trains_on_a_fixed_seeded_per_class_part_of_the_split(tiny_shards):
+    full = _cfg(tiny_shards, batch_size=1)
+    half = _cfg(tiny_shards, batch_size=1, fraction=0.5)
+    assert train_batches_per_epoch(full, 1) == 18 and train_batches_per_epoch(half, 1) == 9
+
+    def keys(cfg, epoch):
+        return {k for b in build_train_loader(cfg, seed=0, epoch=epoch, rank=0, world_size=1) for k in b["key"]}
+
+    chosen = loader_mod._train_keys(half, read_manifest(tiny_shards), "lung")
+    seen = keys(half, 0) | keys(half, 1) | keys(half, 2)
+    assert len(chosen) == 9 and seen <= chosen and len(seen) > 4  # every epoch draws from the same part
+    assert sorted(k.split("_")[2] for k in chosen) == ["COVID-19"] * 3 + ["Non-COVID"] * 3 + ["Normal"] * 3
+    other = loader_mod._train_keys(_cfg(tiny_shards, fraction=0.5, fraction_seed=1), read_manifest(tiny_shards), "lung")
+    assert other != chosen and len(other) == 9
+
+
+@pytest.mark.parametrize("field, value", [("fraction", 0.0), ("fraction", 1.5), ("fraction", float("nan")),
+                                          ("remote_retries", -1), ("remote_backoff_s", -0.1),
+                                          ("remote_timeout_s", 0.0)])
+def test_data_config_rejects_bad_values_naming_the_key(field, value):
+    from mtlxray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.{field}"):
+        DataConfig(**{field: value})
+
+
+def test_data_config_rejects_an_unknown_label_scheme():
+    from mtlxray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.classes"):
+        load_config(None, ["data.classes=radiography5"])

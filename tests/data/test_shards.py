@@ -106,7 +106,7 @@ def _empty_class(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage, reason, dropped", [
-    (_corrupt, "corrupt or unreadable PNG", 1),
+    (_corrupt, "not an image PIL can read", 1),
     (_no_mask, "image without a mask", 1),
     (_mask_size, "size 16x16 differs from image 32x32", 1),
     (_mask_values, r"values \[128\] are not in \{0,1\} or \{0,255\}", 1),
@@ -167,3 +167,79 @@ def test_cli_reports_a_folder_in_neither_layout_on_one_line(tmp_path, capsys):
     assert cli(["shards", "build", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "expected 'Lung Segmentation Data/Lung Segmentation Data/Train'" in err
+
+
+def test_cli_image_size_flag_sets_the_stored_size(mini_qu_ex, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(["shards", "build", "--input", str(mini_qu_ex), "--output", str(out), "--workers", "1",
+                "--format", "raw", "--image-size", "48"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["image_size"] == 48
+    with tarfile.open(next((out / "lung").glob("train-*.tar"))) as tar:
+        assert next(m for m in tar.getmembers() if m.name.endswith(".img.raw")).size == 48 * 48
+
+
+def test_build_without_output_refuses_to_replace_another_kind_of_set(mini_qu_ex, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["shards", "build", "--input", str(mini_qu_ex), "--workers", "1", "--image-size", "32"]
+    assert cli(base + ["--format", "raw"]) == 0
+    manifest = tmp_path / "shards" / "synthetic" / "manifest.json"
+    before = manifest.read_bytes()
+    capsys.readouterr()
+    assert cli(base + ["--format", "png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "shards/synthetic already holds another shard set (format raw); pass --output" in err
+    assert cli(base + ["--format", "raw", "--image-size", "16"]) == 2
+    assert manifest.read_bytes() == before  # untouched
+    assert cli(base + ["--format", "raw"]) == 0  # the same kind of set: an up-to-date no-op
+    assert manifest.read_bytes() == before
+    assert cli(base + ["--format", "png", "--output", "shards/synthetic"]) == 0  # explicit: rebuilt
+    assert json.loads(manifest.read_text())["format"] == "png"
+
+
+def test_info_into_a_closed_pipe_prints_no_broken_pipe_error(tiny_shards):
+    import subprocess
+    import sys
+
+    for extra in (["--json"], []):
+        proc = subprocess.Popen([sys.executable, "-m", "mtlxray.cli", "shards", "info", str(tiny_shards), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before anything is written: `| head` at its limit
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0
+        assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    shell = subprocess.run(f"'{sys.executable}' -m mtlxray.cli shards info '{tiny_shards}' --json | head -n 2",
+                           shell=True, capture_output=True, text=True, timeout=120)
+    assert shell.stdout.count("\n") == 2 and shell.stderr == ""
+
+
+def test_info_checks_a_radiography_build_against_the_release(radiography_tree, tmp_path, capsys):
+    from mtlxray.data.shards import format_tables, release_check
+    from mtlxray.data.sources import RADIOGRAPHY_RELEASE
+
+    out = tmp_path / "out"
+    _build(radiography_tree, out, layout="radiography", format="raw", image_size=32)
+    assert cli(["shards", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Radiography DB: DIFFERS from the release (40 of 21,165 images): COVID 10 of 3,616 (-3,606)" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["counts"] = {"lung": {"train": {c: n - n // 5 for c, n in RADIOGRAPHY_RELEASE.items()},
+                                   "val": {c: n // 5 for c, n in RADIOGRAPHY_RELEASE.items()}}}
+    assert release_check(manifest).startswith("Radiography DB: matches the release (21,165 images: COVID 3,616")
+    assert "matches the release" in format_tables(manifest)
+    assert release_check(json.loads((tiny_manifest := out / "manifest.json").read_text()) | {"layout": "covid-qu-ex"}) is None
+    assert tiny_manifest.is_file()
+
+
+def test_built_files_respect_the_umask(mini_qu_ex, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        _build(mini_qu_ex, out, format="raw", image_size=32)
+    finally:
+        os.umask(old)
+    for path in [out / "manifest.json", *out.rglob("*.tar")]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left

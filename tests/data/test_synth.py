@@ -95,3 +95,17 @@ def test_classes_are_separable_from_the_pixels_alone():
     w = np.linalg.solve(x.T @ x + 1e-2 * np.eye(x.shape[1]), x.T @ np.eye(3)[y])
     accuracy = (np.argmax(xt @ w, 1) == yt).mean()
     assert accuracy > 0.8  # chance is 1/3
+
+
+def test_cli_duplicates_plants_known_copies_and_keeps_the_counts(tmp_path):
+    import json
+
+    assert cli(["synth", "--output", str(tmp_path), "--scale", "tiny", "--size", "64", "--workers", "1",
+                "--duplicates", "4"]) == 0
+    planted = json.loads((tmp_path / "duplicates.json").read_text())
+    assert [p["kind"] for p in planted] == ["exact", "near", "exact", "near"]
+    for p in planted:
+        src, dst = (np.asarray(Image.open(tmp_path / p[k])) for k in ("source", "copy"))
+        assert ("/Train/" in p["source"]) and ("/Train/" not in p["copy"])
+        assert np.array_equal(src, dst) == (p["kind"] == "exact")
+    assert sum(1 for _ in tmp_path.rglob("images/*.png")) == 46

@@ -148,20 +148,31 @@ def tiny_shards(tmp_path_factory) -> Path:
     return make_tiny_shards(tmp_path_factory.mktemp("tiny"), format="raw", image_size=128)
 
 
+TINY_RUN = [
+    "model.embed_dim=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]", "model.ppm_bins=[1,2]",
+    "model.ppm_channels=16", "model.decoder_channels=[24,16,12,8]", "model.cross_attn_heads=[2,1,1,1]",
+    "model.head_channels=8", "model.cls_channels=8",
+    "data.batch_size=2", "data.eval_batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
+    "schedule.warmup_steps=0", "run.log_every=1", "run.save_every=1000", "run.tensorboard=false",
+    "run.progress=false",
+]
+"""Overrides that shrink configs/demo*.yaml (model too) to a CPU job of a few seconds per step."""
+
+
 def _demo_overrides(shards: Path, out: Path, steps: int) -> list[str]:
-    """Overrides that shrink configs/demo.yaml (model too) to a few-step CPU job writing under `out`."""
-    return [
-        "model.embed_dim=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]", "model.ppm_bins=[1,2]",
-        "model.ppm_channels=16", "model.decoder_channels=[24,16,12,8]", "model.cross_attn_heads=[2,1,1,1]",
-        "model.head_channels=8", "model.cls_channels=8",
-        f"data.shards={shards}", f"run.output_dir={out}", f"schedule.max_steps={steps}",
-        "data.batch_size=2", "data.eval_batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
-        "schedule.warmup_steps=0", "run.log_every=1", "run.save_every=1000", "run.tensorboard=false",
-        "run.progress=false",
-    ]
+    """TINY_RUN on `shards`, `steps` steps, writing under `out`."""
+    return [*TINY_RUN, f"data.shards={shards}", f"run.output_dir={out}", f"schedule.max_steps={steps}"]
 
 
 @pytest.fixture
 def demo_overrides(tiny_shards):
     """`demo_overrides(out, steps)`: tiny-shard overrides for configs/demo*.yaml writing under `out`."""
     return lambda out, steps: _demo_overrides(tiny_shards, out, steps)
+
+
+@pytest.fixture
+def third_phase(tmp_path) -> Path:
+    """A third tiny phase: configs/demo_phase2.yaml again, as its own run (`phase3`)."""
+    path = tmp_path / "demo_phase3.yaml"
+    path.write_text(f"extends: {ROOT / 'configs' / 'demo_phase2.yaml'}\nrun:\n  name: phase3\n")
+    return path

@@ -112,16 +112,6 @@ def test_two_rank_ddp_phase1_without_unused_parameter_search(tmp_path: Path):
     assert all(r["frozen_same"] for r in ranks)
 
 
-@pytest.mark.parametrize("name,has_inf_decoder", [("unet", False), ("mtl_unet", True)])
-def test_baselines_return_the_same_output_dict(name, has_inf_decoder):
-    model = build_model(tiny_config(name=name)).eval()
-    assert (model.inf_decoder is not None) == has_inf_decoder
-    with torch.no_grad():
-        out = model(torch.rand(2, 1, 32, 32), mode="phase2")
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"lung": (2, 1, 32, 32), "inf": (2, 1, 32, 32),
-                                                           "cls": (2, 3)}
-
-
 def test_cls_use_bottleneck_widens_the_class_fc():
     model = build_model(tiny_config(cls_use_bottleneck=True)).eval()
     assert model.cls_head.fc.in_features == 8 + 96

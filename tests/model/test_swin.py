@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtlxray.model.swin import SwinBlock, SwinEncoder, resolve_attention, window_layout, window_partition
+from mtlxray.model.swin import SwinBlock, SwinEncoder, WindowAttention, window_layout, window_partition
 
 
 def _reference_window_attn(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
@@ -114,15 +114,64 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward():
     torch.testing.assert_close(grads["sdpa"], grads["explicit"], atol=1e-4, rtol=1e-4)
 
 
-def test_auto_attention_resolves_per_device_and_explicit_choice_wins(monkeypatch):
-    import mtlxray.model.swin as swin
+def test_kernel_is_fixed_at_construction_and_switched_only_by_set_attention(monkeypatch):
+    import mtlxray.hardware as hw
 
-    for native_bf16, expected in ((True, "explicit"), (False, "sdpa")):
-        monkeypatch.setattr(swin, "cpu_has_native_bf16", lambda: native_bf16)
-        assert resolve_attention("auto", torch.bfloat16, "cpu") == expected
-    assert resolve_attention("auto", torch.float32, "cpu") == "explicit"
-    assert resolve_attention("auto", torch.float32, "cuda") == "sdpa"
-    assert resolve_attention("sdpa", torch.bfloat16, "cpu") == "sdpa"
+    def no_hardware_checks(*_a, **_k):
+        raise AssertionError("the model consulted the hardware")
+
+    monkeypatch.setattr(hw, "cpu_has_native_bf16", no_hardware_checks)
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    kw = dict(img_size=32, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=4)
+    enc = SwinEncoder(**kw, attention="explicit").eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        enc(x)  # bf16 on any CPU: still the configured kernel
+    assert not calls and enc.attention == "explicit"
+    enc.set_attention("sdpa")
+    with torch.no_grad():
+        enc(x)
+    n_attn = sum(isinstance(m, WindowAttention) for m in enc.modules())
+    assert len(calls) == n_attn and enc.attention == "sdpa"
+    assert SwinEncoder(**kw).attention == "sdpa"  # `auto` runs SDPA until resolved by the builder
+
+
+def test_window_attention_takes_only_a_resolved_kernel():
+    with pytest.raises(ValueError, match="resolve `auto` first"):
+        SwinBlock(dim=8, num_heads=2, window_size=4, attention="auto")
+    with pytest.raises(ValueError, match="sdpa|explicit"):
+        SwinEncoder(img_size=32, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), attention="flash")
+
+
+def test_model_package_imports_nothing_from_hardware():
+    import ast
+    import pathlib
+
+    import mtlxray.model
+
+    for path in pathlib.Path(mtlxray.model.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "mtlxray.hardware" or n.startswith("mtlxray.hardware.") for n in names), path
+
+
+def test_shifted_padded_block_traces_and_exports_without_in_place_mask_ops():
+    """The layout is built inside the trace when its size is not cached yet; an in-place `&=`
+    there was `aten::__iand_`, which no ONNX opset has."""
+    import io
+    import warnings
+
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="explicit").eval()
+    x = torch.randn(2, 10, 9, 8)  # padded to 12×12, shifted: the mask is live
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation, the tracer's note on bool(blocked.any())
+        traced = torch.jit.trace(block, x, check_trace=False)
+        assert "__iand_" not in str(traced.inlined_graph)
+        torch.onnx.export(SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="explicit").eval(),
+                          (x,), io.BytesIO(), dynamo=False, opset_version=17)
 
 
 def test_shift_mask_cached_per_padded_size_and_dtype_in_activation_dtype():

@@ -1,64 +1,20 @@
-"""Evaluation summary from per-image records, and end-to-end on tiny shards."""
+"""`mtlxray evaluate` end to end on tiny shards with real (untrained) checkpoints."""
 
+import csv
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 import killable
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tiny_data import make_tiny_shards
-from mtlxray.errors import DataError
-from mtlxray.report.evaluate import Case, ImageRecord, _TopK, summarise
+from mtlxray.errors import CheckpointError, ConfigError
+from mtlxray.report.evaluate import FIGURES, Case, _TopK, evaluate_checkpoint
 
-
-def _rec(key, label, pred, lung, inf=(0, 0, 0, 16), has_inf=False):
-    probs = [0.1, 0.1, 0.1]
-    probs[pred] = 0.8
-    return ImageRecord(key, label, probs, list(lung), list(inf), has_inf)
-
-
-def test_summarise_restricts_infection_metrics_to_covid_images_with_masks():
-    records = [
-        _rec("a", 0, 0, (4, 0, 0, 12)),
-        _rec("b", 1, 1, (2, 2, 2, 10)),
-        # COVID-19 with a mask: perfect infection; Non-COVID with has_inf must not count
-        _rec("c", 2, 2, (4, 0, 0, 12), inf=(3, 0, 0, 13), has_inf=True),
-        _rec("d", 1, 2, (4, 0, 0, 12), inf=(0, 5, 0, 11), has_inf=True),
-    ]
-    s = summarise(records, n_boot=50)
-    assert s["infection"]["n_images"] == 1
-    assert s["infection"]["dice"] == 1.0
-    assert s["lung"]["n_images"] == 4
-    assert s["lung"]["dice"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)
-    assert s["classification"]["accuracy"] == pytest.approx(3 / 4)
-    assert s["confusion"] == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
-
-
-def test_summarise_gives_cis_around_headline_metrics():
-    records = [_rec(f"k{i}", i % 3, i % 3 if i % 4 else (i + 1) % 3, (4, i % 2, 0, 10)) for i in range(30)]
-    s = summarise(records, n_boot=200)
-    for name, value in (("lung_dice", s["lung"]["dice"]), ("accuracy", s["classification"]["accuracy"]),
-                        ("f1_macro", s["classification"]["f1_macro"])):
-        lo, hi = s["ci95"][name]
-        assert lo <= value <= hi and lo < hi, name
-    assert all(math.isnan(v) for v in s["ci95"]["inf_dice"])  # no COVID-19 infection masks here
-
-
-def test_summarise_perfect_classifier_has_auc_one():
-    records = [_rec(f"k{i}", i % 3, i % 3, (1, 0, 0, 1)) for i in range(9)]
-    c = summarise(records, n_boot=10)["classification"]
-    assert c["auc_macro"] == 1.0 and c["accuracy"] == 1.0
-
-
-def test_summarise_of_nothing_is_a_data_error():
-    with pytest.raises(DataError, match="no images"):
-        summarise([], n_boot=10)
-
-
-# --- end to end on tiny shards with a real (untrained) checkpoint ------------------------------
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -66,47 +22,85 @@ def shards64(tmp_path_factory):
     return make_tiny_shards(tmp_path_factory.mktemp("shards"), format="raw", image_size=64)
 
 
-def test_evaluate_checkpoint_writes_metrics_report_and_figures(tiny_ckpt, shards64, tmp_path):
-    from mtlxray.report.evaluate import FIGURES, evaluate_checkpoint
+def _cli(*args: str, env: dict | None = None):
+    import subprocess
 
+    return subprocess.run([sys.executable, "-m", "mtlxray.cli", "evaluate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_evaluate_checkpoint_writes_metrics_per_image_csv_report_and_figures(tiny_ckpt, shards64, tmp_path):
     s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="infection", out=tmp_path, n_boot=20)
     manifest = json.loads((shards64 / "manifest.json").read_text())
-    assert s["n_images"] == sum(manifest["counts"]["infection"]["test"].values())
-    assert s["infection"]["n_images"] == manifest["counts"]["infection"]["test"]["COVID-19"]
-    assert sum(map(sum, s["confusion"])) == s["n_images"]
+    m = s["metrics"]
+    assert m["n_images"] == sum(manifest["counts"]["infection"]["test"].values())
+    assert m["inf_n"] == manifest["counts"]["infection"]["test"]["COVID-19"]
+    assert m["inf_negatives_n"] == m["n_images"] - m["inf_n"] and 0 <= m["inf_fp_share"] <= 1
+    assert sum(map(sum, s["confusion"])) == m["n_images"]
     saved = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: nan written as null
-    assert saved["lung"]["dice"] == pytest.approx(s["lung"]["dice"])
+    assert saved["metrics"]["lung_dice"] == pytest.approx(m["lung_dice"])
+    rows = list(csv.DictReader((tmp_path / "per_image.csv").open()))
+    assert len(rows) == m["n_images"] and {r["key"] for r in rows} == set(s["per_image"]["key"])
+    covid = [r for r in rows if r["class"] == "COVID-19"]
+    assert all(r["inf_dice"] != "" for r in covid) and all(r["inf_dice"] == "" for r in rows if r not in covid)
+    assert {"p_Normal", "p_Non-COVID", "p_COVID-19", "lung_iou", "inf_area_px"} <= rows[0].keys()
     report = (tmp_path / "report.md").read_text()
-    assert "COVID-19 images" in report and "Confusion" in report
+    assert "COVID-19 images" in report and "Infection on negative images" in report
     for name in FIGURES.values():
         assert name in report and (tmp_path / name).stat().st_size > 1000
 
 
-def test_evaluate_phase1_checkpoint_has_no_infection_metrics(tiny_ckpt_phase1, shards64, tmp_path):
-    from mtlxray.report.evaluate import evaluate_checkpoint
+def test_phase1_checkpoint_says_it_has_no_infection_head(tiny_ckpt_phase1, shards64, tmp_path):
+    res = _cli("--checkpoint", str(tiny_ckpt_phase1), "--shards", str(shards64), "--split", "test",
+               "--subset", "infection", "--out", str(tmp_path), "--bootstrap", "10")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no infection head" in res.stdout and "nan" not in res.stdout
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert "inf_dice" not in saved["metrics"] and saved["subset"] == "infection"
 
-    s = evaluate_checkpoint(tiny_ckpt_phase1, shards64, split="test", out=tmp_path, n_boot=10)
-    assert s["subset"] == "lung"  # the phase-1 default
-    assert s["infection"]["n_images"] == 0 and math.isnan(s["infection"]["dice"])
+
+def test_default_output_folder_names_checkpoint_shards_subset_and_split(tiny_ckpt, shards64):
+    s = evaluate_checkpoint(tiny_ckpt, shards64, split="val", subset="lung", n_boot=5)
+    assert Path(s["out"]) == tiny_ckpt.parent.parent / f"eval-best-{shards64.name}-lung-val"
+    assert (Path(s["out"]) / "metrics.json").is_file()
+
+
+def test_shards_of_another_image_size_are_a_config_error(tiny_ckpt, tmp_path_factory):
+    shards32 = make_tiny_shards(tmp_path_factory.mktemp("s32"), format="raw", image_size=32)
+    with pytest.raises(ConfigError, match="64² model"):
+        evaluate_checkpoint(tiny_ckpt, shards32, split="test", n_boot=5)
+    res = _cli("--checkpoint", str(tiny_ckpt), "--shards", str(shards32), "--split", "test")
+    assert res.returncode == 2 and "--image-size 64" in res.stderr
+
+
+def test_a_checkpoint_with_non_finite_weights_fails_in_one_line(tiny_ckpt, shards64, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["lung_head.conv.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, str(bad / "model.safetensors"))
+    res = _cli("--checkpoint", str(bad), "--shards", str(shards64), "--split", "test")
+    assert res.returncode == CheckpointError.exit_code
+    lines = [x for x in res.stderr.splitlines() if x.strip() and not x.startswith("[")]
+    assert len(lines) == 1 and "nan or inf" in lines[0], res.stderr
 
 
 @pytest.mark.distributed
 def test_evaluate_two_ranks_gathers_every_image_once(tiny_ckpt, shards64, tmp_path):
-    from mtlxray.report.evaluate import evaluate_checkpoint
-
-    single = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path / "one",
-                                 n_boot=20)
+    single = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path / "one", n_boot=20)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "MTLXRAY_PG_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     killable.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mtlxray.cli", "evaluate",
-                    "--checkpoint", str(tiny_ckpt), "--shards", str(shards64), "--split", "test",
-                    "--subset", "lung", "--out", str(tmp_path / "two"), "--bootstrap", "20"],
+                  "--checkpoint", str(tiny_ckpt), "--shards", str(shards64), "--split", "test",
+                  "--subset", "lung", "--out", str(tmp_path / "two"), "--bootstrap", "20"],
                  env=env, check=True, timeout=240)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2
-    assert two["n_images"] == single["n_images"]
+    assert two["metrics"]["n_images"] == single["metrics"]["n_images"]
     assert two["confusion"] == single["confusion"]
-    assert two["lung"]["dice"] == pytest.approx(single["lung"]["dice"])
+    assert two["metrics"]["lung_dice"] == pytest.approx(single["metrics"]["lung_dice"])
     assert two["ci95"]["lung_dice"] == pytest.approx(single["ci95"]["lung_dice"])
 
 
@@ -116,3 +110,9 @@ def test_top_k_keeps_highest_scores():
         if top.wants(score):
             top.push(score, Case(f"k{i}", score, None, None))
     assert sorted(c.key for c in top.cases()) == ["k1", "k4"]
+
+
+def test_values_in_the_report_are_those_of_metrics_json(tiny_ckpt, shards64, tmp_path):
+    s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path, n_boot=5)
+    report = (tmp_path / "report.md").read_text()
+    assert f"{s['metrics']['lung_dice']:.4f}" in report and f"{s['metrics']['accuracy']:.4f}" in report

@@ -73,3 +73,90 @@ def test_plot_overlay_grid_handles_few_cases(tmp_path, n):
     m = np.zeros((16, 16), bool)
     cases = [F.OverlayCase("only", img, m, m, m, m)][:n]
     assert _png_size(F.plot_overlay_grid(cases, tmp_path / "ov.png"))[1] > 100
+
+
+# --- error overlays, annotation, ranking, file modes ---------------------------------------------
+
+
+def _rgb255(colour):
+    return np.round(np.array(colour) * 255).astype(np.uint8)
+
+
+def test_error_rgb_colours_false_positives_and_negatives_apart():
+    img = np.zeros((2, 3), np.uint8)
+    true = np.array([[1, 1, 0], [0, 0, 0]], bool)
+    pred = np.array([[1, 0, 1], [0, 0, 0]], bool)
+    rgb = F.error_rgb(img, true, pred).astype(int)
+    tp, fn, fp, bg = rgb[0, 0], rgb[0, 1], rgb[0, 2], rgb[1, 0]
+    assert (bg == 0).all()
+    assert fp[0] > 150 and fp[2] > 150 and fp[1] < 60  # magenta
+    assert fn[0] > 150 and fn[1] > 150 and fn[2] < 60  # yellow
+    assert tp[1] > tp[0] and tp[1] > tp[2] and tp.max() < fp.max()  # faint green
+    assert len({tuple(tp), tuple(fn), tuple(fp)}) == 3
+
+
+def test_annotate_rgb_keeps_the_image_grid_and_adds_text_and_legend_below():
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    out = F.annotate_rgb(rgb, ["COVID-19 (p=0.912)", "severity 12.1%"], [("lung", F.LUNG_RGB), ("infection", F.INF_RGB)])
+    assert out.shape[1] == 60 and out.shape[0] > 40 and out.dtype == np.uint8
+    assert np.array_equal(out[:40], rgb)
+    band = out[40:].reshape(-1, 3)
+    for colour in (F.LUNG_RGB, F.INF_RGB):
+        assert (band == _rgb255(colour)).all(1).any()
+    assert (band.min(1) > 200).any()  # white text
+
+
+def test_prediction_overlay_without_infection_has_no_infection_swatch():
+    img = np.full((64, 64), 90, np.uint8)
+    lung = np.zeros((64, 64), bool)
+    lung[10:50, 8:30] = True
+    out = F.prediction_overlay(img, lung, None, predicted_class="Normal", probability=0.7, severity=None,
+                               note="no infection output (phase-1 model)")
+    band = out[64:].reshape(-1, 3)
+    assert (band == _rgb255(F.LUNG_RGB)).all(1).any()
+    assert not (band == _rgb255(F.INF_RGB)).all(1).any()
+
+
+def test_rank_cases_orders_by_score_worst_first_with_missing_scores_last():
+    img = np.zeros((4, 4), np.uint8)
+    m = np.zeros((4, 4), bool)
+    cases = [F.OverlayCase(str(s), img, m, m, m, m, score=s) for s in (0.9, None, 0.1, float("nan"), 0.5)]
+    assert [c.title for c in F.rank_cases(cases)][:3] == ["0.1", "0.5", "0.9"]
+    assert [c.title for c in F.rank_cases(cases, worst_first=False, n=2)] == ["0.9", "0.5"]
+
+
+def test_overlay_grid_has_error_columns_and_scores(tmp_path, monkeypatch):
+    img = np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8)
+    m = np.zeros((32, 32), bool)
+    m[8:24, 4:14] = True
+    shown = []
+    real_imshow = F.plt.Axes.imshow
+
+    def imshow(ax, rgb, *a, **k):
+        shown.append(np.asarray(rgb))
+        return real_imshow(ax, rgb, *a, **k)
+
+    monkeypatch.setattr(F.plt.Axes, "imshow", imshow)
+    case = F.OverlayCase("worst", img, m, m, np.roll(m, 3, axis=1), np.zeros_like(m), score=0.41,
+                         score_name="infection Dice")
+    F.plot_overlay_grid([case], tmp_path / "ov.png", "worst cases by infection Dice")
+    assert len(shown) == 5  # image, truth, prediction, lung errors, infection errors
+    lung_err, inf_err = shown[3], shown[4]
+    assert np.array_equal(lung_err, F.error_rgb(img, m, np.roll(m, 3, axis=1)))
+    assert np.array_equal(inf_err, F.error_rgb(img, m, np.zeros_like(m)))  # all missed: false negatives
+    shown.clear()
+    phase1 = F.OverlayCase("p1", img, m, None, m, None)
+    F.plot_overlay_grid([phase1], tmp_path / "p1.png")
+    assert len(shown) == 4  # no infection column without infection masks
+
+
+def test_figures_keep_the_umask_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        F.plot_confusion(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "cm.png")
+        F.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "x.png")
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}

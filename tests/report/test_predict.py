@@ -1,6 +1,9 @@
-"""predict: input handling, bad files, and a real tiny checkpoint end to end."""
+"""predict: input handling, bad files, output folder rules, CSV and overlays, and a real tiny
+checkpoint end to end."""
 
+import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -101,7 +104,8 @@ def test_predict_cli_processes_good_files_and_reports_the_corrupt_one(tiny_ckpt,
         assert m.size == (90, 70)  # original size, not the model's
         assert set(np.unique(np.asarray(m))) <= {0, 255}
     with Image.open(out / "overlays" / "good1_overlay.png") as o:
-        assert o.size == (90, 70) and o.mode == "RGB"
+        # the image at its own pixel grid, with the annotation band below it
+        assert o.size[0] == 90 and o.size[1] > 70 and o.mode == "RGB"
     lung = np.asarray(Image.open(out / "masks" / "good1_lung.png")) > 0
     inf = np.asarray(Image.open(out / "masks" / "good1_inf.png")) > 0
     assert r["lung_area_px"] == lung.sum()
@@ -144,3 +148,150 @@ def test_predict_files_gives_safe_distinct_names_to_same_named_inputs(tiny_ckpt,
     recs, _ = predict_files(model, cfg.model.img_size, paths, tmp_path / "o")
     assert [r["name"] for r in recs] == ["scan_1", "scan_1-1"]
     assert (tmp_path / "o" / "masks" / "scan_1-1_lung.png").is_file()
+
+
+# --- outputs: CSV, overlays, folder rules, modes ----------------------------------------------------
+
+
+def _predict(ckpt, out, *inputs, extra=()):
+    from mtlxray.cli import main
+
+    return main(["predict", "--checkpoint", str(ckpt), "--out", str(out), *extra, *map(str, inputs)])
+
+
+def test_predict_writes_csv_beside_jsonl_with_the_same_records(tiny_ckpt, tmp_path):
+    from mtlxray import CLASS_NAMES
+
+    d = _folder_with_one_corrupt(tmp_path)
+    assert _predict(tiny_ckpt, tmp_path / "out", d, extra=["--gate", "0.0"]) == 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["name"] for t in table] == [r["name"] for r in rows] == ["good1", "good2"]
+    assert list(table[0]) == ["file", "name", "width", "height", "predicted_class",
+                              *(f"p_{c}" for c in CLASS_NAMES), "infection_reported", "lung_area_px",
+                              "infection_area_px", "severity_percent"]
+    for t, r in zip(table, rows):
+        assert t["predicted_class"] == r["predicted_class"] and int(t["width"]) == r["width"]
+        assert [float(t[f"p_{c}"]) for c in CLASS_NAMES] == [r["probs"][c] for c in CLASS_NAMES]
+        assert int(t["lung_area_px"]) == r["lung_area_px"]
+        assert (t["severity_percent"] == "") == (r["severity_percent"] is None)
+
+
+def test_predict_overlay_shows_class_probability_severity_and_legend(tiny_ckpt, tmp_path, monkeypatch):
+    from mtlxray.report import figures
+    from mtlxray.report import predict as P
+
+    seen = []
+
+    def spy(image, lung, inf, **kw):
+        seen.append(dict(kw, has_inf=inf is not None))
+        return figures.prediction_overlay(image, lung, inf, **kw)
+
+    monkeypatch.setattr(P, "prediction_overlay", spy)
+    model, cfg = P.load_predictor(tiny_ckpt)
+    paths = [_write_png(tmp_path / "a.png", (64, 48))]
+    (rec,), _ = P.predict_files(model, cfg.model.img_size, paths, tmp_path / "o")
+    (gated,), _ = P.predict_files(model, cfg.model.img_size, paths, tmp_path / "g", gate=1.0)
+    assert seen[0]["predicted_class"] == rec["predicted_class"]
+    assert seen[0]["probability"] == pytest.approx(rec["probs"][rec["predicted_class"]], abs=1e-6)
+    assert seen[0]["severity"] == pytest.approx(rec["severity_percent"], abs=1e-3) and seen[0]["has_inf"]
+    assert seen[1]["severity"] is None and "gate" in seen[1]["note"] and not seen[1]["has_inf"]
+    overlay = np.asarray(Image.open(tmp_path / "o" / "overlays" / "a_overlay.png"))
+    lung = np.asarray(Image.open(tmp_path / "o" / "masks" / "a_lung.png")) > 0
+    inf = np.asarray(Image.open(tmp_path / "o" / "masks" / "a_inf.png")) > 0
+    image = P.load_gray(paths[0])
+    assert np.array_equal(overlay[:48], figures.overlay_rgb(image, lung, inf))  # same pixel grid
+    band = overlay[48:].reshape(-1, 3)
+    assert (band == np.round(np.array(figures.LUNG_RGB) * 255).astype(np.uint8)).all(1).any()  # legend swatch
+    assert (band.max(1) > 200).any()  # white text
+
+
+def test_predict_refuses_a_used_output_folder_without_overwrite(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _predict(tiny_ckpt, out, _write_png(tmp_path / "a.png")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not empty" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_predict_overwrite_leaves_no_stale_masks_or_errors(tiny_ckpt, tmp_path):
+    d = _folder_with_one_corrupt(tmp_path)
+    out = tmp_path / "out"
+    assert _predict(tiny_ckpt, out, d) == 1
+    assert (out / "errors.jsonl").is_file() and (out / "masks" / "good2_lung.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    assert _predict(tiny_ckpt, out, d / "good1.png", extra=["--overwrite"]) == 0
+    assert not (out / "errors.jsonl").exists()
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["good1_inf.png", "good1_lung.png"]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["good1_overlay.png"]
+    assert len((out / "predictions.csv").read_text().splitlines()) == 2
+    assert (out / "notes.txt").read_text() == "mine"  # not predict's: kept
+
+
+def test_predict_into_an_unwritable_folder_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")  # a folder cannot be made under a file, whoever runs the test
+    assert _predict(tiny_ckpt, blocker / "out", _write_png(tmp_path / "a.png")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write there" in err and "Traceback" not in err
+    assert _predict(tiny_ckpt, blocker, _write_png(tmp_path / "b.png")) == 2  # --out is a file
+    assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gate", ["1.5", "-0.1", "nan", "high"])
+def test_predict_gate_outside_0_1_is_a_usage_error_with_exit_2(tiny_ckpt, tmp_path, capsys, gate):
+    with pytest.raises(SystemExit) as e:
+        _predict(tiny_ckpt, tmp_path / "out", _write_png(tmp_path / "a.png"), extra=["--gate", gate])
+    assert e.value.code == 2
+    assert "--gate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_files_rejects_a_bad_gate_from_python(tiny_ckpt, tmp_path):
+    from mtlxray.errors import ConfigError
+    from mtlxray.report.predict import load_predictor, predict_files
+
+    model, cfg = load_predictor(tiny_ckpt)
+    with pytest.raises(ConfigError, match="gate"):
+        predict_files(model, cfg.model.img_size, [], tmp_path / "o", gate=1.5)
+
+
+def test_predict_and_export_help_text_for_every_option_and_no_literal_percent(capsys):
+    import argparse
+
+    from mtlxray.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("predict", "export"):
+        for action in sub.choices[name]._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert "%%" not in text and "in %)" in text
+    assert "--batch-size N" in text and "--overwrite" in text
+
+
+def test_predict_accepts_a_save_pretrained_folder(tiny_ckpt, tmp_path):
+    from mtlxray.checkpoint import load_model_from_checkpoint
+
+    model, cfg = load_model_from_checkpoint(tiny_ckpt)
+    folder = model.save_pretrained(tmp_path / "model", cfg)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "model.safetensors"]
+    assert _predict(folder, tmp_path / "a", _write_png(tmp_path / "x.png")) == 0
+    assert _predict(tiny_ckpt, tmp_path / "b", tmp_path / "x.png") == 0
+    assert (tmp_path / "a" / "predictions.jsonl").read_text() == (tmp_path / "b" / "predictions.jsonl").read_text()
+
+
+def test_predict_outputs_keep_the_umask_mode(tiny_ckpt, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _predict(tiny_ckpt, tmp_path / "out", _folder_with_one_corrupt(tmp_path)) == 1
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"predictions.jsonl", "predictions.csv", "errors.jsonl", "good1_overlay.png"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}

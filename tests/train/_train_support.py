@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,15 @@ def tiny_overrides(shards: Path, out: Path, *extra: str, name: str = "t") -> lis
         "run.precision=fp32", "run.tensorboard=false", "run.progress=false", "run.log_every=1",
         "run.eval_every=0", "run.save_every=1000", "schedule.warmup_steps=1", *extra,
     ]
+
+
+LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) |\[)")
+"""A log record (ours, or DeepSpeed's bracketed ones), as opposed to the CLI's error line."""
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without log records: what the CLI itself printed."""
+    return [line for line in stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
 
 
 def cli_env() -> dict[str, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def digest(trainer) -> str:
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.raw_model
     params = list(model.named_parameters())
     gather = contextlib.nullcontext()
     if trainer.cfg.run.backend == "deepspeed":
@@ -46,15 +46,16 @@ def deepspeed_shm_comm() -> bool:
 
 
 def install_event(mode: str, step: int) -> None:
-    from mtlxray.train.engine import Trainer
+    from mtlxray.train.trainer import Trainer
 
     if mode == "term":
         after = Trainer._after_step
 
-        def after_step(self, bar, epoch_end):
-            after(self, bar, epoch_end)
+        def after_step(self, epoch_end):
+            stop = after(self, epoch_end)
             if self.state.step == step:
                 os.kill(os.getpid(), signal.SIGTERM)
+            return stop
 
         Trainer._after_step = after_step
     elif mode == "kill-in-save":
@@ -72,7 +73,7 @@ def install_event(mode: str, step: int) -> None:
 
 def main() -> int:
     from mtlxray.config import load_config
-    from mtlxray.train.engine import Trainer
+    from mtlxray.train.trainer import Trainer
 
     out, mode, step, config, *overrides = sys.argv[1:]
     # A hung collective prints every thread's stack and exits before the test's own timeout.

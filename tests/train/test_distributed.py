@@ -26,6 +26,9 @@ def _launch(launcher: list[str], out: Path, args: list[str], env: dict) -> list[
     res = killable.run([*launcher, str(WORKER), str(out), "none", "0", str(DEMO), *args], cwd=REPO, env=env,
                        timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "Grad strides do not match" not in res.stderr  # gradients keep their parameters' layout
+    if "run.backend=deepspeed" not in args:
+        assert "Setting accelerator to CPU" not in res.stdout + res.stderr  # DeepSpeed is never imported
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

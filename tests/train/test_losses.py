@@ -59,3 +59,32 @@ def test_multitask_loss_weights_the_tasks():
     total, parts = multitask_loss(out, batch, {"lung": 1.0, "inf": 0.0, "cls": 0.5}, [2])
     assert set(parts) == {"lung", "cls"}
     assert total.item() == pytest.approx(parts["lung"].item() + 0.5 * F.cross_entropy(out["cls"], batch["label"]).item())
+
+
+def test_nan_in_an_excluded_sample_reaches_neither_the_loss_nor_the_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 8, 8)
+    logits[1] = float("nan")  # an excluded sample's head diverged
+    logits.requires_grad_(True)
+    include = torch.tensor([True, False, True])
+    loss = masked_seg_loss(logits, (torch.rand(3, 1, 8, 8) > 0.5).float(), include)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert torch.count_nonzero(logits.grad[1]) == 0
+
+
+def test_infection_loss_can_average_over_the_batch_instead_of_the_positives():
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
+    include = torch.tensor([True, False, False, True])
+    over_pos = masked_seg_loss(logits, target, include)
+    over_batch = masked_seg_loss(logits, target, include, mean_over="batch")
+    assert over_batch.item() == pytest.approx(over_pos.item() * 2 / 4, rel=1e-6)
+
+
+def test_bce_weight_scales_the_bce_term():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    diff = seg_loss_per_sample(logits, target, bce_weight=1.0) - seg_loss_per_sample(logits, target, bce_weight=0.0)
+    assert torch.allclose(diff, bce, rtol=1e-5)

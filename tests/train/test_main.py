@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from _train_support import DEMO, DEMO2, run_cli, tiny_overrides
+from _train_support import DEMO, DEMO2, error_lines, run_cli, tiny_overrides
 from mtlxray.errors import CheckpointError, ConfigError, ShardError
 from mtlxray.model import build_model
 from mtlxray.train.main import run_training
@@ -22,7 +22,7 @@ def test_phase2_starts_from_phase1_best_and_reports_infection_metrics(tiny_cfg, 
     train = [r for r in lines if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all("loss/inf" in r and r["img_per_s"] > 0 for r in train)
     evals = [r for r in lines if r["type"] == "eval"]
-    assert {"val/inf_dice", "val/lung_dice", "val/accuracy", "val/macro_f1", "val/recall/COVID-19"} <= evals[-1].keys()
+    assert {"val/inf_dice", "val/lung_dice", "val/accuracy", "val/f1_macro", "val/recall/COVID-19"} <= evals[-1].keys()
     state = json.loads((run / "checkpoints" / "last" / "state.json").read_text())
     assert state["phase"] == "phase2" and state["step"] == 2
     # Phase 2 started from phase 1's weights: phase 1's class input conv, which phase 2 never
@@ -36,22 +36,51 @@ def test_phase2_starts_from_phase1_best_and_reports_infection_metrics(tiny_cfg, 
 
 def _one_line_failure(res, code: int, *words: str) -> str:
     assert res.returncode == code, res.stderr[-2000:]
-    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    lines = error_lines(res.stderr)
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert all(w in lines[0] for w in words), lines[0]
     return lines[0]
 
 
-def test_missing_shards_fail_with_one_line(tmp_path):
+def test_missing_shards_are_a_config_error_in_one_line(tmp_path):
     res = run_cli(["train", "--config", str(DEMO), f"data.shards={tmp_path}/none", f"run.output_dir={tmp_path}"])
-    _one_line_failure(res, ShardError.exit_code, "manifest")
+    _one_line_failure(res, ConfigError.exit_code, "data.shards", "does not exist")
     assert not (tmp_path / "phase1").exists()  # failed before creating anything
 
 
-def test_phase2_without_phase1_checkpoint_fails_with_one_line(tiny_shards, tmp_path):
+def test_phase2_without_phase1_checkpoint_is_a_config_error_in_one_line(tiny_shards, tmp_path):
     args = tiny_overrides(tiny_shards, tmp_path, f"phase.init_from={tmp_path}/phase1/checkpoints/best")
     res = run_cli(["train", "--config", str(DEMO2), *args])
-    _one_line_failure(res, CheckpointError.exit_code, "phase.init_from", "previous phase")
+    _one_line_failure(res, ConfigError.exit_code, "phase.init_from", "previous phase")
+
+
+def test_a_best_metric_that_evaluation_never_produces_fails_before_training(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "run.best_metric=val/inf_dice")  # phase 1 has no infection output
+    res = run_cli(["train", "--config", str(DEMO), *args])
+    _one_line_failure(res, ConfigError.exit_code, "run.best_metric", "val/lung_dice")
+    assert not (tmp_path / "t" / "checkpoints").exists()
+
+
+def test_a_missing_validation_split_fails_before_training(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "data.val_split=holdout")
+    res = run_cli(["train", "--config", str(DEMO), *args])
+    _one_line_failure(res, ConfigError.exit_code, "data.val_split", "holdout")
+
+
+def test_a_shard_error_in_a_loader_worker_is_one_line(tiny_shards, tmp_path):
+    import shutil
+
+    broken = tmp_path / "shards"
+    shutil.copytree(tiny_shards, broken)
+    for tar in (broken / "lung").glob("train-*.tar"):
+        data = bytearray(tar.read_bytes())
+        data[512:1536] = b"\xff" * 1024  # same size, garbage where the second member's header was
+        tar.write_bytes(bytes(data))
+    args = tiny_overrides(broken, tmp_path, "data.workers=1", "schedule.max_steps=2")
+    res = run_cli(["train", "--config", str(DEMO), *args])
+    assert res.returncode == ShardError.exit_code
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and "Traceback" not in res.stderr and ".tar" in lines[0], res.stderr
 
 
 def test_image_size_not_matching_shards_is_a_config_error(tiny_shards, tmp_path):

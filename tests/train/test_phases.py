@@ -3,7 +3,7 @@ import torch
 
 from mtlxray.errors import ConfigError
 from mtlxray.model import build_model
-from mtlxray.train.engine import Trainer
+from mtlxray.train.trainer import Trainer
 from mtlxray.train.phases import apply_freezing, matches_prefix
 
 
@@ -30,7 +30,7 @@ def test_apply_freezing_unknown_prefix_is_a_config_error(tiny_cfg):
 def test_phase1_infection_params_bit_identical_after_training_steps(tiny_cfg):
     trainer = Trainer(tiny_cfg("schedule.max_steps=3"), resume="none")
     try:
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = trainer.raw_model
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         assert trainer.fit() == 0
         after = dict(model.named_parameters())

@@ -1,0 +1,225 @@
+"""One evaluation for training-time validation and `mtlxray evaluate`: per-image records, one summary.
+
+A `RecordCollector` turns each batch's model outputs into small per-image records (confusion
+counts of the masks, predicted areas, class probabilities, the label), kept on the device until
+the end so that evaluating a batch never waits for the host. `Records` from every rank are
+gathered once, de-duplicated by sample key, and `summarise` computes every metric under one set
+of names, which training logs as `val/<name>` and `evaluate` writes to metrics.json:
+
+- `n_images`;
+- `lung_<m>` and `lung_<m>_global` for m in dice, iou, pixel_accuracy, sensitivity, specificity
+  (mean over images, and from counts pooled over images), and `lung_n`;
+- `inf_<m>`, `inf_<m>_global`, `inf_n`: the same on positive images (a label in the infection
+  classes, COVID-19 by default) that carry an infection mask;
+- `inf_fp_share` and `inf_fp_area_pct` on negative images (labels outside the infection classes):
+  the share with any predicted infection pixel, and the mean predicted infection area inside the
+  predicted lung as a percentage of the predicted lung; `inf_negatives_n`;
+- `accuracy`, `<m>_macro` and `<m>/<class>` for m in precision, recall, specificity, f1, auc.
+
+A model without an output (no infection head in phase 1, no class head in a segmentation
+baseline) has no metrics of that task: its names are absent, not nan. `metric_names` lists the
+names a model's evaluation produces, so a config's `run.best_metric` is checked before training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mtlxray import metrics as M
+
+__all__ = ["Records", "RecordCollector", "summarise", "metric_names", "CI_METRICS"]
+
+SEG = ("dice", "iou", "pixel_accuracy", "sensitivity", "specificity")
+CLS = ("precision", "recall", "specificity", "f1")
+CI_METRICS = ("lung_dice", "inf_dice", "accuracy", "f1_macro", "auc_macro")
+"""Headline metrics that get bootstrap confidence intervals."""
+
+
+@dataclass
+class Records:
+    """Per-image evaluation records, one row per image (tensors on the CPU after `RecordCollector.records`)."""
+
+    keys: list[str]
+    labels: Tensor
+    """N int64 true class."""
+    inf_annotated: Tensor
+    """N bool: the image carries an infection mask."""
+    probs: Optional[Tensor] = None
+    """N×C class probabilities (None: the model has no class output)."""
+    lung: Optional[Tensor] = None
+    """N×4 int64 (tp, fp, fn, tn) of the lung mask at probability 0.5 (None: no lung output)."""
+    lung_area: Optional[Tensor] = None
+    """N int64 predicted lung pixels."""
+    inf: Optional[Tensor] = None
+    """N×4 int64 (tp, fp, fn, tn) of the infection mask (None: no infection output)."""
+    inf_area: Optional[Tensor] = None
+    """N int64 predicted infection pixels inside the predicted lung."""
+    inf_any: Optional[Tensor] = None
+    """N bool: any predicted infection pixel anywhere in the image."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @staticmethod
+    def concat(parts: Sequence["Records"]) -> "Records":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Records([], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
+        out = {}
+        for f in fields(Records):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "keys":
+                out[f.name] = [k for v in values for k in v]
+            elif any(v is None for v in values):
+                out[f.name] = None
+            else:
+                out[f.name] = torch.cat(values)
+        return Records(**out)
+
+    def take(self, idx: Sequence[int]) -> "Records":
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        return Records(**{f.name: ([self.keys[i] for i in index.tolist()] if f.name == "keys" else
+                                   None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+                          for f in fields(Records)})
+
+    def unique_by_key(self) -> "Records":
+        """One row per sample key, in key order (a loader may give a rank the same sample twice)."""
+        first = {}
+        for i, k in enumerate(self.keys):
+            first.setdefault(k, i)
+        return self.take([first[k] for k in sorted(first)])
+
+
+class RecordCollector:
+    """Accumulates `Records` batch by batch from model outputs, without host synchronisation."""
+
+    def __init__(self) -> None:
+        self._parts: list[dict] = []
+
+    @torch.no_grad()
+    def add(self, out: dict, batch: dict) -> None:
+        """out: the model's dict (lung/inf B×1×H×W logits, cls B×C logits, or None); batch: a
+        device batch with `lung`, `inf` masks, `label`, `has_inf` and `key`."""
+        part: dict = {"keys": list(batch["key"]), "labels": batch["label"].detach(),
+                      "inf_annotated": batch["has_inf"].detach().bool()}
+        lung_pred = None
+        if out.get("lung") is not None:
+            lung_pred = out["lung"].detach() > 0  # logit > 0 is probability > 0.5
+            part["lung"] = M.seg_counts(lung_pred, batch["lung"] > 0.5)
+            part["lung_area"] = lung_pred.flatten(1).sum(1)
+        if out.get("inf") is not None:
+            inf_pred = out["inf"].detach() > 0
+            part["inf"] = M.seg_counts(inf_pred, batch["inf"] > 0.5)
+            inside = inf_pred & lung_pred if lung_pred is not None else inf_pred
+            part["inf_area"] = inside.flatten(1).sum(1)
+            part["inf_any"] = inf_pred.flatten(1).any(1)
+        if out.get("cls") is not None:
+            part["probs"] = torch.softmax(out["cls"].detach().float(), dim=1)
+        self._parts.append(part)
+
+    def records(self) -> Records:
+        """Everything added so far, on the CPU (one copy per field)."""
+        if not self._parts:
+            return Records.concat([])
+        out = {}
+        for f in fields(Records):
+            values = [p.get(f.name) for p in self._parts]
+            if f.name == "keys":
+                out["keys"] = [k for v in values for k in v]
+            elif any(v is None for v in values):
+                out[f.name] = None
+            else:
+                out[f.name] = torch.cat(values).cpu()
+        return Records(**out)
+
+
+def metric_names(tasks: Sequence[str], class_names: Sequence[str]) -> list[str]:
+    """The metric names `summarise` produces for a model with outputs `tasks` (lung, inf, cls)."""
+    names = ["n_images"]
+    for task in ("lung", "inf"):
+        if task in tasks:
+            names += [f"{task}_{m}{s}" for m in SEG for s in ("", "_global")] + [f"{task}_n"]
+    if "inf" in tasks:
+        names += ["inf_fp_share", "inf_fp_area_pct", "inf_negatives_n"]
+    if "cls" in tasks:
+        names += ["accuracy", *(f"{m}_macro" for m in (*CLS, "auc"))]
+        names += [f"{m}/{c}" for m in (*CLS, "auc") for c in class_names]
+    return names
+
+
+def _macro_auc(probs: Tensor, labels: Tensor) -> float:
+    values = [a for a in M.roc_auc_ovr(probs, labels) if not math.isnan(a)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequence[int], *,
+              n_boot: int = 0, seed: int = 0) -> dict:
+    """Every metric of `records` (see the module docstring), plus the figures' raw material.
+
+    Returns {"metrics": {name: value}, "ci95": {name: [lo, hi]} (with n_boot > 0),
+    "confusion": C×C list or None, "class_names", "class_counts", "per_image": {name: list}}.
+    """
+    n = len(records)
+    values: dict[str, float] = {"n_images": float(n)}
+    per_image: dict[str, list] = {"key": list(records.keys), "label": records.labels.tolist()}
+    boot: dict[str, Callable[[Tensor], float]] = {}
+    positive = torch.isin(records.labels, torch.as_tensor(list(inf_classes), dtype=torch.long))
+
+    def seg(task: str, counts: Tensor) -> Tensor:
+        summary = M.seg_summary(counts, f"{task}_")
+        values.update(summary)
+        values[f"{task}_n"] = float(counts.shape[0])
+        return M.dice(counts)
+
+    if records.lung is not None:
+        lung_dice = seg("lung", records.lung)
+        per_image["lung_dice"] = lung_dice.tolist()
+        per_image["lung_area"] = records.lung_area.tolist()
+        boot["lung_dice"] = lambda idx: lung_dice[idx].mean().item()
+    if records.inf is not None:
+        scored = positive & records.inf_annotated
+        inf_dice_all = M.dice(records.inf)
+        inf_dice = seg("inf", records.inf[scored])
+        per_image["inf_dice"] = [d if s else None for d, s in zip(inf_dice_all.tolist(), scored.tolist())]
+        per_image["inf_area"] = records.inf_area.tolist()
+        boot["inf_dice"] = lambda idx: inf_dice_all[idx][scored[idx]].mean().item() if scored[idx].any() else math.nan
+        negative = ~positive
+        lung_area = records.lung_area.double() if records.lung_area is not None else None
+        area_pct = (100.0 * records.inf_area.double() / lung_area.clamp_min(1)) if lung_area is not None \
+            else torch.zeros(n, dtype=torch.float64)
+        values["inf_negatives_n"] = float(negative.sum())
+        values["inf_fp_share"] = records.inf_any[negative].double().mean().item() if negative.any() else math.nan
+        values["inf_fp_area_pct"] = area_pct[negative].mean().item() if negative.any() else math.nan
+    confusion = None
+    if records.probs is not None:
+        names = list(class_names)
+        preds = records.probs.argmax(1)
+        confusion = M.confusion_matrix(preds, records.labels, len(names))
+        cls = M.classification_summary(confusion, names)
+        auc = M.roc_auc_ovr(records.probs.double(), records.labels)
+        cls.update({f"auc/{c}": a for c, a in zip(names, auc)})
+        present = [a for a in auc if not math.isnan(a)]
+        cls["auc_macro"] = sum(present) / len(present) if present else math.nan
+        values.update(cls)
+        per_image["predicted"] = preds.tolist()
+        per_image["probs"] = records.probs.tolist()
+        probs, labels = records.probs.double(), records.labels
+        boot["accuracy"] = lambda idx: (preds[idx] == labels[idx]).double().mean().item()
+        boot["f1_macro"] = lambda idx: M.classification_summary(
+            M.confusion_matrix(preds[idx], labels[idx], len(names)), names)["f1_macro"]
+        boot["auc_macro"] = lambda idx: _macro_auc(probs[idx], labels[idx])
+    ci = {name: list(M.bootstrap_ci(fn, n, n_boot, seed)) for name, fn in boot.items()} if n_boot > 0 else {}
+    return {
+        "metrics": values,
+        "ci95": ci,
+        "confusion": confusion.tolist() if confusion is not None else None,
+        "class_names": list(class_names),
+        "class_counts": torch.bincount(records.labels, minlength=len(class_names)).tolist(),
+        "per_image": per_image,
+    }

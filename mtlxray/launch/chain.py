@@ -1,0 +1,138 @@
+"""A chain of training phases, planned and checked before anything is submitted.
+
+Phase k+1 runs after phase k succeeded and starts from its best checkpoint
+(`phase.init_from=<run dir of phase k>/checkpoints/best`). `plan_chain` gives each phase its
+overrides and run folder; `validate_chain` checks the whole chain: every config loads, every
+phase's shards are there, every phase writes its own run folder, and every `phase.init_from` is a
+checkpoint that exists or one that an earlier phase of the chain will write. `mtlxray submit`,
+`submit_pipeline` and slurm/pipeline.sh (through `python -m mtlxray.launch.chain`) all use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mtlxray.config import Config, load_config
+from mtlxray.errors import ConfigError, MtlxError
+
+__all__ = ["PhasePlan", "plan_chain", "validate_chain"]
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """One phase of a chain: its config, the overrides it runs with, and where it writes."""
+
+    index: int
+    """1-based position in the chain."""
+    config: str
+    """Absolute path of the config file."""
+    overrides: tuple[str, ...]
+    run_dir: Path
+    """<run.output_dir>/<run.name> after overrides, absolute."""
+    cfg: Config
+
+    @property
+    def label(self) -> str:
+        return f"phase {self.index} ({Path(self.config).name})"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+
+def plan_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
+               phase_overrides: Optional[dict[int, Sequence[str]]] = None) -> list[PhasePlan]:
+    """Each phase's overrides (common ones, its own, then init_from) and run folder; configs are loaded.
+
+    `phase_overrides` maps a 1-based phase index to overrides for that phase only.
+    """
+    if not configs:
+        raise ConfigError("a chain needs at least one config")
+    phase_overrides = dict(phase_overrides or {})
+    unknown = sorted(k for k in phase_overrides if not 1 <= k <= len(configs))
+    if unknown:
+        raise ConfigError(f"overrides for phase {unknown[0]}, but the chain has {len(configs)} phase(s)")
+    plans: list[PhasePlan] = []
+    for index, config in enumerate(configs, start=1):
+        path = Path(config).resolve()
+        over = [*overrides, *phase_overrides.get(index, ())]
+        if plans:
+            over.append(f"phase.init_from={plans[-1].best_checkpoint}")
+        try:
+            cfg = load_config(path, over)
+        except ConfigError as e:
+            raise ConfigError(f"phase {index} ({path.name}): {e}") from None
+        run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+        plans.append(PhasePlan(index, str(path), tuple(over), run_dir, cfg))
+    return plans
+
+
+def validate_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
+                   phase_overrides: Optional[dict[int, Sequence[str]]] = None) -> list[PhasePlan]:
+    """`plan_chain`, then check what would otherwise fail on a node; the first problem raises, in one line.
+
+    ConfigError: a config that does not load, two phases writing one run folder, or a
+    `phase.init_from` that is neither a checkpoint now nor written by an earlier phase.
+    ShardError (or the loader's own error): a phase's shard manifest is missing or unreadable.
+    """
+    from mtlxray.checkpoint import resolve_checkpoint
+    from mtlxray.data.loader import read_manifest
+
+    plans = plan_chain(configs, overrides, phase_overrides)
+    writers: dict[Path, PhasePlan] = {}
+    for plan in plans:
+        if plan.run_dir in writers:
+            raise ConfigError(f"{plan.label} and {writers[plan.run_dir].label} both write {plan.run_dir}: "
+                              "give each phase its own run.name")
+        writers[plan.run_dir] = plan
+        try:
+            read_manifest(plan.cfg.data.shards)
+        except MtlxError as e:
+            raise type(e)(f"{plan.label}: data.shards: {e}") from None
+        init = plan.cfg.phase.init_from
+        if not init:
+            continue
+        init_path = Path(init).resolve()
+        earlier = [p for p in plans[:plan.index - 1] if init_path.is_relative_to(p.run_dir / "checkpoints")]
+        if earlier:
+            continue
+        try:
+            resolve_checkpoint(init_path)
+        except MtlxError as e:
+            raise ConfigError(f"{plan.label}: phase.init_from: {e}; no earlier phase of the chain writes it "
+                              "(train that phase first, or chain it before this one)") from None
+    return plans
+
+
+def _main(argv: Sequence[str]) -> int:
+    """`python -m mtlxray.launch.chain`: validate a chain and print one line per phase (for slurm/pipeline.sh)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mtlxray.launch.chain",
+        description="Validate a chain of phases before submitting it; print, per phase, a tab-separated "
+                    "line: index, config, run folder, overrides (space-separated, init_from included).")
+    parser.add_argument("configs", nargs="+", metavar="YAML", help="the phases' configs, in order")
+    parser.add_argument("--overrides", default="", help="`key=value` overrides for every phase, space-separated")
+    parser.add_argument("--phase-overrides", nargs=2, action="append", default=[], metavar=("K", "OVERRIDES"),
+                        help="overrides for phase K only (1-based), space-separated; repeatable")
+    args = parser.parse_args(argv)
+    try:
+        per_phase: dict[int, list[str]] = {}
+        for k, text in args.phase_overrides:
+            if not k.isdigit():
+                raise ConfigError(f"--phase-overrides: phase index {k!r} is not a number")
+            per_phase.setdefault(int(k), []).extend(text.split())
+        plans = validate_chain(args.configs, args.overrides.split(), per_phase)
+    except MtlxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    for plan in plans:
+        print(f"{plan.index}\t{plan.config}\t{plan.run_dir}\t{' '.join(plan.overrides)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,416 @@
+"""The training loop shared by every phase, on Accelerate (DDP) or DeepSpeed.
+
+`Trainer` owns the loop and nothing else; the run folder (`rundir`), what is logged (`logs`),
+validation (`validation`, through `mtlxray.evaluation`), non-finite steps (`nonfinite`) and
+checkpoint files (`mtlxray.checkpoint`) are components it calls.
+
+Host synchronisation: a training step on the DDP backend reads nothing back from the device.
+Loss parts, skipped-step counts and the stop flag stay on the device and are read once per
+log step (`run.log_every`), in one all-reduce and one copy; that is also where a preemption
+signal is acted on. Validation and checkpoint saves synchronise as they must. DeepSpeed adds one
+read per micro-step (its engine steps inside backward, so a non-finite loss is caught before it).
+
+Outputs under runs/<name>/: `config.yaml`, `metrics.jsonl` and `tensorboard/` (see
+`mtlxray.train.logs`), `checkpoints/` (see `mtlxray.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mtlxray import CLASS_NAMES
+from mtlxray.checkpoint import (WEIGHTS_NAME, TrainState, check_deepspeed_pickles, find_resume, resolve_checkpoint,
+                                save_checkpoint, verify_checkpoint)
+from mtlxray.config import Config, dump_config
+from mtlxray.data.loader import (batch_to_device, build_train_loader, read_manifest, shard_urls,
+                                 train_batches_per_epoch)
+from mtlxray.dist import resolve_world
+from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
+from mtlxray.evaluation import metric_names
+from mtlxray.hardware import resolve_attention, resolve_precision
+from mtlxray.io import write_text_atomic
+from mtlxray.train.distributed import build_accelerator, deepspeed_config, keep_grads_in_parameter_layout
+from mtlxray.train.logs import LossWindow, MetricsLog, Progress
+from mtlxray.train.losses import phase_loss
+from mtlxray.train.nonfinite import NonFiniteGuard
+from mtlxray.train.optim import build_optimizer, build_scheduler
+from mtlxray.train.phases import prepare_phase
+from mtlxray.train.rundir import RunLock, clear_previous_run
+from mtlxray.train.signals import StopFlag, agree
+from mtlxray.train.validation import Validator, eval_subset, iterate_keeping_rng
+
+__all__ = ["Trainer", "preflight", "resume_target"]
+
+logger = logging.getLogger(__name__)
+
+
+def resume_target(cfg: Config, resume: str) -> Optional[Path]:
+    """The checkpoint to continue from: `none`, `auto` (newest complete in the run) or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_resume(Path(cfg.run.output_dir) / cfg.run.name / "checkpoints")
+    return resolve_checkpoint(resume)
+
+
+def _model_tasks(cfg: Config) -> set[str]:
+    """The outputs the configured model produces in the configured phase."""
+    from mtlxray.model.net import MODELS
+
+    tasks = set(getattr(MODELS.get(cfg.model.name), "tasks", {"lung", "inf", "cls"}))
+    if cfg.phase.name == "phase1":
+        tasks.discard("inf")
+    return tasks
+
+
+def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
+    """Cheap checks that fail in well under a second with a one-line reason, before any worker."""
+    root = Path(cfg.data.shards)
+    if "://" not in cfg.data.shards and not root.exists():
+        raise ConfigError(f"data.shards: {root} does not exist (build it with `mtlxray shards build`)")
+    manifest = read_manifest(root)
+    subsets = (cfg.data.subset,) if cfg.data.subset in ("lung", "infection") else ("lung", "infection")
+    for subset in subsets:
+        if not shard_urls(root, manifest, subset, cfg.data.train_split):
+            raise ShardError(f"data.shards: {root} has no {subset}/{cfg.data.train_split} shards")
+    val = manifest["shards"].get(eval_subset(cfg), {}).get(cfg.data.val_split)
+    if not val:
+        raise ConfigError(f"data.val_split: {root} has no {eval_subset(cfg)}/{cfg.data.val_split} shards to "
+                          "validate on")
+    if manifest.get("image_size") != cfg.model.img_size:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} but the shards in {root} hold "
+                          f"{manifest.get('image_size')}² images")
+    names = ["val/loss"] + [f"val/{n}" for n in metric_names(sorted(_model_tasks(cfg)), CLASS_NAMES)]
+    if cfg.run.best_metric not in names:
+        raise ConfigError(f"run.best_metric: `{cfg.run.best_metric}` is not an evaluation metric of "
+                          f"{cfg.model.name} in {cfg.phase.name}; choose one of {', '.join(names)}")
+    if cfg.run.backend == "deepspeed":
+        deepspeed_config(cfg)
+    if cfg.phase.init_from and resume_from is None:
+        try:
+            resolve_checkpoint(cfg.phase.init_from)
+        except CheckpointError as e:
+            raise ConfigError(f"phase.init_from: {e} (train the previous phase first)") from None
+
+
+def resolve_global_batch(cfg: Config, world_size: int) -> None:
+    """Derive the per-process micro-batch and gradient accumulation from data.global_batch_size.
+
+    The fewest accumulation steps whose micro-batch fits data.batch_size; the global batch must
+    split evenly over the processes and steps (ConfigError naming the numbers otherwise)."""
+    total = cfg.data.global_batch_size
+    if total is None:
+        return
+    if total % world_size:
+        raise ConfigError(f"data.global_batch_size={total} does not split over {world_size} processes")
+    per_process = total // world_size
+    for accum in range(1, per_process + 1):
+        if per_process % accum == 0 and per_process // accum <= cfg.data.batch_size:
+            cfg.data.batch_size, cfg.optim.grad_accum = per_process // accum, accum
+            return
+
+
+class Trainer:
+    """One phase of training: build everything from the config, `fit()`, then `close()`."""
+
+    def __init__(self, cfg: Config, resume: str = "auto", overwrite: bool = False) -> None:
+        from accelerate.utils import broadcast_object_list, set_seed
+
+        self.stop = StopFlag.install()  # before anything slow: a signal now is recorded, not fatal
+        cfg = copy.deepcopy(cfg)  # the caller's config is left as it was
+        cfg.run.precision = resolve_precision(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        resolve_global_batch(cfg, resolve_world().world_size)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if resume == "none" and not overwrite:
+            clear_previous_run(self.run_dir, overwrite=False)  # refuses a used folder, before any work
+        target = resume_target(cfg, resume)
+        preflight(cfg, target)
+        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
+        if not acc.is_main_process:
+            logging.getLogger("mtlxray").setLevel(logging.WARNING)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.lock = RunLock(self.run_dir)
+        # Rank 0 takes the lock and tidies the folder, then tells the others where to resume.
+        decision: list = [None, str(target) if target else None]
+        if acc.is_main_process:
+            try:
+                self.lock.acquire()
+                if resume == "none" and overwrite:
+                    clear_previous_run(self.run_dir, overwrite=True)
+            except Exception as e:  # every rank must fail the same way, not hang
+                decision[0] = e
+        broadcast_object_list(decision)
+        if decision[0] is not None:
+            raise decision[0]
+        target = Path(decision[1]) if decision[1] else None
+        set_seed(cfg.run.seed)
+
+        model = self._build_model(target)
+        optimizer = build_optimizer(model, cfg, fused=cfg.run.backend == "ddp")
+        batches = train_batches_per_epoch(cfg.data, self.world)
+        self.steps_per_epoch = batches // cfg.optim.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"data: {batches} batches per rank per epoch is fewer than "
+                              f"optim.grad_accum={cfg.optim.grad_accum}")
+        self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
+        scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        self.raw_model = model
+        if cfg.run.backend == "ddp":
+            keep_grads_in_parameter_layout(model)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.group_names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
+
+        self.state = TrainState(phase=cfg.phase.name)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, cfg.run.tensorboard)
+        self.window = LossWindow(acc.device)
+        if target is not None:
+            self._load(target)
+        if acc.is_main_process:
+            write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+        if cfg.run.tensorboard:
+            acc.init_trackers("tensorboard")
+        self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
+        self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
+        self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)
+        self.validator = Validator(cfg, acc, self.model)
+        logger.info("world size %d, %d steps per epoch, %d steps in all, starting at step %d",
+                    self.world, self.steps_per_epoch, self.total_steps, self.state.step)
+
+    # ---------------------------------------------------------------------------------------------
+    # set-up
+
+    def _build_model(self, target: Optional[Path]):
+        from safetensors.torch import load_file
+
+        from mtlxray.model import build_model
+        from mtlxray.model.pretrained import load_state_dict_transfer
+
+        cfg = self.cfg
+        # Library weights (model.pretrained, model.encoder_pretrained) only for a fresh start: a
+        # resumed or initialised model gets all its weights from the checkpoint.
+        model = build_model(cfg.model, pretrained=target is None and not cfg.phase.init_from)
+        if cfg.phase.init_from and target is None:
+            ckpt = resolve_checkpoint(cfg.phase.init_from)
+            reset = load_state_dict_transfer(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
+            logger.info("initialised from %s%s", ckpt, f"; re-initialised {', '.join(reset)}" if reset else "")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.set_attention(resolve_attention(cfg.model.attention, cfg.run.precision, device))
+        prepare_phase(model, cfg.phase)
+        return model
+
+    def _load(self, ckpt: Path) -> None:
+        state = verify_checkpoint(ckpt)
+        if state.phase != self.cfg.phase.name:
+            raise CheckpointError(f"{ckpt}: a {state.phase} checkpoint cannot resume {self.cfg.phase.name}")
+        if state.world_size != self.world:
+            raise CheckpointError(f"{ckpt}: written by {state.world_size} process(es), resumed by {self.world}; "
+                                  "resume with the same number of processes for an exact continuation")
+        if self.cfg.run.backend == "deepspeed":
+            check_deepspeed_pickles(ckpt)
+        try:
+            self.accelerator.load_state(str(ckpt))
+        except Exception as e:  # torch/accelerate raise many types for a corrupt part
+            raise CheckpointError(f"{ckpt}: cannot load the training state ({type(e).__name__}): a part of the "
+                                  "checkpoint is corrupt; resume from an earlier one with --resume PATH") from None
+        self.state = state
+        self.window.restore(state.log_window)
+        self.log.truncate_after(state.step)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
+                    state.batch_in_epoch)
+
+    def _save(self, *, last: bool, best: bool) -> None:
+        self.state.nan_skipped = self.guard.skipped
+        self.state.log_window = self.window.state()
+        save_checkpoint(self.accelerator, self.model, self.raw_model, self.ckpt_root, self.state, self.cfg,
+                        last=last, best=best)
+        self._saved_step = self.state.step
+
+    # ---------------------------------------------------------------------------------------------
+    # loop
+
+    def fit(self) -> int:
+        """Train to the planned step count; 0 when done, EXIT_REQUEUE after a signal-triggered save."""
+        if agree(self.accelerator, self.stop.requested is not None)[0]:
+            logger.warning("%s before training started: nothing to save; exit %d for a requeue",
+                           self.stop.requested or "a peer's signal", EXIT_REQUEUE)
+            return EXIT_REQUEUE
+        if self.state.step >= self.total_steps:
+            logger.info("nothing to do: step %d of %d already reached", self.state.step, self.total_steps)
+            return 0
+        self.window.t0 = time.perf_counter()
+        with Progress(self.total_steps, self.state.step, self.cfg.run.name,
+                      self.accelerator.is_main_process and self.cfg.run.progress) as self.progress:
+            while self.state.step < self.total_steps:
+                if self._train_epoch():
+                    logger.warning("stopping at step %d on %s; exit %d for a requeue", self.state.step,
+                                   self.stop.requested or "a peer's signal", EXIT_REQUEUE)
+                    if self._saved_step != self.state.step:
+                        self._save(last=True, best=False)
+                    return EXIT_REQUEUE
+            if self._evaluated_step != self.state.step:
+                self._evaluate(save_last=self._saved_step != self.state.step)
+            elif self._saved_step != self.state.step:
+                self._save(last=True, best=False)
+        return 0
+
+    def _batches(self):
+        """This rank's batches from the current data position to the end of the epoch."""
+        s = self.state
+        loader = build_train_loader(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
+                                    world_size=self.world, start_batch=s.batch_in_epoch)
+        return iterate_keeping_rng(loader)
+
+    def _train_epoch(self) -> bool:
+        """Consume the rest of the epoch (whole accumulation windows); True if asked to stop."""
+        acc, cfg, s = self.accelerator, self.cfg, self.state
+        per_epoch = self.steps_per_epoch * cfg.optim.grad_accum
+        it = self._batches()
+        self.model.train()
+        while s.batch_in_epoch < per_epoch and s.step < self.total_steps:
+            batch = next(it, None)
+            if batch is None:
+                raise DataError(f"data: the loader ended after {s.batch_in_epoch} of {per_epoch} batches "
+                                f"in epoch {s.epoch} on rank {self.rank}")
+            batch = batch_to_device(batch, acc.device)
+            self._micro_step(batch)
+            n = batch["img"].shape[0] * self.world
+            s.batch_in_epoch += 1
+            s.samples_seen += n
+            self.window.samples += n
+            if not acc.sync_gradients:
+                continue
+            s.step += 1
+            self.progress.update(s.step)
+            epoch_end = s.batch_in_epoch >= per_epoch
+            if epoch_end:
+                s.epoch += 1
+                s.batch_in_epoch = 0
+            if self._after_step(epoch_end):
+                return True
+            if epoch_end:
+                break
+        return False
+
+    def _micro_step(self, batch: dict) -> None:
+        """Forward/backward of one batch; the optimizer steps at accumulation boundaries."""
+        acc, cfg = self.accelerator, self.cfg
+        deepspeed = cfg.run.backend == "deepspeed"
+        with acc.accumulate(self.model):
+            if not deepspeed and self.state.batch_in_epoch % cfg.optim.grad_accum == 0:
+                self.guard.begin_window()
+            out = self.model(batch["img"])
+            loss, parts = phase_loss(out, batch, cfg.phase)
+            self.window.add({"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}})
+            if deepspeed:
+                if agree(acc, not bool(torch.isfinite(loss.detach())))[0]:
+                    self.guard.skip_on_host(self.state.step + 1)  # the engine never sees this batch
+                else:
+                    acc.backward(loss)
+            else:
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+                    found = self.guard.found_inf(norm)
+                    self.guard.arm(self.optimizer.optimizer, found)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self._step_t += 1
+                if not deepspeed:
+                    self.guard.after_step(found, self._step_t)
+                self.scheduler.step()
+
+    def _after_step(self, epoch_end: bool) -> bool:
+        """Log, evaluate and save as due; returns whether the ranks agreed to stop."""
+        cfg, s = self.cfg, self.state
+        done = s.step >= self.total_steps
+        log_due = s.step % cfg.run.log_every == 0 or done
+        eval_due = (cfg.run.eval_every > 0 and s.step % cfg.run.eval_every == 0) or \
+                   (cfg.run.eval_every == 0 and epoch_end) or done
+        save_due = s.step % cfg.run.save_every == 0 or epoch_end or done
+        stop = False
+        if log_due or eval_due or save_due:
+            stop = self._sync(log_due)
+        if eval_due:
+            self._evaluate(save_last=save_due or stop)
+        elif save_due or stop:
+            self._save(last=True, best=False)
+        return stop
+
+    def _sync(self, write_log: bool) -> bool:
+        """The log step: one all-reduce and one host read of the loss sums, skip count and stop flag."""
+        acc, s = self.accelerator, self.state
+        names, sums = self.window.sync_values()
+        skipped, bad_step = self.guard.sync_values()
+        stop = torch.tensor(float(self.stop.requested is not None), dtype=torch.float64, device=acc.device)
+        local = torch.stack([*sums, skipped, bad_step, stop]) if sums else torch.stack([skipped, bad_step, stop])
+        if self.world > 1:
+            # Sums add up across ranks; the skip count, step and stop flag are equal or OR-ed: take the max.
+            summed = local.clone()
+            torch.distributed.all_reduce(summed)
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+            local = torch.cat([summed[:len(sums)], local[len(sums):]])
+        values = local.tolist()
+        self.guard.check(values[-3], values[-2], s.step)
+        if write_log:
+            self._log_train(LossWindow.means(names, values[:len(sums)]))
+        return values[-1] > 0
+
+    def _log_train(self, means: dict[str, float]) -> None:
+        s, w = self.state, self.window
+        elapsed = max(1e-9, time.perf_counter() - w.t0)
+        groups = self.optimizer.param_groups
+        record = {"type": "train", "step": s.step, "epoch": s.epoch, "samples": s.samples_seen, **means,
+                  "lr": groups[0]["lr"] / groups[0].get("lr_mult", 1.0),
+                  **{f"lr/{n}": g["lr"] for n, g in zip(self.group_names, groups)},
+                  "skipped": self.guard.skipped, "img_per_s": w.samples / elapsed, "world_size": self.world,
+                  "time": time.time()}
+        self.log.write(record)
+        self.progress.report(record)
+        w.reset()
+
+    # ---------------------------------------------------------------------------------------------
+    # evaluation and the best checkpoint
+
+    def evaluate(self) -> dict[str, float]:
+        return self.validator.run()
+
+    def _evaluate(self, save_last: bool) -> None:
+        cfg, s = self.cfg, self.state
+        values = self.evaluate()
+        self._evaluated_step = s.step
+        self.log.write({"type": "eval", "step": s.step, "epoch": s.epoch, **values})
+        value = values.get(cfg.run.best_metric, math.nan)
+        better = not math.isnan(value) and (
+            s.best_metric is None or (value > s.best_metric if cfg.run.best_mode == "max" else value < s.best_metric))
+        if better:
+            s.best_metric, s.best_step = value, s.step
+        logger.info("step %d: %s", s.step, ", ".join(
+            f"{k}={values[k]:.4f}" for k in ("val/loss", "val/lung_dice", "val/inf_dice", "val/accuracy",
+                                              "val/f1_macro") if k in values))
+        if better or save_last:
+            self._save(last=save_last, best=better)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End trackers, release the run folder, restore signal handlers and end the process group."""
+        self.stop.close()
+        self.accelerator.end_training()
+        self.lock.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # gloo threads freeing tensors during interpreter exit can SIGABRT (pytorch#190489):
+            # free them while the group still exists, then wait for it at a barrier.
+            gc.collect()
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,99 @@
+"""Validation during training: the model on the validation split, summarised by `mtlxray.evaluation`.
+
+Each rank evaluates its contiguous share of the split (every image once across ranks). Ranks may
+hold unequal numbers of batches; they step in lockstep (a rank that ran out repeats a blank
+forward and discards it) so that ZeRO-3's collectives line up. Records are gathered once at the
+end. The validation loss is averaged over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from mtlxray import CLASS_NAMES
+from mtlxray.config import Config
+from mtlxray.data.loader import batch_to_device, build_eval_loader
+from mtlxray.errors import unwrap_worker_error
+from mtlxray.evaluation import RecordCollector, Records, summarise
+from mtlxray.train.losses import phase_loss
+from mtlxray.train.signals import agree
+
+__all__ = ["Validator", "eval_subset", "iterate_keeping_rng"]
+
+
+def eval_subset(cfg: Config) -> str:
+    """The subset validated on: the training subset, or `infection` when training mixes both."""
+    return cfg.data.subset if cfg.data.subset in ("lung", "infection") else "infection"
+
+
+def iterate_keeping_rng(loader) -> Iterator[dict]:
+    """Iterate `loader` without touching the global torch RNG, re-raising worker errors in one line.
+
+    A DataLoader draws its workers' base seed from the global RNG, and an in-process pipeline may
+    draw when it starts. A resumed run starts its loader at a different point than an
+    uninterrupted one, so such draws would shift every later random number of the model
+    (stochastic depth) and break exact resume. The data pipeline seeds itself.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+    except Exception as e:  # a loader worker re-raises with its whole traceback in the message
+        raise unwrap_worker_error(e) from None
+
+
+class Validator:
+    """Runs validation for a Trainer; returns `val/<metric>` values."""
+
+    def __init__(self, cfg: Config, accelerator, model) -> None:
+        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+
+    @torch.no_grad()
+    def run(self) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        acc, cfg = self.accelerator, self.cfg
+        loader = build_eval_loader(cfg.data, subset=eval_subset(cfg), split=cfg.data.val_split,
+                                   rank=acc.process_index, world_size=acc.num_processes)
+        self.model.eval()
+        collector = RecordCollector()
+        loss_sums: dict[str, torch.Tensor] = {}
+        n_local = 0
+        it, last = iterate_keeping_rng(loader), None
+        try:
+            while True:
+                batch = next(it, None)
+                if not agree(acc, batch is not None)[0]:
+                    break
+                if batch is None and last is None:
+                    size = cfg.model.img_size
+                    last = {"img": torch.zeros(1, 1, size, size, device=acc.device)}
+                batch = batch_to_device(batch, acc.device) if batch is not None else None
+                out = self.model((batch or last)["img"])
+                if batch is None:
+                    continue
+                last = batch
+                collector.add(out, batch)
+                n = batch["img"].shape[0]
+                loss, parts = phase_loss(out, batch, cfg.phase)
+                for k, v in {"loss": loss, **{f"loss/{t}": p for t, p in parts.items()}}.items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().double() * n
+                n_local += n
+        finally:
+            self.model.train()
+        local = (collector.records(), {k: v.item() for k, v in loss_sums.items()}, n_local)
+        gathered = gather_object([local])
+        records = Records.concat([g[0] for g in gathered]).unique_by_key()
+        n = sum(g[2] for g in gathered)
+        summary = summarise(records, CLASS_NAMES, cfg.phase.infection_classes)
+        values = {f"val/{k}": v for k, v in summary["metrics"].items()}
+        for key in gathered[0][1] if gathered else {}:
+            values[f"val/{key}"] = sum(g[1].get(key, 0.0) for g in gathered) / max(1, n)
+        return values

@@ -1,0 +1,190 @@
+"""Duplicate and leakage audit: hashes in the manifest, `shards audit` on data with planted duplicates
+(the answer known), `overlap` for evaluation, and `--dedupe` / `--exclude-from` builds.
+
+Measured near-duplicate detection (test_precision_and_recall_on_the_small_scale, 350 images at
+256 px, 40 planted pairs: 20 exact, 20 near): precision 1.000 and recall 1.000 at the default
+threshold 16; near copies at distance <= 6, the closest distinct pair at 20. imagehash's 64-bit
+phash on the same phantoms gave distinct images distance 0, hence the centred DCT hash.
+"""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtlxray.cli import main as cli
+from mtlxray.data import audit
+from mtlxray.data.shards import build_shards
+from mtlxray.data.synth import NEAR_TRANSFORMS, _near_copy, render_phantom, synthesize
+
+SIZE = 128  # the hash thumbnail is 64 px: a one-pixel shift at 128 px is half a thumbnail pixel
+
+
+def _build(tree: Path, out: Path, **kw) -> dict:
+    return build_shards(tree, out, format="raw", shard_size=8, workers=1, progress=False, image_size=SIZE, **kw)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny tree with 8 planted duplicates, its shards, and the planted truth."""
+    root = tmp_path_factory.mktemp("planted")
+    synthesize(root / "tree", "tiny", seed=1, size=SIZE, workers=1, progress=False, duplicates=8)
+    _build(root / "tree", root / "shards")
+    return root / "tree", root / "shards", json.loads((root / "tree" / "duplicates.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    synthesize(root / "tree", "tiny", seed=1, size=SIZE, workers=1, progress=False)
+    _build(root / "tree", root / "shards")
+    return root / "tree", root / "shards"
+
+
+def _found(pairs) -> set:
+    return {frozenset((p.a.source, p.b.source)) for p in pairs}
+
+
+def _truth(planted_pairs) -> set:
+    return {frozenset((p["source"], p["copy"])) for p in planted_pairs}
+
+
+def test_hashes_see_through_encoding_and_near_copies_but_not_other_images():
+    rng = np.random.default_rng(0)
+    img, lung, _ = render_phantom(rng, "COVID-19", 256)
+    other = render_phantom(np.random.default_rng(1), "COVID-19", 256)[0]
+    assert audit.content_hash(img) == audit.content_hash(img.copy())
+    assert audit.content_hash(img) != audit.content_hash(np.ascontiguousarray(img[:, ::-1]))
+    h = audit.perceptual_hash(img)
+    assert len(h) == 64 and audit.hamming(h, h) == 0
+    for how in NEAR_TRANSFORMS:
+        near, _ = _near_copy(img, [lung.astype(np.uint8) * 255], how)
+        assert audit.hamming(h, audit.perceptual_hash(near)) <= audit.NEAR_THRESHOLD, how
+    assert audit.hamming(h, audit.perceptual_hash(other)) > audit.NEAR_THRESHOLD
+
+
+def test_the_manifest_records_both_hashes_of_every_image(planted):
+    tree, shards, _ = planted
+    manifest = json.loads((shards / "manifest.json").read_text())
+    rows = manifest["images"]["rows"]
+    assert manifest["images"]["columns"] == audit.IMAGE_COLUMNS
+    assert len(rows) == 46 and len({r[0] for r in rows}) == 46
+    row = next(r for r in rows if r[0] == "lung_train_Normal_Normal_1")
+    pixels = np.asarray(Image.open(tree / row[5]))
+    assert row[6] == audit.content_hash(pixels) and row[7] == audit.perceptual_hash(pixels)
+    assert manifest["duplicates"]["exact_pairs"] == 4 and manifest["duplicates"]["near_pairs"] == 4
+
+
+def test_audit_finds_every_planted_duplicate_and_nothing_else(planted, tmp_path):
+    _, shards, truth = planted
+    result = audit.audit([shards], tmp_path / "audit")
+    assert _found(result.pairs) == _truth(truth)  # precision and recall 1 on the known answer
+    assert {p.kind for p in result.pairs} == {"exact", "near"}
+    assert all(p.leakage for p in result.pairs)  # every planted copy went to val or test
+    rows = list(csv.DictReader((tmp_path / "audit" / "audit.csv").open()))
+    assert len(rows) == 8 and {r["leakage"] for r in rows} == {"1"}
+    with Image.open(tmp_path / "audit" / "contact_sheet.png") as sheet:
+        assert sheet.height > 8 * 160 and sheet.width > 2 * 160
+        px = np.asarray(sheet)
+    assert px[10:150, 10:150].std() > 10  # images were drawn, not left blank
+
+
+def test_audit_is_clean_on_clean_data_and_the_cli_exit_codes_say_so(clean, planted, tmp_path, capsys):
+    _, clean_shards = clean
+    result = audit.audit([clean_shards], tmp_path / "a")
+    assert result.leakage == [] and result.pairs == []
+    assert cli(["shards", "audit", str(clean_shards), "--out", str(tmp_path / "b")]) == 0
+    assert "clean: no image crosses a train/val/test boundary" in capsys.readouterr().out
+    assert cli(["shards", "audit", str(planted[1]), "--out", str(tmp_path / "c")]) == audit.EXIT_LEAKAGE == 3
+    out = capsys.readouterr()
+    assert "LEAKAGE: 8 pair(s)" in out.out and (tmp_path / "c" / "audit.csv").is_file()
+    assert len(out.err.strip().splitlines()) == 1
+
+
+def test_audit_across_two_shard_sets(clean, planted, tmp_path):
+    """The same source tree built twice: every image pairs with its twin; twins in the same split are
+    duplicates, not leakage; the planted copies are leakage across sets too."""
+    result = audit.audit([clean[1], planted[1]], None)
+    cross = [p for p in result.pairs if p.a.set != p.b.set]
+    assert len(cross) >= 46 - 8
+    same_split = [p for p in cross if not p.leakage]
+    assert same_split and all(p.kind == "exact" for p in same_split)
+
+
+def test_overlap_tells_evaluation_whether_a_split_was_trained_on(planted, clean):
+    _, shards, truth = planted
+    pairs = audit.overlap(shards, "test", shards, "train")
+    want = {t for t in _truth(truth) if any("/Test/" in s for s in t)}
+    assert _found(pairs) == want and want
+    assert all(p.a.split == "test" and p.b.split == "train" for p in pairs)
+    assert audit.overlap(clean[1], "test", clean[1], "train") == []
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert _found(audit.overlap(manifest, "test", manifest, "train", subset_a="lung", subset_b="infection")) == \
+        _found(p for p in pairs if p.a.subset == "lung" and p.b.subset == "infection")
+    del manifest["images"]
+    from mtlxray.errors import ShardError
+
+    with pytest.raises(ShardError, match="no image hashes"):
+        audit.overlap(manifest, "test", shards, "train")
+
+
+@pytest.mark.parametrize("mode", ["keep-first", "drop"])
+def test_dedupe_drops_copies_and_records_it(planted, tmp_path, mode):
+    tree, _, truth = planted
+    manifest = _build(tree, tmp_path / "out", dedupe=mode)
+    kept = {r[5] for r in manifest["images"]["rows"]}
+    dropped = manifest["dedupe"]["dropped"]
+    assert manifest["params"]["dedupe"] == manifest["dedupe"]["mode"] == mode
+    for pair in truth:
+        if mode == "keep-first":  # the copy in val/test stays, the training original goes
+            assert pair["copy"] in kept and pair["source"] not in kept
+        else:
+            assert pair["copy"] not in kept and pair["source"] not in kept
+    assert len(dropped) == manifest["dedupe"]["dropped_count"] == (8 if mode == "keep-first" else 16)
+    assert manifest["duplicates"]["exact_pairs"] == manifest["duplicates"]["near_pairs"] == 0
+    assert sum(n for s in manifest["counts"].values() for sp in s.values() for n in sp.values()) == 46 - len(dropped)
+    assert "dropped: " in (tmp_path / "out" / "notes.jsonl").read_text()
+    assert audit.audit([tmp_path / "out"]).leakage == []
+
+
+def test_exclude_from_leaves_out_another_sets_test_images(planted, clean, tmp_path):
+    tree, _, truth = planted
+    other = clean[1]  # built from the same phantoms, without the planted copies
+    manifest = _build(tree, tmp_path / "out", exclude_from=[other])
+    assert manifest["params"]["exclude_from"][0]["shards"] == str(other)
+    rec = manifest["dedupe"]["exclude_from"][0]
+    replaced = sum("/Test/" in t["copy"] for t in truth)  # those test images are train copies here
+    assert rec["shards"] == str(other) and rec["test_images"] == 10 and rec["dropped"] == 10 - replaced
+    assert audit.overlap(tmp_path / "out", "train", other, "test") == []
+    assert audit.overlap(tmp_path / "out", "test", other, "test") == []
+    assert "test" not in manifest["counts"]["lung"] or sum(manifest["counts"]["lung"]["test"].values()) < 6
+
+
+@pytest.mark.slow
+def test_precision_and_recall_on_the_small_scale(tmp_path):
+    tree, out = tmp_path / "tree", tmp_path / "shards"
+    synthesize(tree, "small", seed=0, size=256, workers=2, progress=False, duplicates=40)
+    build_shards(tree, out, format="raw", workers=2, progress=False)
+    truth = _truth(json.loads((tree / "duplicates.json").read_text()))
+    refs = audit.manifest_images(json.loads((out / "manifest.json").read_text()), "small")
+    found = _found(audit.find_pairs(refs))
+    precision, recall = len(found & truth) / max(1, len(found)), len(found & truth) / len(truth)
+    distances = audit.find_pairs(refs, threshold=255)
+    closest_distinct = min(p.distance for p in distances if frozenset((p.a.source, p.b.source)) not in truth)
+    farthest_copy = max(p.distance for p in distances if frozenset((p.a.source, p.b.source)) in truth)
+    print(f"precision {precision:.3f} recall {recall:.3f}; copies <= {farthest_copy}, "
+          f"closest distinct pair {closest_distinct} (threshold {audit.NEAR_THRESHOLD})")
+    assert precision == recall == 1.0
+    assert farthest_copy < audit.NEAR_THRESHOLD < closest_distinct
+
+
+def test_synth_refuses_more_duplicates_than_the_scale_holds(tmp_path):
+    from mtlxray.errors import DataError
+
+    with pytest.raises(DataError, match="room for fewer than 500 planted duplicates"):
+        synthesize(tmp_path, "tiny", size=32, workers=1, progress=False, duplicates=500)
+    shutil.rmtree(tmp_path)

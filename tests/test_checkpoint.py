@@ -1,0 +1,140 @@
+"""mtlxray.checkpoint: complete, verified, finite checkpoints, and no pickle from an unknown source."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mtlxray.checkpoint import (TrainState, all_finite, check_deepspeed_pickles, find_resume,
+                                load_model_from_checkpoint, read_state, verify_checkpoint)
+from mtlxray.config import dump_config, load_config
+from mtlxray.errors import CheckpointError
+from mtlxray.model import build_model
+
+TINY = ["model.img_size=64", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[1,2]",
+        "model.window_size=4", "model.ppm_channels=16", "model.ppm_bins=[1,2]", "model.decoder_channels=[16,8]",
+        "model.cross_attn_heads=[1,1]", "model.head_channels=8", "model.cls_channels=8"]
+
+
+def _write(folder: Path, step: int = 2, weights: dict | None = None, rng: bool = True) -> Path:
+    """A checkpoint folder as the trainer writes it, for one process."""
+    from accelerate.utils import save as accelerate_save
+
+    cfg = load_config(None, TINY)
+    folder.mkdir(parents=True)
+    model = build_model(cfg.model)
+    save_file(weights or {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.yaml").write_text(dump_config(cfg))
+    (folder / "optimizer.bin").write_bytes(b"o" * 100)
+    if rng:
+        import random
+
+        import numpy as np
+
+        accelerate_save({"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                         "torch_manual_seed": torch.get_rng_state()}, folder / "random_states_0.pkl")
+    parts = {p.name: p.stat().st_size for p in folder.iterdir()}
+    (folder / "state.json").write_text(TrainState(step=step, parts=parts).to_json())
+    return folder
+
+
+def test_verify_checkpoint_accepts_a_complete_one(tmp_path):
+    assert verify_checkpoint(_write(tmp_path / "step-000002")).step == 2
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "optimizer.bin").unlink(), "optimizer.bin is missing"),
+    (lambda d: (d / "optimizer.bin").write_bytes(b"o" * 99), "optimizer.bin has 99 bytes"),
+    (lambda d: (d / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+    (lambda d: (d / "config.yaml").unlink(), "config.yaml is missing"),
+])
+def test_verify_checkpoint_names_the_missing_or_damaged_part(tmp_path, damage, words):
+    ckpt = _write(tmp_path / "step-000002")
+    damage(ckpt)
+    with pytest.raises(CheckpointError, match=words):
+        verify_checkpoint(ckpt)
+
+
+def test_verify_checkpoint_refuses_an_unreadable_rng_state_of_the_same_size(tmp_path):
+    ckpt = _write(tmp_path / "step-000002")
+    rng = ckpt / "random_states_0.pkl"
+    rng.write_bytes(b"\0" * rng.stat().st_size)
+    with pytest.raises(CheckpointError, match="unreadable RNG state"):
+        verify_checkpoint(ckpt)
+
+
+def test_find_resume_falls_back_past_an_incomplete_last(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    _write(root / "step-000002", step=2)
+    newest = _write(root / "step-000004", step=4)
+    os.symlink("step-000004", root / "last")
+    (newest / "random_states_0.pkl").unlink()
+    (root / ".tmp-step-000006").mkdir()
+    with caplog.at_level("WARNING"):
+        assert find_resume(root) == root / "step-000002"
+    assert "random_states_0.pkl is missing" in caplog.text and "newest complete" in caplog.text
+
+
+def test_find_resume_ignores_folders_without_state(tmp_path):
+    (tmp_path / "step-000004").mkdir()  # never completed
+    assert find_resume(tmp_path) is None
+
+
+def test_load_model_from_checkpoint_rebuilds_model_and_config(tmp_path):
+    ckpt = _write(tmp_path / "ckpt")
+    model, cfg = load_model_from_checkpoint(ckpt)
+    assert cfg.model.img_size == 64 and not model.training
+    out = model(torch.rand(1, 1, 64, 64))
+    assert out["lung"].shape == (1, 1, 64, 64)
+
+
+def test_load_model_from_checkpoint_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model_from_checkpoint(tmp_path / "nowhere")
+
+
+def test_load_model_from_checkpoint_refuses_non_finite_weights(tmp_path):
+    cfg = load_config(None, TINY)
+    weights = {k: v.contiguous() for k, v in build_model(cfg.model).state_dict().items()}
+    weights["lung_head.conv.weight"][0, 0, 0, 0] = float("nan")
+    ckpt = _write(tmp_path / "ckpt", weights=weights)
+    with pytest.raises(CheckpointError, match="nan or inf"):
+        load_model_from_checkpoint(ckpt)
+
+
+def test_all_finite_sees_a_single_inf_in_a_buffer():
+    model = build_model(load_config(None, TINY).model)
+    assert bool(all_finite(model))
+    next(b for n, b in model.named_buffers() if n.endswith("running_var"))[0] = float("inf")
+    assert not bool(all_finite(model))
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`, as a tampered checkpoint file could."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_deepspeed_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    folder = tmp_path / "pytorch_model"
+    folder.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, folder / "mp_rank_00_model_states.pt")
+    check_deepspeed_pickles(tmp_path)  # a plain DeepSpeed-style file passes
+    marker = tmp_path / "ran"
+    with open(folder / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        check_deepspeed_pickles(tmp_path)
+    assert not marker.exists()
+
+
+def test_read_state_of_a_folder_without_state_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="state.json"):
+        read_state(tmp_path)

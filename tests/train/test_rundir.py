@@ -1,0 +1,72 @@
+"""The run folder: one run at a time (a lock that dies with its holder), and no silent mixing of runs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from _train_support import DEMO, REPO, cli_env, error_lines, run_cli, tiny_overrides
+from mtlxray.errors import ConfigError
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_resume_none_in_a_used_folder_is_refused_with_one_line(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=2", name="rn")
+    assert run_cli(["train", "--config", str(DEMO), *args]).returncode == 0
+    before = (tmp_path / "rn" / "metrics.jsonl").read_text()
+    res = run_cli(["train", "--config", str(DEMO), *args, "optim.lr=1e-4", "run.seed=7", "--resume", "none"])
+    assert res.returncode == ConfigError.exit_code
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and "--resume auto" in lines[0] and "--overwrite" in lines[0], res.stderr
+    assert (tmp_path / "rn" / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def test_overwrite_replaces_the_earlier_run_whole(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3", name="rn")
+    assert run_cli(["train", "--config", str(DEMO), *args]).returncode == 0
+    first = _weights(tmp_path / "rn")
+    res = run_cli(["train", "--config", str(DEMO), *args, "optim.lr=1e-4", "run.seed=7", "--resume", "none",
+                   "--overwrite"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    second = _weights(tmp_path / "rn")
+    for key in ("encoder.patch_embed.proj.weight", "lung_head.conv.weight", "cls_head.fc.weight"):
+        assert not torch.equal(first[key], second[key]), key  # the second run's own weights
+    lines = [json.loads(x) for x in (tmp_path / "rn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["type"] == "train"] == [1, 2, 3]  # the new run's lines only
+    assert sorted(p.name for p in (tmp_path / "rn" / "checkpoints").glob("step-*")) == ["step-000003"]
+
+
+def test_a_second_run_in_the_same_folder_fails_at_once_naming_the_holder(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=400", "run.log_every=50", name="busy")
+    holder = subprocess.Popen([sys.executable, "-m", "mtlxray.cli", "train", "--config", str(DEMO), *args],
+                              cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "busy" / ".lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        res = run_cli(["train", "--config", str(DEMO), *args])
+        assert res.returncode == 1 and time.monotonic() - t0 < 60
+        lines = error_lines(res.stderr)
+        assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and socket.gethostname() in lines[0], res.stderr
+        assert holder.poll() is None  # the holder was not disturbed
+        # The lock dies with its holder (as a requeued job's old process does): the next run gets it.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        res = run_cli(["train", "--config", str(DEMO), *tiny_overrides(
+            tiny_shards, tmp_path, "schedule.max_steps=2", name="busy")])
+        assert res.returncode == 0, res.stderr[-2000:]
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait()
