@@ -13,6 +13,16 @@ from mtlxray.dist import (WorldInfo, export_submitit_env, export_torch_env, mast
 from mtlxray.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """export_*_env write os.environ by design; a variable it adds must not reach later tests
+    (a leaked WORLD_SIZE makes every later single-process run wait for ranks that never come)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _slurm_task(procid: int, localid: int, nodeid: int, **extra: str) -> dict[str, str]:
     """What Slurm sets for one task of a 2-node × 2-task job."""
     return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "4",
