@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mtlxray-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-gpu bench clean
 
 # torch goes first and pinned: left to resolve freely it pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -28,8 +28,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slurm and not slow"
 
+# On a GPU node: the tests that need CUDA (tests/gpu); `make test` collects them and skips them without one.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -ra -s -m gpu tests/gpu
+
 bench: $(STAMP)
 	$(BIN)/mtlxray bench all
 
 clean:
-	rm -rf runs .pytest_cache build *.egg-info
+	rm -rf runs/* .pytest_cache build *.egg-info

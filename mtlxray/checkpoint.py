@@ -43,7 +43,7 @@ from mtlxray.model.base import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["TrainState", "save_checkpoint", "find_resume", "resolve_checkpoint", "read_state",
            "verify_checkpoint", "check_deepspeed_pickles", "assert_finite", "all_finite",
-           "load_model_weights", "load_model_from_checkpoint", "WEIGHTS_NAME", "STATE_NAME", "CONFIG_NAME"]
+           "load_model_from_checkpoint", "WEIGHTS_NAME", "STATE_NAME", "CONFIG_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,12 @@ def _collect_garbage(root: Path) -> None:
 
 
 def _finite_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    # Under ZeRO-3 a parameter's data is empty and this rank's shard is its `ds_tensor`.
-    tensors = [getattr(p, "ds_tensor", p) for p in model.parameters()] + list(model.buffers())
+    # Under ZeRO-3 a parameter's data is empty and this rank's shard is its `ds_tensor`. Only the
+    # buffers a checkpoint holds: a non-persistent one is derived, and may hold -inf by design
+    # (open_clip's causal attention mask).
+    buffers = [b for m in model.modules() for name, b in m.named_buffers(recurse=False)
+               if name not in m._non_persistent_buffers_set]
+    tensors = [getattr(p, "ds_tensor", p) for p in model.parameters()] + buffers
     return [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
 
 
@@ -306,19 +310,6 @@ def check_deepspeed_pickles(ckpt: Path) -> None:
         except Exception as e:  # UnpicklingError for forbidden globals, others for corrupt files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: refused: not loadable with weights_only=True ({first[:200]})") from None
-
-
-def load_model_weights(model: torch.nn.Module, path: str | Path, map_location: str = "cpu") -> None:
-    """Load a checkpoint's model.safetensors into `model` strictly (phase.init_from)."""
-    from safetensors.torch import load_file
-
-    ckpt = resolve_checkpoint(path)
-    weights = load_file(str(ckpt / WEIGHTS_NAME), device=map_location)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).strip().splitlines()[:3]]
-        raise CheckpointError(f"{ckpt / WEIGHTS_NAME}: does not fit the model: {' '.join(lines)}") from None
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: str = "cpu"):

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from mtlxray import __version__
 from mtlxray.errors import MtlxError
 
 EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error, 75 saved and wants requeue."
@@ -46,6 +47,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _gate_args(p: argparse.ArgumentParser, gate_help: str) -> None:
+    """--gate, --gate-source and --first-stage (MultiCheXNet's gate before the infection and box heads)."""
+    p.add_argument("--gate", type=_probability, default=None, metavar="P", help=gate_help)
+    p.add_argument("--gate-source", choices=["none", "cls_head", "first_stage"], default=None,
+                   help="what gives P(positive class): the model's class head, or a frozen first-stage classifier "
+                        "(--first-stage, default model.first_stage); none: no gate (default: the checkpoint's "
+                        "phase.teacher_forcing.gate, else cls_head when --gate is given)")
+    p.add_argument("--first-stage", default=None, metavar="CKPT",
+                   help="classification checkpoint for --gate-source first_stage (default: model.first_stage)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlxray",
@@ -55,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mtlxray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # config ------------------------------------------------------------------------------
@@ -150,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "per image (forward and forward+backward) counted with torch.utils.flop_counter.")
     _config_args(p, required=False)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(handler="mtlxray.model.summary:cli_main")
+    p.add_argument("--lr-groups", action="store_true",
+                   help="list the optimizer's parameter groups of the config's phase instead: their modules, "
+                        "parameter count, learning rate and weight decay")
+    p.set_defaults(handler="mtlxray.cli:model_summary")
 
     # train -------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -172,16 +188,51 @@ def build_parser() -> argparse.ArgumentParser:
     # evaluate ----------------------------------------------------------------------------
     p = sub.add_parser(
         "evaluate", help="metrics, confidence intervals and figures on a shard split",
-        description="Evaluate a checkpoint on a split: segmentation and classification metrics with "
-                    "bootstrap intervals, gathered across ranks; writes metrics.json, report.md and figures.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (runs/<name>/checkpoints/best)")
+        description="Evaluate a checkpoint, or a model without a training run (--model-config), on a split: "
+                    "segmentation and classification metrics with bootstrap intervals, gathered across ranks; "
+                    "writes metrics.json, report.md and figures. A model reports the metrics of the outputs it has.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint folder (runs/<name>/checkpoints/best)")
+    which.add_argument("--model-config", metavar="YAML",
+                       help="build the model from this config and the local weights it names (model.pretrained, "
+                            "model.encoder_pretrained), with no training run: zero-shot CLIP "
+                            "(configs/baselines/clip_zeroshot.yaml model.pretrained=...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="with --model-config: dotted overrides applied after the file, e.g. model.pretrained=PATH")
     p.add_argument("--shards", required=True, help="shard root holding manifest.json")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--subset", default=None, help="lung or infection (default: the checkpoint's phase subset)")
-    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint; with --model-config "
+                                                "<run.output_dir>/<run.name>/eval-pretrained-<shards>-<subset>-<split>)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
+    p.add_argument("--allow-leakage", action="store_true",
+                   help="evaluate even when the split shares images with the checkpoint's training data "
+                        "(refused by default; the report states the audit's result either way)")
+    _gate_args(p, "report metrics with and without a gate that passes an image to the infection and box "
+                  "heads when P(positive class) >= P (default: the checkpoint's phase.teacher_forcing gate, "
+                  "if any)")
     p.set_defaults(handler="mtlxray.report.evaluate:cli_main")
+
+    # compare -----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "compare", help="one table of several runs: test metrics with 95%% CIs, size, GFLOPs, training speed",
+        description="Compare runs (training run folders, folders of `evaluate --model-config` results, or "
+                    "evaluation folders): each run's evaluation of the split (its eval-*/metrics.json) with "
+                    "bootstrap 95% intervals, its parameters and GFLOPs per image (from its config) and its "
+                    "measured training images/s (metrics.jsonl). Writes OUT/compare.md and OUT/compare.csv. "
+                    "A run without an evaluation of the split is evaluated first when --shards is given "
+                    "(its best checkpoint), and is an error otherwise.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<name>) or evaluation folders")
+    p.add_argument("--out", default="compare", help="folder for compare.md and compare.csv (default ./compare)")
+    p.add_argument("--split", default="test", help="the evaluated split to compare (default test)")
+    p.add_argument("--subset", default=None, help="lung or infection (default: whichever the evaluation used)")
+    p.add_argument("--shards", default=None,
+                   help="evaluate runs that have no evaluation of the split on these shards first (default: "
+                        "such a run is an error naming the `mtlxray evaluate` command)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the evaluations compare runs itself (default 1000)")
+    p.set_defaults(handler="mtlxray.report.compare:cli_main")
 
     # predict -----------------------------------------------------------------------------
     p = sub.add_parser(
@@ -201,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="predict into a non-empty --out: first delete what an earlier predict wrote there "
                         "(masks/, overlays/, predictions.jsonl/.csv, errors.jsonl); other files are kept")
-    p.add_argument("--gate", type=_probability, default=None, metavar="P",
-                   help="report infection only when P(COVID-19) >= P, a probability in [0, 1] "
-                        "(MultiCheXNet-style gating; default: always report)")
+    _gate_args(p, "report infection and boxes only when P(positive class) >= P (COVID-19 unless "
+                  "phase.positive_classes says otherwise), a probability in [0, 1] (MultiCheXNet-style gating; "
+                  "default: the checkpoint's phase.teacher_forcing gate, else always report)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="images per forward pass (default 8); lower it if memory is short")
     p.set_defaults(handler="mtlxray.report.predict:cli_main")
@@ -308,6 +359,34 @@ def config_show(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def model_summary(args: argparse.Namespace) -> int:
+    """`mtlxray model-summary`: parameters and FLOPs per part, or (--lr-groups) the optimizer's groups."""
+    if not args.lr_groups:
+        from mtlxray.model.summary import cli_main
+
+        return cli_main(args)
+    import json
+
+    from mtlxray.config import load_config
+    from mtlxray.model import build_model
+    from mtlxray.train.optim import describe_param_groups, param_groups
+    from mtlxray.train.phases import prepare_phase
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model, pretrained=False)
+    prepare_phase(model, cfg.phase)
+    groups = describe_param_groups(model, param_groups(model, cfg))
+    if args.json:
+        print(json.dumps({"config": args.config, "phase": cfg.phase.name, "groups": groups}, indent=2))
+        return 0
+    print(f"{cfg.model.name}, {cfg.phase.name}: optimizer parameter groups (optim.lr={cfg.optim.lr:g})")
+    width = max(len(g["name"]) for g in groups)
+    for g in groups:
+        print(f"  {g['name']:<{width}}  {g['params']:>12,} params  lr {g['lr']:<10.3g} weight decay "
+              f"{g['weight_decay']:<8g} {', '.join(g['modules'])}")
     return 0
 
 

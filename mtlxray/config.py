@@ -22,8 +22,8 @@ import yaml
 from mtlxray.errors import ConfigError
 
 __all__ = [
-    "AugmentConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "PhaseConfig",
-    "RunConfig", "LaunchConfig", "Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict",
+    "AugmentConfig", "SourceConfig", "DataConfig", "ModelConfig", "TeacherForcingConfig", "OptimConfig",
+    "ScheduleConfig", "PhaseConfig", "RunConfig", "LaunchConfig", "Config", "ConfigError", "load_config", "config_from_dict", "config_to_dict",
     "dump_config", "apply_overrides",
 ]
 
@@ -54,6 +54,45 @@ class AugmentConfig:
         for name in ("rotate_deg", "translate", "scale", "brightness", "contrast"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+
+
+SOURCE_TASKS = ("lung", "inf", "det", "cls")
+"""Labels a training source can carry: lung masks, infection masks, infection boxes, the class."""
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One shard set of `data.sources` (alternating disjoint datasets; README "MultiCheXNet training modes")."""
+
+    name: str
+    """A short name for logs and errors."""
+    shards: Optional[str] = None
+    """Shard root of this source; default: data.shards."""
+    subset: Literal["lung", "infection"] = "lung"
+    """Subset of the shard set to train on."""
+    tasks: list[str] = field(default_factory=lambda: ["lung", "cls"])
+    """The labels this source carries (of lung, inf, det, cls): a batch from it computes only these
+    losses; the model's other heads get an exactly zero gradient in that step."""
+    classes: Optional[Literal["covid3", "radiography4"]] = None
+    """Label scheme of its shards' class names (default: data.classes)."""
+    label_map: dict[str, int] = field(default_factory=dict)
+    """Class name as stored in the shards (e.g. `Viral Pneumonia`) -> the model's label; empty: the
+    label scheme's labels (or data.label_map when that is set)."""
+    weight: float = 1.0
+    """Share of the batches with `data.source_schedule: weighted` (relative to the other sources)."""
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("data.sources: every source needs a non-empty name")
+        bad = [t for t in self.tasks if t not in SOURCE_TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"data.sources[{self.name}].tasks: {bad or 'empty'}; choose from {', '.join(SOURCE_TASKS)}")
+        if {"inf", "det"} & set(self.tasks) and self.subset != "infection":
+            raise ConfigError(f"data.sources[{self.name}]: tasks inf/det need infection masks: subset must be infection")
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise ConfigError(f"data.sources[{self.name}].weight must be finite and > 0, got {self.weight}")
+        if self.shards == "":
+            raise ConfigError(f"data.sources[{self.name}].shards is empty; leave it out to use data.shards")
 
 
 @dataclass(kw_only=True)
@@ -102,8 +141,33 @@ class DataConfig:
     remote_timeout_s: float = 30.0
     """Remote shards: socket timeout of each connect and read, in seconds."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    label_map: dict[str, int] = field(default_factory=dict)
+    """Class name as the shards store it -> the model's label, replacing the `classes` scheme's labels
+    in training, validation and evaluation (e.g. `{Normal: 0, Non-COVID: 0, COVID-19: 1}` for a
+    2-class transfer). Needs `class_names`; every class of the shards must be mapped."""
+    class_names: list[str] = field(default_factory=list)
+    """Names of the model's labels in label order when `label_map` is set (what reports show)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Alternating disjoint datasets: shard sets that take turns, batch by batch, each training only
+    the heads it has labels for (README "MultiCheXNet training modes"). Empty: train on
+    `shards`/`subset`. Validation always uses `shards`, `subset` and `val_split`."""
+    source_schedule: Literal["alternate", "weighted"] = "alternate"
+    """With `sources`: `alternate` takes one batch from each source in turn; `weighted` draws the
+    source of each batch by the sources' weights (seeded by run.seed, epoch and batch, so every
+    rank takes the same source at the same step and a resume replays the same order)."""
 
     def __post_init__(self) -> None:
+        if self.label_map and not self.class_names:
+            raise ConfigError("data.label_map needs data.class_names: the names of the model's labels in order")
+        if self.class_names and not self.label_map:
+            raise ConfigError("data.class_names renames labels only together with data.label_map")
+        bad = {k: v for k, v in self.label_map.items() if not 0 <= v < len(self.class_names)}
+        if bad:
+            raise ConfigError(f"data.label_map: labels {bad} are outside 0..{len(self.class_names) - 1} "
+                              f"(data.class_names has {len(self.class_names)})")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         if self.global_batch_size is not None and self.global_batch_size < 1:
@@ -147,6 +211,13 @@ class ModelConfig:
     cls_channels: int = 64
     cls_use_bottleneck: bool = False
     """Also feed pooled bottleneck features to the class head (off: the paper's mask-only head)."""
+    cls_loss: Literal["ce", "bce_multilabel"] = "ce"
+    """Class loss: `ce` (softmax cross-entropy; class probabilities are a softmax) or
+    `bce_multilabel` (a sigmoid and binary cross-entropy per class against the one-hot label, as
+    MultiCheXNet's classifier; class probabilities are then independent sigmoids, and evaluation
+    adds F1 at probability 0.5 per class and macro, `f1_at_0.5/<class>`, `f1_at_0.5_macro`)."""
+    input_norm: bool = True
+    """Standardise the [0, 1] image ((x - 0.5) / 0.25) before the encoder; the paper does not say."""
     grad_checkpoint: Literal["none", "attention", "block", "selective"] = "none"
     attention: Literal["auto", "sdpa", "explicit"] = "auto"
     """Window-attention kernel; `auto` picks the measured-faster one per dtype."""
@@ -174,6 +245,31 @@ class ModelConfig:
     """`clip_zeroshot`: text prompts per class, in label order (their embeddings are averaged);
     empty: built-in prompts for the 3 classes Normal, Non-COVID, COVID-19."""
 
+    # --- detection and the first-stage classifier (README, "MultiCheXNet training modes")
+    det_head: Literal["none", "fcos", "kbox"] = "none"
+    """Infection-box head (`model.det_head`, output `det`): `fcos`, an anchor-free FCOS-style head
+    on one feature map (per location an objectness, a centre-ness and the distances to the four
+    box sides; GIoU + focal loss); `kbox`, MultiCheXNet's K boxes regressed from pooled features
+    with an L2 loss; `none`: no detection head. For models with a spatial encoder (the Swin-UNet
+    and the smp baselines)."""
+    det_features: Literal["encoder", "decoder"] = "encoder"
+    """What the detection head reads: the encoder's map at stride `det_stride`, or the (infection)
+    decoder's last features average-pooled to that stride."""
+    det_stride: int = 8
+    """Stride of the detection head's feature map (input pixels per location)."""
+    det_channels: int = 64
+    """Width of the detection head's convolutions (`fcos`) or hidden layer (`kbox`)."""
+    det_max_boxes: int = 10
+    """K of `kbox`, and the most boxes kept per image after NMS (both heads)."""
+    det_score_threshold: float = 0.3
+    """A box is reported (predict, the report's boxes, the false-positive share on negatives) when
+    its score is at least this; mAP uses every box kept after NMS."""
+    det_nms_iou: float = 0.5
+    """IoU above which NMS drops the lower-scored of two boxes."""
+    first_stage: Optional[str] = None
+    """A trained classification checkpoint (any model with a class output), frozen and used as the
+    gate when `phase.teacher_forcing.gate: first_stage`, in training and at inference."""
+
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.num_heads):
             raise ConfigError("model.depths and model.num_heads must have the same length")
@@ -193,6 +289,14 @@ class ModelConfig:
                                   f"{self.num_classes}: give one list of prompts per class")
             if any(not p or any(not t.strip() for t in p) for p in self.prompts):
                 raise ConfigError("model.prompts: every class needs at least one non-empty prompt")
+        for name in ("det_stride", "det_channels", "det_max_boxes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("det_score_threshold", "det_nms_iou"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.first_stage == "":
+            raise ConfigError("model.first_stage is empty; leave it out (null) or name a checkpoint")
         if self.name == "mtl_swin_unet" and self.img_size % (self.patch_size * 2 ** (len(self.depths) - 1)) != 0:
             raise ConfigError(
                 f"model.img_size={self.img_size} must be divisible by "
@@ -214,6 +318,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Max global grad norm; 0 disables clipping."""
     grad_accum: int = 1
+    no_decay_norm_bias: bool = True
+    """Exempt norm weights, biases and relative-position tables from weight decay (common practice
+    for transformers; the paper does not say). False: every parameter decays."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -256,6 +363,37 @@ class ScheduleConfig:
 
 
 @dataclass(kw_only=True)
+class TeacherForcingConfig:
+    """Which samples reach the infection and detection losses (MultiCheXNet's teacher forcing),
+    and the gate that inference applies before reporting masks and boxes.
+
+    With `gate: none` the ground truth decides (`phase.positive_classes`), always. Otherwise, per
+    sample or per batch, a coin with probability `p` lets the ground truth decide, and with 1 - p
+    the gate's prediction does: P(positive classes) >= `threshold` under the model's own class head
+    (`cls_head`, from the same forward pass) or under the frozen `model.first_stage` classifier.
+    The coins come from a generator seeded by (run.seed, step, batch, rank): a resumed run flips the
+    same coins and no step waits for the device. `mtlxray evaluate` and `predict` apply the same
+    gate and report gated beside ungated figures.
+    """
+
+    gate: Literal["none", "cls_head", "first_stage"] = "none"
+    p: float = 0.9
+    """Probability that the ground truth, not the gate, selects (0.9 in MultiCheXNet)."""
+    per: Literal["sample", "batch"] = "sample"
+    """One coin per sample, or one per batch (per rank)."""
+    threshold: float = 0.5
+    """The gate passes a sample when its probability of a positive class is at least this."""
+
+    def __post_init__(self) -> None:
+        for name in ("p", "threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"phase.teacher_forcing.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+LOSS_TASKS = ("lung", "inf", "cls", "det")
+
+
+@dataclass(kw_only=True)
 class PhaseConfig:
     """What a training phase trains: freezing, loss weights and learning-rate multipliers, as data."""
 
@@ -263,14 +401,24 @@ class PhaseConfig:
     """Selects the class head's input (phase1: lung mask; phase2: lung + infection masks)."""
     frozen: list[str] = field(default_factory=lambda: ["inf_decoder", "inf_head"])
     """Module-name prefixes whose parameters get requires_grad=False before wrapping."""
+    cls_phase2_init: Literal["random", "from_phase1"] = "random"
+    """How the class head's phase-2 input conv (lung + infection masks) starts: freshly initialised
+    (a new part: give `cls_head.conv_phase2` the new parts' rate in phase.lr_mult), or as the
+    phase-1 conv on the lung channel and zero on the infection channel."""
     freeze_encoder_blocks: int = 0
     """Also freeze the patch embedding and the first N encoder blocks (Swin/ViT/DINOv2/BEiTv2
     encoders), as in partial fine-tuning of a pretrained encoder."""
     loss_weights: dict[str, float] = field(default_factory=lambda: {"lung": 1.0, "inf": 0.0, "cls": 0.5})
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Module-name prefix -> learning-rate multiplier; key `default` covers everything else."""
-    infection_classes: list[int] = field(default_factory=lambda: [2])
-    """Labels whose infection loss counts (COVID-19 only in the paper)."""
+    positive_classes: Optional[list[int]] = None
+    """Labels of the positive cases (default [2], COVID-19, as in the paper): only their infection
+    masks and boxes train the infection and detection heads (see `teacher_forcing` for who
+    decides), the gate passes the probability of these classes, and evaluation scores infection
+    and boxes on them and counts false positives on the others."""
+    infection_classes: Optional[list[int]] = None
+    """The former name of `positive_classes`, still read; after loading both hold the same list."""
+    teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     init_from: Optional[str] = None
     """Checkpoint (a run's checkpoint folder or model.safetensors) to start from."""
     bce_weight: float = 0.5
@@ -280,9 +428,17 @@ class PhaseConfig:
     over the whole batch (negatives then count as zero loss)."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.loss_weights) - {"lung", "inf", "cls"}
+        unknown = set(self.loss_weights) - set(LOSS_TASKS)
         if unknown:
-            raise ConfigError(f"phase.loss_weights has unknown task(s) {sorted(unknown)}; allowed: lung, inf, cls")
+            raise ConfigError(f"phase.loss_weights has unknown task(s) {sorted(unknown)}; allowed: {', '.join(LOSS_TASKS)}")
+        given = [c for c in (self.positive_classes, self.infection_classes) if c is not None]
+        if len(given) == 2 and sorted(given[0]) != sorted(given[1]):
+            raise ConfigError(f"phase.positive_classes={self.positive_classes} and its former name "
+                              f"phase.infection_classes={self.infection_classes} disagree; set positive_classes only")
+        classes = list(given[0]) if given else [2]
+        if not classes:
+            raise ConfigError("phase.positive_classes must name at least one label")
+        self.positive_classes, self.infection_classes = classes, list(classes)
         bad = {k: v for k, v in self.loss_weights.items() if not math.isfinite(v) or v < 0}
         if bad:
             raise ConfigError(f"phase.loss_weights must be finite and >= 0, got {bad}")
@@ -318,6 +474,8 @@ class RunConfig:
     best_mode: Literal["max", "min"] = "max"
     nan_skip_budget: int = 0
     """Non-finite losses tolerated (step skipped) before the run fails; 0 fails on the first."""
+    compile: bool = False
+    """Compile the model with torch.compile (inductor), through accelerate's dynamo plugin."""
     tensorboard: bool = True
     progress: bool = True
     """A progress bar on a terminal; a progress log line every log step otherwise (Slurm logs)."""
@@ -378,9 +536,28 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
-        bad = [c for c in self.phase.infection_classes if not 0 <= c < self.model.num_classes]
+        n = self.model.num_classes
+        if not self.data.label_map and n != {"covid3": 3, "radiography4": 4}[self.data.classes]:
+            raise ConfigError(f"model.num_classes={n} but data.classes={self.data.classes} has "
+                              f"{ {'covid3': 3, 'radiography4': 4}[self.data.classes]} labels")
+        bad = [c for c in self.phase.positive_classes if not 0 <= c < n]
         if bad:
-            raise ConfigError(f"phase.infection_classes {bad} are outside the model's labels 0..{self.model.num_classes - 1}")
+            raise ConfigError(f"phase.positive_classes {bad} are outside the model's labels 0..{n - 1}")
+        if self.data.class_names and len(self.data.class_names) != n:
+            raise ConfigError(f"data.class_names has {len(self.data.class_names)} names, model.num_classes is {n}")
+        for src in self.data.sources:
+            bad = {k: v for k, v in src.label_map.items() if not 0 <= v < n}
+            if bad:
+                raise ConfigError(f"data.sources[{src.name}].label_map: labels {bad} are outside 0..{n - 1}")
+        tf, weights = self.phase.teacher_forcing, self.phase.loss_weights
+        if tf.gate == "first_stage" and not self.model.first_stage:
+            raise ConfigError("phase.teacher_forcing.gate=first_stage needs model.first_stage: a classification checkpoint")
+        if weights.get("det", 0.0) > 0 and self.model.det_head == "none":
+            raise ConfigError("phase.loss_weights.det > 0 but the model has no detection head: set model.det_head")
+        if self.model.det_head != "none" and weights.get("det", 0.0) == 0 and not any(
+                f == "det_head" or "det_head".startswith(f + ".") for f in self.phase.frozen):
+            raise ConfigError("model.det_head is set but phase.loss_weights.det is 0: add det_head to phase.frozen "
+                              "(under DDP every trained parameter must get a gradient each step)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +603,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; allow int -> float. Returns the value."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):  # a dataclass inside a list (data.sources)
+        return _build(tp, value, key, source)
     bad = ConfigError(
         f"{source}: `{key}` expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -104,14 +103,13 @@ def _predict_inputs(tree: Path, scale: str) -> list[Path]:
 
 def _predict(ckpt: str, inputs: list[Path], out: Path) -> list[dict]:
     from mtlxray.checkpoint import load_model_from_checkpoint
-    from mtlxray.io import write_text_atomic
-    from mtlxray.report.predict import predict_files
+    from mtlxray.report.predict import predict_files, write_predictions
 
     model, cfg = load_model_from_checkpoint(ckpt)
     records, failures = predict_files(model, cfg.model.img_size, inputs, out)
     if failures:
         raise MtlxError(f"demo prediction failed on {failures[0].path}: {failures[0].error}")
-    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_predictions(out, records)
     return records
 
 

@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import warnings
@@ -173,11 +174,12 @@ def window_attention_shapes(model: torch.nn.Module, img_size: int) -> list[tuple
 
 
 def _sdpa_shape(module, shape: tuple, batch: int) -> str:
-    """batch × windows × heads × N × head_dim of the attention call for an input of `shape`."""
+    """batch × (windows·heads) × N × head_dim of the attention call for an input of `shape` (the
+    model folds its windows into the head axis)."""
     _, H, W, C = shape
     ws = module.window_size
     windows = (-(-H // ws)) * (-(-W // ws))
-    return f"{batch}x{windows}x{module.num_heads}x{ws * ws}x{C // module.num_heads}"
+    return f"{batch}x{windows * module.num_heads}x{ws * ws}x{C // module.num_heads}"
 
 
 def probe_sdpa(model: torch.nn.Module, img_size: int, batch: int, precision: str, device: torch.device) -> list[dict]:
@@ -195,8 +197,9 @@ def probe_sdpa(model: torch.nn.Module, img_size: int, batch: int, precision: str
                "mask": "bias+shift/padding mask" if module.shift_size > 0 or shape[1] % module.window_size else "bias",
                "dtype": precision, "accepts": {}, "why_not": {}}
         for name in SDPA_KERNELS:
-            if name not in backends:
-                row["accepts"][name], row["why_not"][name] = False, "not in this torch"
+            if name not in backends or (device.type != "cuda" and name in ("efficient", "cudnn")):
+                row["accepts"][name] = False
+                row["why_not"][name] = "not in this torch" if name not in backends else "CUDA only"
                 continue
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -219,6 +222,7 @@ def probe_sdpa(model: torch.nn.Module, img_size: int, batch: int, precision: str
 
 
 def _first_line(text: str, limit: int = 240) -> str:
+    text = re.sub(r"\(Triggered internally at [^)]*\)", "", text)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -367,7 +371,7 @@ def diagnose(cfg=None) -> Diagnosis:
         if cfg.launch.executor == "slurm" and wanted > 0:
             diag.warn(f"gpu: none visible here, and the config asks for {wanted} per node "
                       "(launch.gpus_per_node): run doctor on a GPU node (e.g. srun --gpus=1 mtlxray doctor ...)")
-    elif len(seen) < wanted and "SLURM_JOB_ID" in os.environ:
+    elif len(seen) < wanted and os.environ.get("SLURM_JOB_ID"):
         diag.warn(f"gpu: {len(seen)} visible in this job, the config asks for {wanted} per node")
     precision = resolve_precision(cfg.run.precision, device.type)
     if device.type == "cuda" and precision == "bf16" and not all(g["bf16"] for g in seen):
@@ -376,8 +380,8 @@ def diagnose(cfg=None) -> Diagnosis:
     elif device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
         diag.warn(f"precision: bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}) is "
                   "many times slower than fp32 (run.precision=auto picks fp32 here)")
-    plan_precision = precision if seen else resolve_precision(cfg.run.precision, "cuda") \
-        if cfg.run.precision != "auto" else "bf16"
+    # the projection is for a GPU: the one here, else the cards of the memory plan (bf16 unless fp32 is asked for)
+    plan_precision = precision if seen else ("fp32" if cfg.run.precision == "fp32" else "bf16")
     diag.sections["run"] = {"config_model": cfg.model.name, "precision_here": precision, "device": device.type,
                             "backend": cfg.run.backend, "grad_checkpoint": cfg.model.grad_checkpoint,
                             "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size}
@@ -397,7 +401,11 @@ def diagnose(cfg=None) -> Diagnosis:
     if cfg.model.name == "mtl_swin_unet":
         from mtlxray.bench.workloads import ours_from_config
 
-        model = ours_from_config(cfg)
+        try:
+            model = ours_from_config(cfg)
+        except MtlxError as e:  # e.g. a model.encoder_pretrained file that is not there
+            diag.error(f"model: {e}")
+    if model is not None:
         try:
             rows = probe_sdpa(model, cfg.model.img_size, cfg.data.batch_size, precision, device)
         except Exception as e:  # noqa: BLE001 - report, do not crash the doctor
@@ -471,7 +479,7 @@ def render(diag: Diagnosis) -> str:
             for k, why in row["why_not"].items():
                 reasons.setdefault(k, why)
         for k, why in reasons.items():
-            lines.append(f"  {k} refuses: {why}")
+            lines.append(f"  {k}: {why}")
     if "deepspeed_ops" in s:
         ops = s["deepspeed_ops"]
         lines.append("deepspeed ops: " + ", ".join(
@@ -494,7 +502,7 @@ def render(diag: Diagnosis) -> str:
         fits = "; ".join(f"{name} ({_gib(c['capacity_bytes'])}): {'fits' if c['fits'] else 'does NOT fit'}, "
                          f"largest batch ~{c['max_batch']}" for name, c in m["cards"].items())
         lines.append(f"memory (PROJECTION): {_gib(m['total_bytes'])} per GPU at batch {m['batch']} "
-                     f"({m['backend']} over {m['gpus']} GPUs, {m['precision']}, {m['grad_checkpoint']} checkpointing; "
+                     f"({m['backend']} over {m['gpus']} GPU(s), {m['precision']}, {m['grad_checkpoint']} checkpointing; "
                      f"activations {_gib(m['activations_bytes'])}, model state {_gib(m['state_bytes'])}); {fits}")
     lines.append("")
     if not diag.problems:
@@ -507,6 +515,23 @@ def render(diag: Diagnosis) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """Send everything written to file descriptor 1 (Python's prints, and C libraries') to stderr."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     import logging
 
@@ -517,7 +542,8 @@ def cli_main(args: argparse.Namespace) -> int:
         raise ConfigError("overrides need --config")
     for name in ("mtlxray", "deepspeed", "accelerate"):  # the report is the output; keep logs out of it
         logging.getLogger(name).setLevel(logging.WARNING)
-    diag = diagnose(cfg)
+    with _stdout_to_stderr(args.json):  # DeepSpeed and others print on stdout; --json keeps it for the report
+        diag = diagnose(cfg)
     if args.json:
         sys.stdout.write(json.dumps(diag.as_dict(), indent=1, default=str) + "\n")
     else:

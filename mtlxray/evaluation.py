@@ -14,7 +14,19 @@ of names, which training logs as `val/<name>` and `evaluate` writes to metrics.j
 - `inf_fp_share` and `inf_fp_area_pct` on negative images (labels outside the infection classes):
   the share with any predicted infection pixel, and the mean predicted infection area inside the
   predicted lung as a percentage of the predicted lung; `inf_negatives_n`;
-- `accuracy`, `<m>_macro` and `<m>/<class>` for m in precision, recall, specificity, f1, auc.
+- `accuracy`, `<m>_macro` and `<m>/<class>` for m in precision, recall, specificity, f1, auc
+  (the predicted class is the most probable one; AUC is one-vs-rest on each class's probability);
+- with a multi-label class head (`model.cls_loss: bce_multilabel`, probabilities are independent
+  sigmoids): also `f1_at_0.5/<class>` and `f1_at_0.5_macro`, each class's F1 when its sigmoid is
+  thresholded at 0.5 on its own (an image may then be predicted in no class or in several);
+- with a detection head (`model.det_head`): `det_map` (mAP@[.5:.95]), `det_map_50`, `det_n`,
+  `det_fp_share` (negative images with a box scoring at least `model.det_score_threshold`) and
+  `det_negatives_n` (see `mtlxray.detection_metrics`);
+- with a gate (`phase.teacher_forcing.gate`, or evaluate's `--gate-source`): `gate_sensitivity`
+  and `gate_specificity` (positives passed, negatives stopped), and the same infection and box
+  figures as an image the gate stops reports them (no mask, no box): `inf_dice_gated`,
+  `inf_fp_share_gated`, `inf_fp_area_pct_gated`, `det_map_gated`, `det_map_50_gated`,
+  `det_fp_share_gated`. "Positive" means a label in `phase.positive_classes`.
 
 A model without an output (no infection head in phase 1, no class head in a segmentation
 baseline) has no metrics of that task: its names are absent, not nan. `metric_names` lists the
@@ -33,12 +45,17 @@ from torch import Tensor
 
 from mtlxray import metrics as M
 
-__all__ = ["Records", "RecordCollector", "summarise", "metric_names", "CI_METRICS"]
+__all__ = ["Records", "RecordCollector", "summarise", "metric_names", "threshold_f1", "CI_METRICS"]
 
 SEG = ("dice", "iou", "pixel_accuracy", "sensitivity", "specificity")
 CLS = ("precision", "recall", "specificity", "f1")
-CI_METRICS = ("lung_dice", "inf_dice", "accuracy", "f1_macro", "auc_macro")
+CI_METRICS = ("lung_dice", "inf_dice", "accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_macro",
+              "f1_at_0.5_macro")
 """Headline metrics that get bootstrap confidence intervals."""
+
+
+_LIST_FIELDS = ("keys", "gt_boxes")
+"""Fields of `Records` held as Python lists (one entry per image), not tensors."""
 
 
 @dataclass
@@ -62,6 +79,12 @@ class Records:
     """N int64 predicted infection pixels inside the predicted lung."""
     inf_any: Optional[Tensor] = None
     """N bool: any predicted infection pixel anywhere in the image."""
+    det: Optional[Tensor] = None
+    """N×k×5 box candidates (x0, y0, x1, y1, score), the k best before NMS (None: no detection head)."""
+    gt_boxes: Optional[list] = None
+    """Per image its ground-truth infection boxes (lists, x0 y0 x1 y1 exclusive), with `det`."""
+    gate: Optional[Tensor] = None
+    """N float: the gate's P(positive class) (None: evaluated without a gate)."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -74,7 +97,7 @@ class Records:
         out = {}
         for f in fields(Records):
             values = [getattr(p, f.name) for p in parts]
-            if f.name == "keys":
+            if f.name in _LIST_FIELDS and all(v is not None for v in values):
                 out[f.name] = [k for v in values for k in v]
             elif any(v is None for v in values):
                 out[f.name] = None
@@ -84,8 +107,9 @@ class Records:
 
     def take(self, idx: Sequence[int]) -> "Records":
         index = torch.as_tensor(list(idx), dtype=torch.long)
-        return Records(**{f.name: ([self.keys[i] for i in index.tolist()] if f.name == "keys" else
-                                   None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+        return Records(**{f.name: (None if getattr(self, f.name) is None else
+                                   [getattr(self, f.name)[i] for i in index.tolist()] if f.name in _LIST_FIELDS
+                                   else getattr(self, f.name)[index])
                           for f in fields(Records)})
 
     def unique_by_key(self) -> "Records":
@@ -97,15 +121,20 @@ class Records:
 
 
 class RecordCollector:
-    """Accumulates `Records` batch by batch from model outputs, without host synchronisation."""
+    """Accumulates `Records` batch by batch from model outputs, without host synchronisation.
 
-    def __init__(self) -> None:
+    Class probabilities are the softmax of the class logits, or with `multilabel` (a model trained
+    with `model.cls_loss: bce_multilabel`) each logit's sigmoid."""
+
+    def __init__(self, multilabel: bool = False) -> None:
         self._parts: list[dict] = []
+        self.multilabel = multilabel
 
     @torch.no_grad()
-    def add(self, out: dict, batch: dict) -> None:
-        """out: the model's dict (lung/inf B×1×H×W logits, cls B×C logits, or None); batch: a
-        device batch with `lung`, `inf` masks, `label`, `has_inf` and `key`."""
+    def add(self, out: dict, batch: dict, gate: Optional[Tensor] = None) -> None:
+        """out: the model's dict (lung/inf B×1×H×W logits, cls B×C logits, det B×N×6, or None);
+        batch: a device batch with `lung`, `inf` masks, `label`, `has_inf`, `key` (and `boxes`
+        with det); gate: B probabilities of a positive class under the gate (`mtlxray.train.gating`)."""
         part: dict = {"keys": list(batch["key"]), "labels": batch["label"].detach(),
                       "inf_annotated": batch["has_inf"].detach().bool()}
         lung_pred = None
@@ -120,7 +149,15 @@ class RecordCollector:
             part["inf_area"] = inside.flatten(1).sum(1)
             part["inf_any"] = inf_pred.flatten(1).any(1)
         if out.get("cls") is not None:
-            part["probs"] = torch.softmax(out["cls"].detach().float(), dim=1)
+            logits = out["cls"].detach().float()
+            part["probs"] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        if out.get("det") is not None:
+            from mtlxray.model.detection import det_candidates
+
+            part["det"] = det_candidates(out["det"], tuple(batch["img"].shape[-2:]))
+            part["gt_boxes"] = [[list(b) for b in boxes] for boxes in batch["boxes"]]
+        if gate is not None:
+            part["gate"] = gate.detach().float()
         self._parts.append(part)
 
     def records(self) -> Records:
@@ -130,8 +167,8 @@ class RecordCollector:
         out = {}
         for f in fields(Records):
             values = [p.get(f.name) for p in self._parts]
-            if f.name == "keys":
-                out["keys"] = [k for v in values for k in v]
+            if f.name in _LIST_FIELDS and all(v is not None for v in values):
+                out[f.name] = [k for v in values for k in v]
             elif any(v is None for v in values):
                 out[f.name] = None
             else:
@@ -139,8 +176,10 @@ class RecordCollector:
         return Records(**out)
 
 
-def metric_names(tasks: Sequence[str], class_names: Sequence[str]) -> list[str]:
-    """The metric names `summarise` produces for a model with outputs `tasks` (lung, inf, cls)."""
+def metric_names(tasks: Sequence[str], class_names: Sequence[str], multilabel: bool = False,
+                 gated: bool = False) -> list[str]:
+    """The metric names `summarise` produces for a model with outputs `tasks` (lung, inf, cls, det),
+    a multi-label class head (`multilabel`), and records with the gate's probabilities (`gated`)."""
     names = ["n_images"]
     for task in ("lung", "inf"):
         if task in tasks:
@@ -150,7 +189,34 @@ def metric_names(tasks: Sequence[str], class_names: Sequence[str]) -> list[str]:
     if "cls" in tasks:
         names += ["accuracy", *(f"{m}_macro" for m in (*CLS, "auc"))]
         names += [f"{m}/{c}" for m in (*CLS, "auc") for c in class_names]
+        if multilabel:
+            names += ["f1_at_0.5_macro", *(f"f1_at_0.5/{c}" for c in class_names)]
+    if "det" in tasks:
+        names += ["det_map", "det_map_50", "det_n", "det_fp_share", "det_negatives_n"]
+    if gated:
+        names += ["gate_sensitivity", "gate_specificity"]
+        if "inf" in tasks:
+            names += ["inf_dice_gated", "inf_fp_share_gated", "inf_fp_area_pct_gated"]
+        if "det" in tasks:
+            names += ["det_map_gated", "det_map_50_gated", "det_fp_share_gated"]
     return names
+
+
+def threshold_f1(probs: Tensor, labels: Tensor, threshold: float = 0.5) -> tuple[list[float], float]:
+    """Per-class F1 of independent decisions `probs[:, c] >= threshold` against `labels == c`, and
+    their macro average over the classes present in `labels` (0/0 is 0, as in `mtlxray.metrics`).
+
+    probs: N×C, labels: N class indices. Returns ([f1 per class], macro); macro is nan with no images."""
+    pred = probs >= threshold  # N×C
+    truth = torch.nn.functional.one_hot(labels.long(), probs.shape[1]).bool()  # N×C
+    tp = (pred & truth).sum(0).double()
+    fp = (pred & ~truth).sum(0).double()
+    fn = (~pred & truth).sum(0).double()
+    den = 2 * tp + fp + fn
+    f1 = torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.zeros_like(den))
+    present = truth.any(0)
+    macro = f1[present].mean().item() if present.any() else math.nan
+    return f1.tolist(), macro
 
 
 def _macro_auc(probs: Tensor, labels: Tensor) -> float:
@@ -159,11 +225,18 @@ def _macro_auc(probs: Tensor, labels: Tensor) -> float:
 
 
 def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequence[int], *,
-              n_boot: int = 0, seed: int = 0) -> dict:
+              n_boot: int = 0, seed: int = 0, multilabel: bool = False, gate_threshold: float = 0.5,
+              det_score_threshold: float = 0.3, det_nms_iou: float = 0.5, det_max_boxes: int = 10) -> dict:
     """Every metric of `records` (see the module docstring), plus the figures' raw material.
 
+    `multilabel`: the class probabilities are independent sigmoids (`RecordCollector(multilabel=True)`);
+    adds the F1 at 0.5 metrics. `inf_classes` are the positive classes (`phase.positive_classes`).
+    Records with the gate's probabilities add the gated metrics, an image passing when its
+    probability reaches `gate_threshold`. Boxes: NMS at `det_nms_iou`, at most `det_max_boxes`
+    per image, reported from `det_score_threshold` (`model.det_*`).
+
     Returns {"metrics": {name: value}, "ci95": {name: [lo, hi]} (with n_boot > 0),
-    "confusion": C×C list or None, "class_names", "class_counts", "per_image": {name: list}}.
+    "confusion": C×C list or None, "class_names", "multilabel", "class_counts", "per_image": {name: list}}.
     """
     n = len(records)
     values: dict[str, float] = {"n_images": float(n)}
@@ -196,6 +269,31 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
         values["inf_negatives_n"] = float(negative.sum())
         values["inf_fp_share"] = records.inf_any[negative].double().mean().item() if negative.any() else math.nan
         values["inf_fp_area_pct"] = area_pct[negative].mean().item() if negative.any() else math.nan
+    passed = records.gate >= gate_threshold if records.gate is not None else None
+    if passed is not None:
+        negative = ~positive
+        values["gate_sensitivity"] = passed[positive].double().mean().item() if positive.any() else math.nan
+        values["gate_specificity"] = (~passed[negative]).double().mean().item() if negative.any() else math.nan
+        per_image["gate_p"] = records.gate.tolist()
+        if records.inf is not None:
+            # A stopped image reports an empty infection mask: its true pixels become false negatives.
+            tp, fp, fn, tn = records.inf.unbind(1)
+            gated = torch.where(passed[:, None], records.inf, torch.stack([0 * tp, 0 * fp, tp + fn, fp + tn], 1))
+            gated_dice = M.dice(gated)
+            values["inf_dice_gated"] = gated_dice[scored].mean().item() if scored.any() else math.nan
+            values["inf_fp_share_gated"] = (records.inf_any & passed)[negative].double().mean().item() \
+                if negative.any() else math.nan
+            values["inf_fp_area_pct_gated"] = (area_pct * passed)[negative].mean().item() if negative.any() else math.nan
+            boot["inf_dice_gated"] = lambda idx: gated_dice[idx][scored[idx]].mean().item() if scored[idx].any() \
+                else math.nan
+    if records.det is not None:
+        from mtlxray.detection_metrics import det_summary
+
+        det_values, shown = det_summary(records.det, records.gt_boxes, records.inf_annotated, ~positive,
+                                        score_threshold=det_score_threshold, nms_iou=det_nms_iou,
+                                        max_boxes=det_max_boxes, passed=passed)
+        values.update(det_values)
+        per_image["det_boxes"] = shown
     confusion = None
     if records.probs is not None:
         names = list(class_names)
@@ -213,13 +311,23 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
         boot["accuracy"] = lambda idx: (preds[idx] == labels[idx]).double().mean().item()
         boot["f1_macro"] = lambda idx: M.classification_summary(
             M.confusion_matrix(preds[idx], labels[idx], len(names)), names)["f1_macro"]
+        boot["precision_macro"] = lambda idx: M.classification_summary(
+            M.confusion_matrix(preds[idx], labels[idx], len(names)), names)["precision_macro"]
+        boot["recall_macro"] = lambda idx: M.classification_summary(
+            M.confusion_matrix(preds[idx], labels[idx], len(names)), names)["recall_macro"]
         boot["auc_macro"] = lambda idx: _macro_auc(probs[idx], labels[idx])
+        if multilabel:
+            per_class, macro = threshold_f1(records.probs, records.labels)
+            values.update({f"f1_at_0.5/{c}": f for c, f in zip(names, per_class)})
+            values["f1_at_0.5_macro"] = macro
+            boot["f1_at_0.5_macro"] = lambda idx: threshold_f1(probs[idx], labels[idx])[1]
     ci = {name: list(M.bootstrap_ci(fn, n, n_boot, seed)) for name, fn in boot.items()} if n_boot > 0 else {}
     return {
         "metrics": values,
         "ci95": ci,
         "confusion": confusion.tolist() if confusion is not None else None,
         "class_names": list(class_names),
+        "multilabel": multilabel,
         "class_counts": torch.bincount(records.labels, minlength=len(class_names)).tolist(),
         "per_image": per_image,
     }

@@ -38,4 +38,5 @@ def test_demo_tiny_writes_report_with_every_figure_and_table(tmp_path, capsys):
     # up to two test images per class of the infection subset
     assert len(preds) == sum(min(2, n) for n in manifest["counts"]["infection"]["test"].values())
     metrics = json.loads((report.parent / "eval-lung" / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["n_images"] > 0
+    assert metrics["split"] == "test" and metrics["metrics"]["n_images"] > 0
+    assert (report.parent / "predict" / "predictions.csv").is_file()

@@ -64,8 +64,10 @@ def _worker(names: list[str], batch: int, size: int, smoke: bool) -> None:
             gc.collect()
             before = _rss_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            t0 = time.perf_counter()
             steps[name]()
-            reply = {"act_mib": (_rss_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024}
+            reply = {"act_mib": (_rss_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024,
+                     "s": time.perf_counter() - t0}
         elif cmd == "time":
             t0 = time.perf_counter()
             steps[name]()
@@ -116,7 +118,8 @@ def _interleaved(names: list[str], batch: int, size: int, smoke: bool, rounds: d
     workers, one per configuration; a smoke run asks one worker holding everything."""
     key = {"mem": "act_mib", "time": "s"}
     samples: dict[str, dict] = {cmd: {n: [] for n in names} for cmd in rounds}
-    plans = [(list(rounds), [names], False)] if smoke else [([cmd], [[n] for n in names], cmd == "mem") for cmd in rounds]
+    # smoke: one worker, memory rounds only, their step times standing in for the time samples
+    plans = [(["mem"], [names], True)] if smoke else [([cmd], [[n] for n in names], cmd == "mem") for cmd in rounds]
     for cmds, groups, for_memory in plans:
         workers = [_Worker(g, batch, size, smoke, for_memory) for g in groups]
         owner = {n: w for w in workers for n in w.names}
@@ -126,7 +129,10 @@ def _interleaved(names: list[str], batch: int, size: int, smoke: bool, rounds: d
             for cmd in cmds:
                 for r in range(rounds[cmd]):
                     for n in names[r % len(names):] + names[: r % len(names)]:
-                        samples[cmd][n].append(owner[n].ask(cmd, n)[key[cmd]])
+                        reply = owner[n].ask(cmd, n)
+                        samples[cmd][n].append(reply[key[cmd]])
+                        if smoke and "time" in samples:
+                            samples["time"][n].append(reply["s"])
         finally:
             for w in workers:
                 w.close()
@@ -136,7 +142,7 @@ def _interleaved(names: list[str], batch: int, size: int, smoke: bool, rounds: d
 def _recommend(rows: dict[str, dict]) -> str:
     """Most memory saved among settings within +25% step time; else the cheapest in time."""
     cands = [n for n in ("ours_attention", "ours_block", "ours_selective") if n in rows]
-    ok = [n for n in cands if rows[n]["time_overhead"] <= 0.25]
+    ok = [n for n in cands if rows[n]["time_overhead"] <= 0.25 and rows[n]["mem_saving"] is not None]
     if ok:
         return max(ok, key=lambda n: rows[n]["mem_saving"])
     return min(cands, key=lambda n: rows[n]["time_overhead"])
@@ -156,7 +162,7 @@ def run(ctx: Context) -> SuiteResult:
         act, t = statistics.median(mem[n]), statistics.median(times[n])
         act0, t0 = statistics.median(mem[base]), statistics.median(times[base])
         rows[n] = {"config": n, "batch": batch, "act_mib": act, "step_s": t,
-                   "mem_saving": 1 - act / act0, "time_overhead": t / t0 - 1}
+                   "mem_saving": 1 - act / act0 if act0 > 0 else None, "time_overhead": t / t0 - 1}
     result = SuiteResult("checkpointing", rows=list(rows.values()))
     result.details = {"rounds": rounds, "img_size": size, "samples_act_mib": mem, "samples_step_s": times}
     rec = _recommend(rows)

@@ -173,13 +173,21 @@ def _sizes(root: str, manifest: dict, subset: str, split: str) -> dict[str, int]
 
 
 def label_names(cfg: DataConfig) -> list[str]:
-    """Class names in label order for `data.classes` (what a batch's `label` indexes)."""
+    """Class names in label order for `data.classes` (what a batch's `label` indexes), or
+    `data.class_names` with a `data.label_map`."""
+    if cfg.label_map:
+        return list(cfg.class_names)
     return list(CLASS_SCHEMES[cfg.classes]["names"])
 
 
 def _labels(cfg: DataConfig, manifest: dict, subsets) -> dict[str, int]:
-    """class name -> label under `data.classes` for every class of these subsets."""
+    """class name -> label under `data.classes` (or `data.label_map`) for every class of these subsets."""
     names = sorted({c for s in subsets for c in manifest.get("classes", {}).get(s, [])})
+    if cfg.label_map:
+        missing = [c for c in names if c not in cfg.label_map]
+        if missing:
+            raise ConfigError(f"data.label_map has no label for class(es) {missing} of {cfg.shards}")
+        return {c: cfg.label_map[c] for c in names}
     try:
         return scheme_labels(cfg.classes, names)
     except DataError as e:
@@ -439,6 +447,23 @@ class TrainLoader:
             yield batch
 
 
+PREFETCH_BATCHES = 4
+"""Batches each loader process keeps ready (DataLoader's prefetch_factor) when batches go to a GPU."""
+
+
+def loader_options(workers: int) -> dict:
+    """DataLoader options for `workers` processes: on a CUDA machine, batches in pinned memory (so
+    `batch_to_device`'s non_blocking copies overlap compute) and a deeper prefetch.
+
+    Workers are not persistent: a loader is built per epoch, because its shard seeds and resume
+    position depend on the epoch, so its processes start once per epoch."""
+    cuda = torch.cuda.is_available()
+    options: dict = {"num_workers": workers, "persistent_workers": False, "pin_memory": cuda}
+    if workers and cuda:
+        options["prefetch_factor"] = PREFETCH_BATCHES
+    return options
+
+
 def build_train_loader(cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
                        start_batch: int = 0) -> TrainLoader:
     """Training batches for one rank and epoch: exactly train_batches_per_epoch - start_batch of them.
@@ -461,7 +486,7 @@ def build_train_loader(cfg: DataConfig, *, seed: int, epoch: int, rank: int, wor
     dataset = _TrainStream(urls, cfg, manifest["format"], manifest["image_size"], seed=seed, epoch=epoch,
                            rank=rank, start_batch=start_batch, sizes=sizes, labels=_labels(cfg, manifest, subsets),
                            keep=keep)
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=False)
+    loader = wds.WebLoader(dataset, batch_size=None, **loader_options(cfg.workers))
     return TrainLoader(loader.with_epoch(total - start_batch), total - start_batch)
 
 
@@ -523,5 +548,4 @@ def build_eval_loader(cfg: DataConfig, *, subset: str, split: str, rank: int, wo
         _EvalStream(pieces, manifest["format"], manifest["image_size"], _labels(cfg, manifest, [subset]), policy),
         wds.batched(batch_size or cfg.eval_batch_size, collation_fn=collate, partial=True),
     )
-    workers = min(cfg.workers, len(pieces))
-    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
+    return wds.WebLoader(dataset, batch_size=None, **loader_options(min(cfg.workers, len(pieces))))

@@ -159,10 +159,17 @@ def _s3_client(timeout: float):
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=timeout,
                     read_timeout=timeout, signature_version=None if access and secret else UNSIGNED)
-    session = boto3.session.Session(aws_access_key_id=access if access and secret else None,
-                                    aws_secret_access_key=secret if access and secret else None,
-                                    aws_session_token=env.get("AWS_SESSION_TOKEN") if access and secret else None,
-                                    region_name=region)
+    import botocore.session
+
+    core = botocore.session.Session()
+    resolver = core.get_component("credential_provider")
+    for provider in list(resolver.providers):  # no files, no instance metadata: the env keys or nothing
+        resolver.remove(provider.METHOD)
+    signed = bool(access and secret)
+    session = boto3.session.Session(aws_access_key_id=access if signed else None,
+                                    aws_secret_access_key=secret if signed else None,
+                                    aws_session_token=env.get("AWS_SESSION_TOKEN") if signed else None,
+                                    region_name=region, botocore_session=core)
     client = session.client("s3", endpoint_url=endpoint, config=config)
     _S3_CLIENTS[key] = client
     return client
@@ -195,6 +202,8 @@ def _s3_open(url: str, offset: int, timeout: float):
     except ClientError as e:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = e.response.get("Error", {}).get("Code", "?")
+        if code == str(status):
+            code = http.client.responses.get(status, code)
         if status in _RETRY_STATUS:
             raise _Retryable(f"S3 {status} {code}") from None
         raise _Fatal(f"S3 {status} {code}") from None

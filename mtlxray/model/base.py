@@ -26,7 +26,13 @@ from mtlxray.model.swin import WindowAttention, check_kernel
 if TYPE_CHECKING:
     from mtlxray.config import Config
 
-__all__ = ["MTLModel", "Mode", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["MTLModel", "Mode", "WEIGHTS_NAME", "CONFIG_NAME", "under_prefix"]
+
+
+def under_prefix(name: str, prefix: str) -> bool:
+    """True if the dotted name lies under the module prefix (`inf_head` covers `inf_head.conv.weight`,
+    not `inf_headx.weight`). Freezing, learning-rate groups and weight loading all select modules so."""
+    return name == prefix or name.startswith(prefix + ".")
 
 Mode = Literal["phase1", "phase2"]
 WEIGHTS_NAME = "model.safetensors"

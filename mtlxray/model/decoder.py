@@ -100,7 +100,7 @@ class CrossAttention(nn.Module):
     def _forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         B, C = x.shape[:2]
         logits = self.gate(other.mean(dim=(2, 3)))  # B, C
-        gate = logits.view(B, self.heads, C // self.heads).softmax(dim=-1) * (C // self.heads)
+        gate = logits.view(B, self.heads, C // self.heads).softmax(dim=-1, dtype=torch.float32) * (C // self.heads)
         return x + self.refine(x * gate.view(B, C, 1, 1).to(x.dtype))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,14 +18,21 @@ class MaskHead(nn.Module):
 
     With C=48, mid=24: 10,368 + 48 (BN) + 25 = 10,441 parameters, the paper's 10.44K. Returns
     logits; the sigmoid lives in the loss.
+
+    The output bias starts at the logit of `prior`, the expected share of foreground pixels
+    (RetinaNet's prior initialisation). Behind the batch norm, only the 24 output weights and the
+    norm's scale set the logits' magnitude, and Adam moves each by about the learning rate per
+    step, so a head starting at logit 0 everywhere needs hundreds of steps to push the background
+    down; a sparse target such as infection then marks every image at first.
     """
 
-    def __init__(self, in_chs: int = 48, mid_chs: int = 24) -> None:
+    def __init__(self, in_chs: int = 48, mid_chs: int = 24, prior: float = 0.5) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_chs, mid_chs, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(mid_chs)
         self.act = nn.ReLU(inplace=True)
         self.out = nn.Conv2d(mid_chs, 1, 1)
+        nn.init.constant_(self.out.bias, math.log(prior / (1 - prior)))
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = self.out(self.act(self.bn(self.conv(x))))  # B, 1, h, w
@@ -58,6 +66,14 @@ class ClassHead(nn.Module):
             getattr(self, active).requires_grad_(True)
         getattr(self, idle).requires_grad_(False)
         self._parked = idle
+
+    @torch.no_grad()
+    def init_phase2_from_phase1(self) -> None:
+        """Start `conv_phase2` as `conv_phase1` on the lung channel and zero on the infection channel,
+        so the phase-2 head first computes exactly what phase 1 learned."""
+        self.conv_phase2.weight.zero_()
+        self.conv_phase2.weight[:, :1].copy_(self.conv_phase1.weight)
+        self.conv_phase2.bias.copy_(self.conv_phase1.bias)
 
     def forward(self, masks: torch.Tensor, bottleneck: Optional[torch.Tensor] = None) -> torch.Tensor:
         """masks: (B, 1|2, H, W) probabilities; bottleneck: (B, Cb) pooled features -> (B, classes)."""

@@ -9,6 +9,7 @@ with None for the outputs they do not produce (their `tasks`):
     out["lung"]              # B×1×H×W logits
     out["inf"]               # B×1×H×W logits in phase2, None in phase1
     out["cls"]               # B×num_classes logits
+    out.get("det")           # B×N×6 infection boxes with model.det_head (mtlxray.model.detection), else None
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
 from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode
 from mtlxray.model.decoder import PPM, CrossAttention, DecoderBranch, UpConv
+from mtlxray.model.detection import attach_det_head, detect
 from mtlxray.model.base import MTLModel, Mode, check_mode
 from mtlxray.model.heads import ClassHead, MaskHead
 from mtlxray.model.swin import SwinEncoder
@@ -31,6 +33,10 @@ from mtlxray.model.swin import SwinEncoder
 __all__ = ["MultiTaskUNet", "MTLSwinUNet", "build_model", "MODELS"]
 
 log = logging.getLogger(__name__)
+
+# Initial foreground probability of the mask heads: lungs cover about a fifth of a chest X-ray,
+# infection a few percent of it.
+LUNG_PRIOR, INFECTION_PRIOR = 0.2, 0.02
 
 # Fixed input normalisation of the [0, 1] radiograph (a mid-grey mean, a quarter-range spread).
 _MEAN, _STD = 0.5, 0.25
@@ -54,9 +60,13 @@ class MultiTaskUNet(MTLModel):
         self.lung_decoder = lung_decoder
         self.inf_decoder = inf_decoder
         out_chs = lung_decoder.out_chs
-        self.lung_head = MaskHead(out_chs, head_channels)
-        self.inf_head = MaskHead(out_chs, head_channels)
+        self.lung_head = MaskHead(out_chs, head_channels, prior=LUNG_PRIOR)
+        self.inf_head = MaskHead(out_chs, head_channels, prior=INFECTION_PRIOR)
         self.cls_head = ClassHead(cls_channels, num_classes, bottleneck_chs if cls_use_bottleneck else 0)
+        self.det_head: Optional[nn.Module] = None
+        """Infection-box head (`model.det_head`, set by `mtlxray.model.detection.attach_det_head`)."""
+        self.normalize_input = True
+        """Standardise the [0, 1] image with a fixed mean and spread before the encoder (model.input_norm)."""
 
     def set_grad_checkpointing(self, mode: CheckpointMode) -> None:
         """Activation checkpointing (see `mtlxray.model.checkpointing`): `attention` recomputes the
@@ -79,6 +89,11 @@ class MultiTaskUNet(MTLModel):
         """Module names of the class head's last layer (re-initialised on a class-count change)."""
         return ["cls_head.fc"]
 
+    def init_phase2_class_input(self) -> None:
+        """Start the class head's phase-2 input conv from its phase-1 conv (lung channel copied,
+        infection channel zero): `phase.cls_phase2_init: from_phase1`."""
+        self.cls_head.init_phase2_from_phase1()
+
     def encoder_block_prefixes(self, n: int) -> list[str]:
         """Prefixes of the patch embedding and the first `n` encoder blocks, counted across stages
         (a stage's patch merging goes with its first block); n=0 gives []."""
@@ -97,7 +112,7 @@ class MultiTaskUNet(MTLModel):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 1, H, W) in [0, 1] -> the encoder's NCHW maps (strides 4, 8, 16, 32; the last normed)."""
-        return self.encoder((x - _MEAN) / _STD)
+        return self.encoder((x - _MEAN) / _STD if self.normalize_input else x)
 
     def _inf_frozen(self) -> bool:
         return self.inf_decoder is not None and not any(p.requires_grad for p in self.inf_decoder.parameters())
@@ -144,13 +159,22 @@ class MultiTaskUNet(MTLModel):
         mode = check_mode(mode or self.mode)
         size = (x.shape[-2], x.shape[-1])
         feats = self.encode(x)  # NCHW maps, strides 4, 8, 16, 32
+        on_encoder = self.det_head is not None and self.det_head.features == "encoder"
+        det = detect(self.det_head, feats, None, size) if on_encoder else None  # model.det_head
         bottleneck = self.ppm(feats[-1])  # B, C, H/32, W/32
         lung_feat, inf_feat = self._decode(bottleneck, feats[-2::-1])
+        if not on_encoder:
+            det = detect(self.det_head, feats, inf_feat, size)
         lung = self.lung_head(lung_feat, size)  # B, 1, H, W
         inf = self.inf_head(inf_feat, size) if mode == "phase2" else None
-        masks = torch.sigmoid(lung) if inf is None else torch.sigmoid(torch.cat([lung, inf], dim=1))
+        logits = lung if inf is None else torch.cat([lung, inf], dim=1)  # B, 1|2, H, W
         pooled = bottleneck.mean(dim=(2, 3)) if self.cls_head.bottleneck_chs else None
-        return {"lung": lung, "inf": inf, "cls": self.cls_head(masks, pooled)}
+        # The class head reads mask probabilities averaged over the image: in bf16 the sigmoid
+        # keeps 8 bits and the average of near-0/1 values loses its small differences, so this
+        # small head runs in fp32 under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            cls = self.cls_head(torch.sigmoid(logits.float()), None if pooled is None else pooled.float())
+        return {"lung": lung, "inf": inf, "cls": cls, **det}
 
 
 class MTLSwinUNet(MultiTaskUNet):
@@ -173,6 +197,7 @@ class MTLSwinUNet(MultiTaskUNet):
             num_classes=cfg.num_classes, head_channels=cfg.head_channels, cls_channels=cfg.cls_channels,
             cls_use_bottleneck=cfg.cls_use_bottleneck, bottleneck_chs=chs[-1],
         )
+        self.normalize_input = cfg.input_norm
 
 
 def _swin_unet(cfg: ModelConfig, pretrained: bool) -> MTLModel:
@@ -239,6 +264,8 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> MTLModel:
         if name != uses and getattr(cfg, name):
             raise ConfigError(f"model.{name} is not read by {cfg.name}; its weights file goes in model.{uses}")
     model = MODELS[cfg.name](cfg, pretrained)
+    if cfg.det_head != "none":
+        attach_det_head(model, cfg)
     model.set_grad_checkpointing(cfg.grad_checkpoint)
     if model.attention_kernel is not None:
         # The kernel for a device and precision is chosen where the model is placed there

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from mtlxray.errors import CheckpointError
+from mtlxray.model.base import under_prefix
 
 if TYPE_CHECKING:
     from mtlxray.config import ModelConfig
@@ -26,17 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "read_state_dict", "timm_from_state_dict", "timm_swin_to_mtlxray", "load_timm_swin_encoder",
-    "load_state_dict_transfer", "under_prefix", "error_line",
+    "load_state_dict_transfer", "error_line",
 ]
 
 log = logging.getLogger(__name__)
 
 SWIN_T = "swin_tiny_patch4_window7_224"
-
-
-def under_prefix(name: str, prefix: str) -> bool:
-    """True if the dotted name lies under the module prefix (`cls_head` covers `cls_head.fc.bias`)."""
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def error_line(e: BaseException) -> str:

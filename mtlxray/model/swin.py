@@ -181,10 +181,14 @@ class WindowAttention(nn.Module):
         if mask is not None:
             bias = bias + mask  # nW, heads, N, N
         if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            # SDPA's fused CUDA kernels take 4-D inputs only: fold the windows into the head axis,
+            # (B, nW·heads, N, d), where the per-window mask broadcasts over the batch unchanged.
+            bias = bias.expand(nW, h, N, N).reshape(1, nW * h, N, N)
+            fold = [t.reshape(B, nW * h, N, C // h) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*fold, attn_mask=bias).view(B, nW, h, N, C // h)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, nW, heads, N, N
-            out = attn.softmax(dim=-1).to(v.dtype) @ v
+            out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # softmax in fp32 under autocast
         out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
         return self.proj(out.view(B, H, W, C))
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from mtlxray.config import ModelConfig  # noqa: E402
 from mtlxray.errors import CheckpointError, ConfigError  # noqa: E402
-from mtlxray.model.base import MTLModel, Mode, check_mode  # noqa: E402
+from mtlxray.model.base import MTLModel, Mode, check_mode, under_prefix  # noqa: E402
+from mtlxray.model.detection import detect  # noqa: E402
 from mtlxray.model.pretrained import (  # noqa: E402
-    error_line, read_state_dict, timm_from_state_dict, under_prefix,
+    error_line, read_state_dict, timm_from_state_dict,
 )
 
 __all__ = ["SmpSegmenter", "TimmClassifier", "SMP_ARCHS", "TIMM_CLASSIFIERS", "covering_prefixes",
@@ -143,6 +144,8 @@ class SmpSegmenter(_Normalised):
         self.lung_head = net.segmentation_head
         self.cls_head: Optional[nn.Module] = net.classification_head
         self.tasks = frozenset({"lung", "cls"} if with_cls else {"lung"})
+        self.det_head: Optional[nn.Module] = None
+        """Infection-box head on the encoder or decoder features (`model.det_head`)."""
         self.divisor = self.encoder.output_stride if net.requires_divisible_input_shape else 1
         if cfg.img_size % self.divisor:
             raise ConfigError(f"model.img_size={cfg.img_size} must be divisible by {self.divisor} for smp {arch}")
@@ -169,9 +172,14 @@ class SmpSegmenter(_Normalised):
         """x: (B, C, H, W) in [0, 1] -> {"lung": B×1×H×W logits, "inf": None, "cls": B×classes or None}."""
         check_mode(mode or self.mode)
         feats = self.encode(x)
-        lung = self.lung_head(self.decoder(feats))  # B, 1, H, W
+        on_encoder = self.det_head is not None and self.det_head.features == "encoder"
+        det = detect(self.det_head, feats, None, x.shape[-2:]) if on_encoder else None  # model.det_head
+        decoded = self.decoder(feats)
+        if not on_encoder:
+            det = detect(self.det_head, feats, decoded, x.shape[-2:])
+        lung = self.lung_head(decoded)  # B, 1, H, W
         cls = self.cls_head(feats[-1]) if self.cls_head is not None else None  # B, classes
-        return {"lung": lung, "inf": None, "cls": cls}
+        return {"lung": lung, "inf": None, "cls": cls, **det}
 
     def load_encoder(self, path: str, cfg: ModelConfig) -> None:
         """Encoder weights from a local file: a timm checkpoint for `tu-` encoders (timm's loader

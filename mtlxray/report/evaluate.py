@@ -4,7 +4,13 @@ Each process runs the model on its contiguous share of the split and keeps per-i
 (`mtlxray.evaluation.RecordCollector`) and a few best/worst cases for the overlay figure; the
 records are gathered once, de-duplicated by sample key, and checked against the manifest's count
 (every image is seen exactly once). `mtlxray.evaluation.summarise` computes the metrics under the
-names training logs them with; rank 0 writes metrics.json, per_image.csv, report.md and figures.
+names training logs them with; rank 0 writes metrics.json, per_image.csv, report.md, figures and
+the resolved config.yaml.
+
+A checkpoint (`--checkpoint`) is evaluated with the config it was trained with; a model without a
+training run (zero-shot CLIP) from its config and the local weights that config names
+(`--model-config CONFIG [KEY=VALUE ...]`). Every kind of model works: one without a class output
+reports no class metrics, one without masks no Dice (and no overlay figure).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import csv
 import dataclasses
 import heapq
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlxray import CLASS_NAMES
 from mtlxray import metrics as M
 from mtlxray.errors import ConfigError, DataError, unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
@@ -32,7 +38,7 @@ from mtlxray.io import write_json_atomic, write_text_atomic
 from mtlxray.report import figures
 from mtlxray.report.markdown import evaluation_markdown
 
-__all__ = ["evaluate_checkpoint", "default_out_dir", "per_image_csv", "FIGURES", "cli_main"]
+__all__ = ["evaluate_checkpoint", "evaluate_config", "evaluate_model", "default_out_dir", "per_image_csv", "FIGURES", "cli_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +99,21 @@ def _case_scores(out: dict, batch: dict, by_infection: bool, inf_classes: Tensor
 
 
 @torch.no_grad()
-def run_model(model, loader, device: torch.device, by_infection: bool,
-              inf_classes: list[int]) -> tuple[Records, list[Case], list[Case]]:
-    """This process's records and its best and worst cases (by infection Dice or lung Dice)."""
+def run_model(model, loader, device: torch.device, by_infection: bool, inf_classes: list[int],
+              multilabel: bool = False, gate=None) -> tuple[Records, list[Case], list[Case]]:
+    """This process's records and its best and worst cases (by infection Dice or lung Dice); class
+    probabilities are sigmoids with `multilabel`; with a `gate` (`mtlxray.gate.Gate`) the records
+    hold its P(positive class) per image."""
     from mtlxray.data.loader import batch_to_device
 
-    collector = RecordCollector()
+    collector = RecordCollector(multilabel)
     best, worst = _TopK(N_CASES), _TopK(N_CASES)  # worst keeps the highest -score
     classes = torch.as_tensor(inf_classes, device=device)
     try:
         for batch in loader:
             batch = batch_to_device(batch, device)
             out = model(batch["img"])
-            collector.add(out, batch)
+            collector.add(out, batch, gate.probability(out, batch["img"]) if gate is not None else None)
             scores = _case_scores(out, batch, by_infection, classes)
             if scores is None:
                 continue
@@ -131,8 +139,9 @@ def per_image_csv(summary: dict, records: Records) -> str:
     per = summary["per_image"]
     buf = io.StringIO()
     writer = csv.writer(buf)
+    extra = [c for c, k in (("gate_p", "gate_p"), ("boxes", "det_boxes")) if k in per]  # gate, box head
     header = ["key", "class", "predicted_class", *(f"p_{n}" for n in names), "lung_dice", "lung_iou",
-              "inf_dice", "inf_iou", "lung_area_px", "inf_area_px"]
+              "inf_dice", "inf_iou", "lung_area_px", "inf_area_px", *extra]
     writer.writerow(header)
     lung_iou = M.iou(records.lung).tolist() if records.lung is not None else None
     inf_iou = M.iou(records.inf).tolist() if records.inf is not None else None
@@ -148,12 +157,21 @@ def per_image_csv(summary: dict, records: Records) -> str:
             "" if inf_dice is None or inf_iou is None else f"{inf_iou[i]:.6f}",
             per["lung_area"][i] if "lung_area" in per else "",
             per["inf_area"][i] if "inf_area" in per else "",
+            *([f"{per['gate_p'][i]:.6f}"] if "gate_p" in per else []),
+            *([json.dumps(per["det_boxes"][i])] if "det_boxes" in per else []),
         ])
     return buf.getvalue()
 
 
-def _overlay_cases(cases: list[Case], label: str, what: str) -> list[figures.OverlayCase]:
-    return [figures.OverlayCase(f"{label}, {what} {c.score:.3f}\n{c.key}", c.image, *c.masks) for c in cases]
+def _overlay_cases(cases: list[Case], label: str, what: str, with_infection: bool) -> list[figures.OverlayCase]:
+    """Overlay rows with error columns; without an infection output its columns are left out."""
+    def row(c: Case) -> figures.OverlayCase:
+        lung_true, inf_true, lung_pred, inf_pred = c.masks
+        if not with_infection:
+            inf_true = inf_pred = None
+        return figures.OverlayCase(f"{label}, {what} {c.score:.3f}\n{c.key}", c.image, lung_true, inf_true,
+                                   lung_pred, inf_pred, score=c.score, score_name=what)
+    return [row(c) for c in cases]
 
 
 def write_outputs(summary: dict, records: Records, best: list[Case], worst: list[Case], out: Path) -> None:
@@ -170,8 +188,10 @@ def write_outputs(summary: dict, records: Records, best: list[Case], worst: list
     if hist:
         figures.plot_dice_histograms(hist, fig["Per-image Dice"])
     what = summary["ranked_by"]
-    figures.plot_overlay_grid(_overlay_cases(best, "best", what) + _overlay_cases(worst, "worst", what),
-                              fig["Best and worst cases"], f"Best and worst cases by {what}")
+    if best or worst:  # a classifier has no masks to rank cases by
+        with_inf = "inf" in summary.get("tasks", ["inf"]) and summary.get("phase") != "phase1"
+        figures.plot_overlay_grid(_overlay_cases(best, "best", what, with_inf) + _overlay_cases(worst, "worst", what, with_inf),
+                                  fig["Best and worst cases"], f"Best and worst cases by {what}")
     write_json_atomic(out / "metrics.json", summary, indent=2)
     write_text_atomic(out / "per_image.csv", per_image_csv(summary, records))
     shown = {title: name for title, name in FIGURES.items() if (out / name).is_file()}
@@ -184,6 +204,48 @@ def default_out_dir(checkpoint: str | Path, ckpt: Path, shards: str | Path, subs
     return ckpt.parent.parent / f"eval-{Path(checkpoint).name}-{shards_name}-{subset}-{split}"
 
 
+def _training_data(cfg, seen: frozenset = frozenset()) -> list[tuple[str, str, str]]:
+    """(shards, subset, split) a checkpoint was trained on, following phase.init_from to earlier phases."""
+    from mtlxray.checkpoint import resolve_checkpoint
+    from mtlxray.config import load_config
+    from mtlxray.errors import CheckpointError
+
+    subsets = [cfg.data.subset] if cfg.data.subset in ("lung", "infection") else ["lung", "infection"]
+    sets = [(cfg.data.shards, s, cfg.data.train_split) for s in subsets]
+    sets += [(src.shards or cfg.data.shards, src.subset, cfg.data.train_split) for src in cfg.data.sources]
+    if cfg.phase.init_from:
+        try:
+            earlier = resolve_checkpoint(cfg.phase.init_from)
+        except CheckpointError:
+            return sets  # the earlier phase's folder is gone: only this phase's data can be checked
+        if earlier not in seen and (earlier / "config.yaml").is_file():
+            sets += _training_data(load_config(earlier / "config.yaml"), seen | {earlier})
+    return sets
+
+
+def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool) -> dict:
+    """The audit of the evaluated split against the checkpoint's training data (README "Duplicates
+    and leakage"): DataError when they share an image, unless `allow`. Returns what the report states."""
+    from mtlxray.data.audit import overlap
+    from mtlxray.errors import ShardError
+
+    pairs, checked, unchecked = [], [], []
+    for train_shards, train_subset, train_split in dict.fromkeys(_training_data(cfg)):
+        where = f"{train_shards} {train_subset}/{train_split}"
+        try:
+            pairs += overlap(str(shards), split, train_shards, train_split, subset_a=subset, subset_b=train_subset)
+            checked.append(where)
+        except ShardError as e:  # a shard set built before image hashes were recorded, or gone
+            unchecked.append(f"{where} ({e})")
+    result = {"checked_against": checked, "not_checked": unchecked, "overlapping_images": len(pairs),
+              "examples": [f"{p.a.key} ~ {p.b.key} ({p.kind})" for p in pairs[:5]], "allowed": allow}
+    if pairs and not allow:
+        raise DataError(f"{shards} {subset}/{split} shares {len(pairs)} image(s) with the checkpoint's training data "
+                        f"(e.g. {result['examples'][0]}): figures on it would be inflated; see `mtlxray shards audit`, "
+                        "or pass --allow-leakage to evaluate anyway")
+    return result
+
+
 def _accelerator():
     from accelerate import Accelerator
 
@@ -194,35 +256,104 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[process_group_kwargs(world)])
 
 
+def default_subset(cfg) -> str:
+    """The subset a model is evaluated on by default: `infection` after phase 2, else `lung`."""
+    return "infection" if cfg.phase.name == "phase2" else "lung"
+
+
 def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: str = "test",
                         subset: str | None = None, out: str | Path | None = None, batch_size: int = 16,
-                        n_boot: int = 1000, seed: int = 0) -> dict:
+                        n_boot: int = 1000, seed: int = 0, allow_leakage: bool = False,
+                        gate: Optional[dict] = None) -> dict:
     """Evaluate a checkpoint on a split; every rank returns the summary, rank 0 writes the files.
 
-    Runs in one process, or in several under `accelerate launch`/`torchrun` (records are gathered)."""
-    from accelerate.utils import gather_object
+    `gate`: overrides of the checkpoint's teacher-forcing gate (`source`, `threshold`,
+    `first_stage`, as `mtlxray.gate.Gate.from_config` takes them); with a gate, metrics come
+    gated and ungated.
 
+    Refuses (DataError) a split that shares images with the checkpoint's training data unless
+    `allow_leakage`. Runs in one process, or in several under `accelerate launch`/`torchrun`
+    (records are gathered)."""
     from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-    from mtlxray.data.loader import build_eval_loader, read_manifest
 
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg = load_model_from_checkpoint(ckpt)
+    subset = subset or default_subset(cfg)
+    out_dir = Path(out) if out is not None else default_out_dir(checkpoint, ckpt, shards, subset, split)
+    return evaluate_model(model, cfg, shards, {"checkpoint": str(ckpt)}, out_dir, split=split, subset=subset,
+                          batch_size=batch_size, n_boot=n_boot, seed=seed, allow_leakage=allow_leakage, gate=gate)
+
+
+def evaluate_config(config: str | Path, overrides: list[str], shards: str | Path, *, split: str = "test",
+                    subset: str | None = None, out: str | Path | None = None, batch_size: int = 16,
+                    n_boot: int = 1000, seed: int = 0, gate: Optional[dict] = None) -> dict:
+    """Evaluate the model a config describes, with the weights its config names and no training run
+    (zero-shot CLIP from `model.pretrained`, or any model as initialised).
+
+    The default output folder is `<run.output_dir>/<run.name>/eval-pretrained-<shards>-<subset>-<split>`,
+    which `mtlxray compare` reads as that run's evaluation."""
+    from mtlxray.config import load_config
+    from mtlxray.model import build_model
+
+    cfg = load_config(config, overrides)
+    model = build_model(cfg.model, pretrained=True)
+    model.set_mode(cfg.phase.name)
+    model.eval()
+    subset = subset or default_subset(cfg)
+    if out is None:
+        shards_name = Path(str(shards).rstrip("/")).name or "shards"
+        out = Path(cfg.run.output_dir) / cfg.run.name / f"eval-pretrained-{shards_name}-{subset}-{split}"
+    source = {"checkpoint": None, "model_config": str(config), "overrides": list(overrides),
+              "weights": cfg.model.pretrained or cfg.model.encoder_pretrained}
+    return evaluate_model(model, cfg, shards, source, Path(out), split=split, subset=subset,
+                          batch_size=batch_size, n_boot=n_boot, seed=seed, gate=gate)
+
+
+def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, *, split: str, subset: str,
+                   batch_size: int = 16, n_boot: int = 1000, seed: int = 0, allow_leakage: bool = False,
+                   gate: Optional[dict] = None) -> dict:
+    """Evaluate `model` (built from `cfg`, in eval mode) on `subset`/`split` of `shards`; every rank
+    returns the summary, rank 0 writes metrics.json (with `source`'s fields), per_image.csv,
+    report.md, the figures and the resolved config.yaml under `out_dir`.
+
+    Class names are those of the config's label scheme (`data.classes`), which the loader labels by."""
+    from accelerate.utils import gather_object
+
+    from mtlxray.config import dump_config
+    from mtlxray.data.loader import build_eval_loader, label_names, read_manifest
+    from mtlxray.model.kinds import resizes_input
+
+    what = source.get("checkpoint") or source.get("model_config")
     manifest = read_manifest(shards)
-    if manifest.get("image_size") != cfg.model.img_size:
-        raise ConfigError(f"{ckpt} is a {cfg.model.img_size}² model but the shards in {shards} hold "
+    if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
+        raise ConfigError(f"{what} is a {cfg.model.img_size}² model but the shards in {shards} hold "
                           f"{manifest.get('image_size')}² images: evaluate on shards built with "
                           f"`--image-size {cfg.model.img_size}`")
+    class_names = label_names(cfg.data)
+    if "cls" in model.tasks and cfg.model.num_classes != len(class_names):
+        raise ConfigError(f"{what}: model.num_classes={cfg.model.num_classes} but data.classes={cfg.data.classes} "
+                          f"has {len(class_names)} classes ({', '.join(class_names)})")
+    multilabel = cfg.model.cls_loss == "bce_multilabel"
+    subset = subset or ("infection" if cfg.phase.name == "phase2" else "lung")
+    leakage = check_leakage(cfg, shards, subset, split, allow_leakage) if source.get("checkpoint") else \
+        {"checked_against": [], "not_checked": [], "overlapping_images": 0, "examples": [], "allowed": False,
+         "note": "no training run"}
     accelerator = _accelerator()
     model.to(accelerator.device)
     model.set_attention(resolve_attention(cfg.model.attention, "fp32", accelerator.device.type))
-    subset = subset or ("infection" if cfg.phase.name == "phase2" else "lung")
     expected = sum(manifest["counts"].get(subset, {}).get(split, {}).values())
     data_cfg = dataclasses.replace(cfg.data, shards=str(shards))
     loader = build_eval_loader(data_cfg, subset=subset, split=split, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, batch_size=batch_size)
-    by_infection = model.mode == "phase2" and "inf" in model.tasks
+    by_infection = model.mode == "phase2" and "inf" in model.tasks and subset == "infection"
+    from mtlxray.gate import Gate
+
+    gate = dict(gate or {})
+    if gate.get("threshold") is not None and gate.get("source") is None and cfg.phase.teacher_forcing.gate == "none":
+        gate["source"] = "cls_head"  # --gate P alone: the class head
+    gating = Gate.from_config(cfg, accelerator.device, **gate)
     records, best, worst = run_model(model, loader, accelerator.device, by_infection,
-                                     cfg.phase.infection_classes)
+                                     cfg.phase.positive_classes, multilabel, gating)
     records = Records.concat(gather_object([records])).unique_by_key()
     if len(records) != expected:
         raise DataError(f"{shards}: evaluated {len(records)} {subset}/{split} images but the manifest lists "
@@ -233,15 +364,20 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     shown = {c.key for c in best}  # with few images the lowest may also be among the highest
     worst = sorted({c.key: c for c in gather_object(worst) if c.key not in shown}.values(),
                    key=lambda c: c.score)[:N_CASES]
-    summary = summarise(records, CLASS_NAMES, cfg.phase.infection_classes, n_boot=n_boot, seed=seed)
-    summary.update(checkpoint=str(ckpt), shards=str(shards), subset=subset, split=split, bootstrap=n_boot,
-                   world_size=accelerator.num_processes, phase=cfg.phase.name,
+    summary = summarise(records, class_names, cfg.phase.positive_classes, n_boot=n_boot, seed=seed,
+                        multilabel=multilabel, gate_threshold=gating.threshold if gating else 0.5,
+                        det_score_threshold=cfg.model.det_score_threshold, det_nms_iou=cfg.model.det_nms_iou,
+                        det_max_boxes=cfg.model.det_max_boxes)
+    summary.update(source)
+    summary.update(model=cfg.model.name, tasks=sorted(model.tasks), shards=str(shards), subset=subset, split=split,
+                   bootstrap=n_boot, world_size=accelerator.num_processes, phase=cfg.phase.name,
                    ranked_by="infection Dice" if by_infection else "lung Dice",
-                   infection_classes=[CLASS_NAMES[c] for c in cfg.phase.infection_classes])
-    out_dir = Path(out) if out is not None else default_out_dir(checkpoint, ckpt, shards, subset, split)
+                   infection_classes=[class_names[c] for c in cfg.phase.positive_classes], leakage=leakage,
+                   gate=gating.describe() if gating else None)
     if accelerator.is_main_process:
         write_outputs(summary, records, best, worst, out_dir)
-        logger.info("evaluation of %s on %s/%s (%d images) -> %s", ckpt, subset, split, len(records), out_dir)
+        write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
+        logger.info("evaluation of %s on %s/%s (%d images) -> %s", what, subset, split, len(records), out_dir)
     accelerator.wait_for_everyone()
     summary["out"] = str(out_dir)
     return summary
@@ -250,24 +386,51 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
 def headline(summary: dict) -> str:
     """The one-paragraph result `mtlxray evaluate` prints."""
     m = summary["metrics"]
+    tasks = summary.get("tasks", ["lung", "inf", "cls"])
     parts = [f"{int(m['n_images'])} images"]
     if "lung_dice" in m:
         parts.append(f"lung Dice {m['lung_dice']:.4f}")
+    elif "lung" not in tasks:
+        parts.append("no segmentation metrics (the model has no mask output)")
     if "inf_dice" in m:
         parts.append(f"infection Dice {m['inf_dice']:.4f} ({int(m['inf_n'])} {'/'.join(summary['infection_classes'])} "
                      f"images), infection on negatives {100 * m['inf_fp_share']:.1f}% of "
                      f"{int(m['inf_negatives_n'])} images")
-    else:
+    elif "inf" in tasks:
         parts.append("no infection metrics (the model has no infection head in "
                      f"{summary['phase']})")
     if "accuracy" in m:
-        parts.append(f"accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}")
+        parts.append(f"accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, macro AUC {m['auc_macro']:.4f}")
+        if "f1_at_0.5_macro" in m:
+            parts.append(f"macro F1 at 0.5 (multi-label) {m['f1_at_0.5_macro']:.4f}")
+    elif "cls" not in tasks:
+        parts.append("no class metrics (the model has no class output)")
+    if "det_map" in m:
+        parts.append(f"boxes mAP@0.5 {m['det_map_50']:.4f}, mAP@[.5:.95] {m['det_map']:.4f}, boxes on negatives "
+                     f"{100 * m['det_fp_share']:.1f}%")
+    if "gate_sensitivity" in m:
+        gated = [f"gate sensitivity {m['gate_sensitivity']:.4f}, specificity {m['gate_specificity']:.4f}"]
+        if "inf_dice_gated" in m:
+            gated.append(f"infection Dice {m['inf_dice_gated']:.4f}, infection on negatives "
+                         f"{100 * m['inf_fp_share_gated']:.1f}%")
+        if "det_map_gated" in m:
+            gated.append(f"boxes mAP@0.5 {m['det_map_50_gated']:.4f}, boxes on negatives "
+                         f"{100 * m['det_fp_share_gated']:.1f}%")
+        parts.append("gated: " + ", ".join(gated))
     return ", ".join(parts)
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    summary = evaluate_checkpoint(args.checkpoint, args.shards, split=args.split, subset=args.subset,
-                                  out=args.out, batch_size=args.batch_size, n_boot=args.bootstrap)
+    gate = {"source": args.gate_source, "threshold": args.gate, "first_stage": args.first_stage}
+    common = dict(split=args.split, subset=args.subset, out=args.out, batch_size=args.batch_size,
+                  n_boot=args.bootstrap, gate=gate)
+    if args.model_config is not None:
+        summary = evaluate_config(args.model_config, args.overrides, args.shards, **common)
+    else:
+        if args.overrides:
+            raise ConfigError(f"KEY=VALUE overrides ({' '.join(args.overrides)}) go with --model-config; a "
+                              "checkpoint is evaluated with the config it was trained with")
+        summary = evaluate_checkpoint(args.checkpoint, args.shards, allow_leakage=args.allow_leakage, **common)
     from mtlxray.dist import is_main_process
 
     if is_main_process():

@@ -66,17 +66,66 @@ def classification_tables(summary: Mapping) -> str:
     head = table(["Metric", "Value", "95% CI"], [
         ["Accuracy", m["accuracy"], fmt_ci(ci.get("accuracy"))],
         ["Macro F1", m["f1_macro"], fmt_ci(ci.get("f1_macro"))],
-        ["Macro precision", m["precision_macro"], ""],
-        ["Macro recall (sensitivity)", m["recall_macro"], ""],
+        ["Macro precision", m["precision_macro"], fmt_ci(ci.get("precision_macro"))],
+        ["Macro recall (sensitivity)", m["recall_macro"], fmt_ci(ci.get("recall_macro"))],
         ["Macro specificity", m["specificity_macro"], ""],
         ["Macro one-vs-rest AUC", m["auc_macro"], fmt_ci(ci.get("auc_macro"))],
+        *([["Macro F1 at 0.5 (each class's sigmoid on its own)", m["f1_at_0.5_macro"],
+            fmt_ci(ci.get("f1_at_0.5_macro"))]] if "f1_at_0.5_macro" in m else []),
     ])
-    per = table(["Class", "Precision", "Recall", "Specificity", "F1", "AUC (one-vs-rest)"], [
-        [n, m[f"precision/{n}"], m[f"recall/{n}"], m[f"specificity/{n}"], m[f"f1/{n}"], m[f"auc/{n}"]]
+    at_half = "f1_at_0.5_macro" in m  # a multi-label head: each class's own sigmoid at 0.5
+    per = table(["Class", "Precision", "Recall", "Specificity", "F1", "AUC (one-vs-rest)",
+                 *(["F1 at 0.5"] if at_half else [])], [
+        [n, m[f"precision/{n}"], m[f"recall/{n}"], m[f"specificity/{n}"], m[f"f1/{n}"], m[f"auc/{n}"],
+         *([m[f"f1_at_0.5/{n}"]] if at_half else [])]
         for n in names
     ])
     cm = table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, summary["confusion"])])
     return f"{head}\n{per}\n{cm}"
+
+
+def detection_gate_table(summary: Mapping) -> str:
+    """Infection boxes (mAP, false positives on negatives) and the gate's effect, ungated beside
+    gated; empty for a model without a box head and an evaluation without a gate."""
+    m = summary["metrics"]
+    det, gated = "det_map" in m, "gate_sensitivity" in m
+    if not det and not gated:
+        return ""
+    rows = []
+    if det:
+        rows += [["Box mAP@0.5", m["det_map_50"], m.get("det_map_50_gated", "")],
+                 ["Box mAP@[.5:.95]", m["det_map"], m.get("det_map_gated", "")],
+                 ["Negative images with a reported box", fmt_pct(m["det_fp_share"]),
+                  fmt_pct(m["det_fp_share_gated"]) if "det_fp_share_gated" in m else ""]]
+    if "inf_dice_gated" in m:
+        rows += [["Infection Dice (positives, mean)", m["inf_dice"], m["inf_dice_gated"]],
+                 ["Negative images with any predicted infection", fmt_pct(m["inf_fp_share"]),
+                  fmt_pct(m["inf_fp_share_gated"])]]
+    if gated:
+        rows += [["Gate: positives passed (sensitivity)", "", m["gate_sensitivity"]],
+                 ["Gate: negatives stopped (specificity)", "", m["gate_specificity"]]]
+    note = f"Gate: {summary['gate']}. " if summary.get("gate") else "No gate. "
+    boxes = (f"Boxes: mAP over the {int(m['det_n'])} images with infection annotations (COCO definition, "
+             f"torchmetrics); false positives on {int(m['det_negatives_n'])} negative images. ") if det else ""
+    return f"{note}{boxes}An image the gate stops reports no infection and no box.\n\n" + table(
+        ["Metric", "Ungated", "Gated"], rows)
+
+
+def leakage_note(leakage: Mapping | None) -> str:
+    """What the duplicate audit said about the evaluated split and the model's training data."""
+    if not leakage:
+        return ""
+    if leakage.get("note") == "no training run":
+        return "Leakage audit: not applicable (a model without a training run).\n"
+    parts = []
+    if leakage["checked_against"]:
+        n = leakage["overlapping_images"]
+        against = "; ".join(f"`{w}`" for w in leakage["checked_against"])
+        parts.append(f"Leakage audit: the evaluated split shares **{n}** image(s) with the training data ({against})"
+                     + (", evaluated anyway with `--allow-leakage`: treat these figures as inflated." if n else "."))
+    if leakage["not_checked"]:
+        parts.append("Not checked: " + "; ".join(leakage["not_checked"]) + ".")
+    return " ".join(parts) + "\n"
 
 
 def evaluation_markdown(summary: Mapping, figures: Mapping[str, str], heading: str = "#") -> str:
@@ -91,16 +140,21 @@ def evaluation_markdown(summary: Mapping, figures: Mapping[str, str], heading: s
         inf_note = f"The model has no infection head in {summary.get('phase', 'this phase')}: no infection metrics. "
     lines = [
         f"{h} Evaluation: {summary['subset']} subset, {summary['split']} split\n",
-        f"Checkpoint `{summary['checkpoint']}`, shards `{summary['shards']}`, "
+        (f"Checkpoint `{summary['checkpoint']}`" if summary.get("checkpoint") else
+         f"Model config `{summary.get('model_config')}` with its own weights `{summary.get('weights')}` (no training "
+         "run)") + f", shards `{summary['shards']}`, "
         f"{int(m['n_images'])} images, {summary['world_size']} process(es). "
         f"Masks are thresholded at probability 0.5. {inf_note}A Dice of an empty prediction on an empty mask "
         f"counts as 1. Macro averages cover the classes present in the split. Intervals are 95% percentile "
         f"bootstrap intervals over images ({summary['bootstrap']} resamples).\n",
+        leakage_note(summary.get("leakage")),
         f"{h}# Segmentation\n",
         segmentation_table(summary),
         f"{h}# Classification\n",
         classification_tables(summary),
     ]
+    if detection_gate_table(summary):
+        lines += [f"{h}# Infection boxes and the gate\n", detection_gate_table(summary)]
     if figures:
         lines.append(f"{h}# Figures\n")
         for title, rel in figures.items():

@@ -9,13 +9,17 @@ are resized back to the original size. Per image the output folder gets
                                                  below it: predicted class and probability,
                                                  severity, legend
     predictions.jsonl, predictions.csv           one record per image (the CSV has one column per
-                                                 class probability)
+                                                 class probability; boxes as JSON)
     errors.jsonl                                 the inputs that failed, if any
 
 Severity is the infected lung area over the lung area, in percent (infection pixels outside the
-predicted lung are not counted). With a gate P (after MultiCheXNet), infection is reported only
-when P(COVID-19) >= P; otherwise the infection mask is empty and severity is null. A phase-1
-checkpoint has no infection output, so it never reports infection.
+predicted lung are not counted). With a gate (after MultiCheXNet: `--gate P`, or the checkpoint's
+`phase.teacher_forcing` gate), infection and boxes are reported only when the gate's P(positive
+class) >= P, from the class head or a first-stage classifier (`--gate-source first_stage`,
+`--first-stage CKPT`); otherwise the infection mask is empty, severity is null and `boxes` is
+empty, while `boxes_ungated` keeps what the box head found (drawn grey on the overlay; reported
+boxes are yellow). A phase-1 checkpoint has no infection output, so it never reports infection;
+a model without a box head (`model.det_head`) has null `boxes`.
 
 A file that cannot be used (unreadable, not an image, larger than the decompression-bomb limit)
 is reported in errors.jsonl and on stderr while the others carry on; the exit code is then 1.
@@ -47,6 +51,7 @@ import torch.nn.functional as F
 
 from mtlxray import CLASS_NAMES
 from mtlxray.data.images import read_grayscale
+from mtlxray.data.loader import label_names
 from mtlxray.errors import ConfigError, DataError, MtlxError
 from mtlxray.io import write_text_atomic
 from mtlxray.report.figures import prediction_overlay, save_png
@@ -58,9 +63,32 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 COVID = CLASS_NAMES.index("COVID-19")
 PREDICT_OUTPUTS = ("masks", "overlays", "predictions.jsonl", "predictions.csv", "errors.jsonl")
 """What predict writes under its output folder (and `--overwrite` deletes first)."""
-CSV_FIELDS = ["file", "name", "width", "height", "predicted_class", *(f"p_{c}" for c in CLASS_NAMES),
-              "infection_reported", "lung_area_px", "infection_area_px", "severity_percent"]
-"""predictions.csv columns; `p_<class>` are the class probabilities."""
+CSV_FIELDS = ["file", "name", "width", "height", "predicted_class", "infection_reported", "lung_area_px", "infection_area_px", "severity_percent", "gate_probability",
+              "gate_passed", "boxes", "boxes_ungated"]
+"""predictions.csv columns, with one `p_<class>` column per class of the model (its class
+probabilities) after `predicted_class`; `boxes` (after the gate) and `boxes_ungated` are JSON lists of [x0, y0, x1, y1,
+score] at the original size, empty cells for a model without a box head."""
+
+
+@dataclass(frozen=True)
+class ClassScheme:
+    """The classes a model predicts, in logit order, and how logits become probabilities: a
+    softmax, or for a multi-label head (`model.cls_loss: bce_multilabel`) a sigmoid per class."""
+
+    names: tuple[str, ...] = tuple(CLASS_NAMES)
+    multilabel: bool = False
+
+    @classmethod
+    def of(cls, model) -> "ClassScheme":
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            return cls()
+        return cls(tuple(label_names(cfg.data)), cfg.model.cls_loss == "bce_multilabel")
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """B×C logits -> B×C probabilities (fp32)."""
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
 
 @dataclass(frozen=True)
@@ -114,26 +142,85 @@ def _unique_name(path: Path, used: set[str]) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class _Boxes:
+    """How boxes are kept and reported (the checkpoint's `model.det_*`)."""
+
+    nms_iou: float = 0.5
+    max_boxes: int = 10
+    score_threshold: float = 0.3
+
+    @classmethod
+    def of(cls, model) -> "_Boxes":
+        m = getattr(getattr(model, "config", None), "model", None)
+        return cls(m.det_nms_iou, m.det_max_boxes, m.det_score_threshold) if m is not None else cls()
+
+
 @torch.no_grad()
-def _infer(model, images: list[np.ndarray], size: int, device: torch.device):
-    """Per image: (lung prob, inf prob) at the original size, class probabilities (C)."""
-    out = model(to_model_input(images, size).to(device))
-    probs = torch.softmax(out["cls"].float(), dim=1).cpu()  # B×C
+def _infer(model, images: list[np.ndarray], size: int, device: torch.device, gating=None):
+    """Per image: (lung prob, inf prob) at the original size, class probabilities (C), whether
+    there is an infection output, the gate's P(positive) (None without a gate), and the boxes
+    (M×5 x0 y0 x1 y1 score at the original size, reported ones only; None without a box head)."""
+    from mtlxray.model.detection import det_candidates, postprocess
+
+    x = to_model_input(images, size).to(device)
+    out = model(x)
+    probs = ClassScheme.of(model).probabilities(out["cls"]).cpu()  # B×C
+    gate_p = gating.probability(out, x).cpu().tolist() if gating is not None else [None] * len(images)
     # A phase-1 model has no infection output; an all-zero probability map stands in for it.
     inf = out["inf"] if out["inf"] is not None else torch.full_like(out["lung"], -torch.inf)
+    box = _Boxes.of(model)
+    cands = det_candidates(out["det"], (size, size)).cpu() if out.get("det") is not None else None
     results = []
     for i, im in enumerate(images):
         maps = torch.cat([out["lung"][i : i + 1], inf[i : i + 1]], dim=1).float()  # 1×2×s×s
         maps = torch.sigmoid(F.interpolate(maps, size=im.shape, mode="bilinear", align_corners=False))
-        results.append((maps[0, 0].cpu().numpy(), maps[0, 1].cpu().numpy(), probs[i], out["inf"] is not None))
+        boxes = None
+        if cands is not None:
+            kept = postprocess(cands[i], box.nms_iou, box.max_boxes, box.score_threshold)
+            scale = torch.tensor([im.shape[1] / size, im.shape[0] / size] * 2 + [1.0])
+            boxes = (kept * scale).numpy()  # to the original size
+        results.append((maps[0, 0].cpu().numpy(), maps[0, 1].cpu().numpy(), probs[i], out["inf"] is not None,
+                        gate_p[i], boxes))
     return results
 
 
+BOX_RGB = (255, 215, 0)
+"""Reported infection boxes on the overlay."""
+STOPPED_BOX_RGB = (150, 150, 150)
+"""Boxes the gate stopped (drawn so the gate's effect is visible, in grey)."""
+
+
+def draw_boxes(rgb: np.ndarray, boxes: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """Rectangles (x0 y0 x1 y1 in pixels, x1/y1 exclusive) drawn 1-2 px wide into the top H×W of `rgb`."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    t = max(1, round(min(h, w) / 256))
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64)[:, :4]:
+        a, b = int(np.clip(np.floor(x0), 0, w - 1)), int(np.clip(np.floor(y0), 0, h - 1))
+        c, d = int(np.clip(np.ceil(x1), a + 1, w)), int(np.clip(np.ceil(y1), b + 1, h))
+        rgb[b:min(b + t, d), a:c] = color
+        rgb[max(d - t, b):d, a:c] = color
+        rgb[b:d, a:min(a + t, c)] = color
+        rgb[b:d, max(c - t, a):c] = color
+    return rgb
+
+
+def _box_list(boxes: np.ndarray | None) -> list | None:
+    return None if boxes is None else [[round(float(v), 2) for v in row] for row in boxes]
+
+
 def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p: np.ndarray,
-            probs: torch.Tensor, has_inf: bool, gate: float | None, out: Path) -> dict:
-    """Write one image's masks and overlay; return its predictions.jsonl record."""
+            probs: torch.Tensor, has_inf: bool, gate: float | None, out: Path, gate_p: float | None = None,
+            boxes: np.ndarray | None = None, classes: ClassScheme = ClassScheme()) -> dict:
+    """Write one image's masks and overlay; return its predictions.jsonl record.
+
+    gate: the threshold on `gate_p` (P(positive class)) below which no infection and no box is
+    reported; `boxes`: the box head's reported boxes at the original size (None: no box head)."""
     lung = lung_p > 0.5
-    reported = has_inf and (gate is None or float(probs[COVID]) >= gate)
+    if gate_p is None:
+        gate_p = float(probs[classes.names.index("COVID-19")]) if gate is not None else None
+    passed = gate is None or gate_p >= gate
+    reported = has_inf and passed
     inf = (inf_p > 0.5) if reported else np.zeros_like(lung)
     lung_area = int(lung.sum())
     severity = 100.0 * int((inf & lung).sum()) / lung_area if reported and lung_area else None
@@ -141,32 +228,49 @@ def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p:
     save_png(inf.astype(np.uint8) * 255, out / "masks" / f"{name}_inf.png")
     predicted = int(probs.argmax())
     note = "" if reported else ("no infection output (phase-1 model)" if not has_inf
-                                else f"P(COVID-19) below the gate {gate:g}")
-    overlay = prediction_overlay(image, lung, inf if reported else None, predicted_class=CLASS_NAMES[predicted],
+                                else f"P(positive) {gate_p:.3f} below the gate {gate:g}")
+    overlay = prediction_overlay(image, lung, inf if reported else None, predicted_class=classes.names[predicted],
                                  probability=float(probs[predicted]), severity=severity, note=note)
+    if boxes is not None and len(boxes):
+        draw_boxes(overlay, boxes, BOX_RGB if passed else STOPPED_BOX_RGB)
     save_png(overlay, out / "overlays" / f"{name}_overlay.png")
     return {
         "file": str(path),
         "name": name,
         "width": image.shape[1],
         "height": image.shape[0],
-        "probs": {c: round(float(p), 6) for c, p in zip(CLASS_NAMES, probs)},
-        "predicted_class": CLASS_NAMES[int(probs.argmax())],
+        "probs": {c: round(float(p), 6) for c, p in zip(classes.names, probs)},
+        "predicted_class": classes.names[predicted],
         "infection_reported": reported,
         "lung_area_px": lung_area,
         "infection_area_px": int((inf & lung).sum()),
         "severity_percent": None if severity is None else round(severity, 3),
+        "gate_probability": None if gate_p is None else round(float(gate_p), 6),
+        "gate_passed": None if gate is None else bool(passed),
+        "boxes": None if boxes is None else (_box_list(boxes) if passed else []),
+        "boxes_ungated": _box_list(boxes),
     }
 
 
 def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, *, gate: float | None = None,
                   batch_size: int = 8, max_pixels: int | None = None,
-                  device: torch.device | str = "cpu") -> tuple[list[dict], list[Failure]]:
+                  device: torch.device | str = "cpu", gating=None) -> tuple[list[dict], list[Failure]]:
     """Run `model` on image files, writing masks and overlays under `out`; (records, failures).
 
     The model runs as given (its device, dtype and attention kernel); `load_predictor` prepares
-    one for CPU. ConfigError for a gate outside [0, 1] or a batch size below 1."""
+    one for CPU. `gate`: report infection and boxes only when P(COVID-19) under the class head is
+    at least this; `gating` (a `mtlxray.gate.Gate`: the class head or a first-stage classifier, its
+    positive classes and threshold) replaces it. ConfigError for a gate outside [0, 1] or a batch
+    size below 1."""
     check_gate(gate)
+    if gating is None and gate is not None:
+        from mtlxray.gate import Gate
+
+        cfg = getattr(model, "config", None)
+        gating = Gate("cls_head", cfg.phase.positive_classes if cfg is not None else [COVID], gate,
+                      multilabel=cfg is not None and cfg.model.cls_loss == "bce_multilabel")
+    if gating is not None:
+        gate = gating.threshold
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     out = Path(out)
@@ -176,6 +280,7 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
     failures: list[Failure] = []
     used: set[str] = set()
     device = torch.device(device)
+    classes = ClassScheme.of(model)
     for start in range(0, len(paths), batch_size):
         loaded: list[tuple[Path, np.ndarray]] = []
         for path in paths[start : start + batch_size]:
@@ -186,10 +291,10 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
                 failures.append(Failure(str(path), str(e)))
         if not loaded:
             continue
-        results = _infer(model, [im for _, im in loaded], img_size, device)
-        for (path, image), (lung_p, inf_p, probs, has_inf) in zip(loaded, results):
+        results = _infer(model, [im for _, im in loaded], img_size, device, gating)
+        for (path, image), (lung_p, inf_p, probs, has_inf, gate_p, boxes) in zip(loaded, results):
             records.append(_record(path, _unique_name(path, used), image, lung_p, inf_p, probs, has_inf,
-                                   gate, out))
+                                   gate, out, gate_p, boxes, classes))
     return records, failures
 
 
@@ -238,13 +343,20 @@ def _jsonl(rows: Iterable[dict]) -> str:
 
 def predictions_csv(records: Sequence[dict]) -> str:
     """The records as CSV (`CSV_FIELDS`): one row per image, one `p_<class>` column per class."""
+    classes = list(records[0]["probs"]) if records else list(CLASS_NAMES)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    at = CSV_FIELDS.index("predicted_class") + 1
+    fields = [*CSV_FIELDS[:at], *(f"p_{c}" for c in classes), *CSV_FIELDS[at:]]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in records:
         row = {k: r[k] for k in CSV_FIELDS if k in r}
-        row.update({f"p_{c}": r["probs"][c] for c in CLASS_NAMES})
+        row.update({f"p_{c}": r["probs"][c] for c in classes})
         row["severity_percent"] = "" if r["severity_percent"] is None else r["severity_percent"]
+        for key in ("gate_probability", "gate_passed"):
+            row[key] = "" if r.get(key) is None else r[key]
+        for key in ("boxes", "boxes_ungated"):
+            row[key] = "" if r.get(key) is None else json.dumps(r[key])
         writer.writerow(row)
     return buf.getvalue()
 
@@ -272,14 +384,28 @@ def load_predictor(checkpoint: str | Path, device: torch.device | str = "cpu"):
     return model, cfg
 
 
+def cli_gate(cfg, args: argparse.Namespace, device: torch.device | str = "cpu"):
+    """The gate of `predict`/`evaluate`: the checkpoint's `phase.teacher_forcing` gate, with
+    `--gate P` (the threshold; the class head when the config has no gate), `--gate-source` and
+    `--first-stage` overriding it; None for no gate."""
+    from mtlxray.gate import Gate
+
+    source = getattr(args, "gate_source", None)
+    if source is None and args.gate is not None and cfg.phase.teacher_forcing.gate == "none":
+        source = "cls_head"
+    return Gate.from_config(cfg, device, source=source, threshold=args.gate,
+                            first_stage=getattr(args, "first_stage", None))
+
+
 def cli_main(args: argparse.Namespace) -> int:
     check_gate(args.gate)
     out = prepare_output_dir(args.out, overwrite=args.overwrite)
     model, cfg = load_predictor(args.checkpoint)
+    gating = cli_gate(cfg, args)
     paths, failures = collect_inputs(args.inputs)
     try:
         records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size, gating=gating)
         failures += bad
         write_predictions(out, records, failures)
     except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback
@@ -287,7 +413,8 @@ def cli_main(args: argparse.Namespace) -> int:
                         f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
     for r in records:
         sev = "n/a" if r["severity_percent"] is None else f"{r['severity_percent']:.1f}%"
-        print(f"{r['file']}: {r['predicted_class']} (p={r['probs'][r['predicted_class']]:.3f}), severity {sev}")
+        boxes = "" if r["boxes"] is None else f", {len(r['boxes'])} infection box(es)"
+        print(f"{r['file']}: {r['predicted_class']} (p={r['probs'][r['predicted_class']]:.3f}), severity {sev}{boxes}")
     for f in failures:
         print(f"FAILED {f.path}: {f.error}", file=sys.stderr)
     print(f"{len(records)} image(s) predicted, {len(failures)} failed -> {out / 'predictions.jsonl'}, "

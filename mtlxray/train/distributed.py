@@ -16,7 +16,7 @@ from mtlxray.config import Config
 from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
 from mtlxray.errors import ConfigError
 
-__all__ = ["build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
+__all__ = ["apply_launcher_flags", "build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
            "keep_grads_in_parameter_layout"]
 
 logger = logging.getLogger(__name__)
@@ -101,11 +101,36 @@ def keep_grads_in_parameter_layout(model: torch.nn.Module) -> None:
             p.register_hook(hook(p))
 
 
+def apply_launcher_flags(cfg: Config) -> None:
+    """Reconcile `accelerate launch --mixed_precision/--dynamo_backend` with the config, in place.
+
+    accelerate passes its flags to the processes as ACCELERATE_MIXED_PRECISION and
+    ACCELERATE_DYNAMO_BACKEND. `no` is the launcher's default and leaves the config in charge;
+    `bf16` is honoured unless run.precision asks for fp32, and fp16 (which mtlxray does not train
+    in) is refused, each disagreement in one line; a dynamo backend other than `no` turns on
+    run.compile. Without this, accelerate would silently override or be overridden."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched == "fp16":
+        raise ConfigError("accelerate launch --mixed_precision fp16: mtlxray trains in bf16 or fp32; "
+                          "set --mixed_precision bf16 (or no) and run.precision")
+    if launched == "bf16":
+        if cfg.run.precision == "fp32":
+            raise ConfigError("accelerate launch --mixed_precision bf16 disagrees with run.precision=fp32; "
+                              "choose one (run.precision=bf16 or --mixed_precision no)")
+        cfg.run.precision = "bf16"
+    dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if dynamo not in ("no", ""):
+        if dynamo != "inductor":
+            raise ConfigError(f"accelerate launch --dynamo_backend {dynamo}: mtlxray compiles with inductor "
+                              "(run.compile=true or --dynamo_backend inductor)")
+        cfg.run.compile = True
+
+
 def build_accelerator(cfg: Config, run_dir: Path):
     """An Accelerator for cfg.run.backend/precision on this machine (GPU: nccl; CPU: gloo)."""
     from accelerate import Accelerator
     from accelerate.utils import (DDPCommunicationHookType, DeepSpeedPlugin, DistributedDataParallelKwargs,
-                                  ProjectConfiguration)
+                                  ProjectConfiguration, TorchDynamoPlugin)
 
     world = resolve_world()
     distributed = world.world_size > 1 or cfg.run.backend == "deepspeed"
@@ -122,6 +147,8 @@ def build_accelerator(cfg: Config, run_dir: Path):
         "step_scheduler_with_optimizer": False,
         "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         "log_with": "tensorboard" if cfg.run.tensorboard else None,
+        # accelerate compiles the model in prepare(); the launcher's flag was folded into the config.
+        "dynamo_plugin": TorchDynamoPlugin(backend="inductor" if cfg.run.compile else "no"),
     }
     launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if launched_ds and cfg.run.backend != "deepspeed":

@@ -1,13 +1,18 @@
 """Training losses: w·BCE + soft Dice for masks (w = phase.bce_weight, 0.5 by default), cross-entropy
-for the class, as pure functions computed in fp32 whatever the autocast dtype."""
+(or, with model.cls_loss=bce_multilabel, a sigmoid BCE per class) for the class, the detection
+head's loss (`mtlxray.model.detection`), as pure functions computed in fp32 whatever the autocast
+dtype."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["seg_loss_per_sample", "masked_seg_loss", "multitask_loss", "phase_loss"]
+__all__ = ["seg_loss_per_sample", "masked_seg_loss", "class_loss", "multitask_loss", "phase_loss"]
 
 
 def seg_loss_per_sample(logits: Tensor, target: Tensor, smooth: float = 1.0, bce_weight: float = 0.5) -> Tensor:
@@ -40,30 +45,79 @@ def masked_seg_loss(logits: Tensor, target: Tensor, include: Tensor, *, bce_weig
     return kept.sum() / count
 
 
-def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str, float],
-                   infection_classes: list[int], *, bce_weight: float = 0.5,
-                   inf_mean_over: str = "positives") -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of the lung, infection and class losses; returns (total, per-task losses).
+def class_loss(logits: Tensor, labels: Tensor, kind: str = "ce") -> Tensor:
+    """Mean class loss. logits: B×C, labels: B class indices.
 
-    The infection loss counts only samples whose label is in `infection_classes` and that carry an
-    infection mask (averaged over those, or over the batch: `inf_mean_over`); tasks whose weight
-    is 0, or whose output the model does not produce, are left out.
+    `ce`: softmax cross-entropy. `bce_multilabel`: each class's logit is a separate sigmoid,
+    scored by binary cross-entropy against the one-hot label, averaged over classes and images
+    (MultiCheXNet's classifier; the data hold one label per image).
     """
+    logits = logits.float()
+    if kind == "ce":
+        return F.cross_entropy(logits, labels)
+    if kind == "bce_multilabel":
+        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)  # B×C
+        return F.binary_cross_entropy_with_logits(logits, target)
+    raise ValueError(f"unknown class loss {kind!r} (ce or bce_multilabel)")
+
+
+def _zero_term(output: Tensor) -> Tensor:
+    """An exact 0 whose gradient reaches `output` as exact zeros (never 0·nan), keeping the head that
+    produced it in the autograd graph: under DDP every trained parameter must get a gradient."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=output.device), output.float().sum(), 0.0)
+
+
+def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str, float],
+                   positive_classes: list[int], *, bce_weight: float = 0.5,
+                   inf_mean_over: str = "positives", cls_loss: str = "ce", include: Optional[Tensor] = None,
+                   carried: Optional[Sequence[str]] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the lung, infection, class and detection losses; returns (total, per-task losses).
+
+    Positive-case training: the infection and detection losses count only the samples in
+    `include` (B bool; default: labels in `positive_classes`, see `mtlxray.train.gating` for the
+    teacher-forced choice) that carry an infection mask; the infection loss is averaged over those,
+    or over the batch (`inf_mean_over`), the detection loss over their boxes. Tasks whose weight is
+    0, or whose output the model does not produce, are left out. `cls_loss`: see `class_loss`.
+
+    `carried`: the labels this batch has (`data.sources`; None: all). A weighted task outside it
+    has no loss part and adds an exact zero with an exactly zero gradient to its head.
+    """
+    from mtlxray.model.detection import detection_loss
+
     parts: dict[str, Tensor] = {}
-    if weights.get("lung", 0.0) > 0 and out.get("lung") is not None:
+    idle: list[Tensor] = []
+
+    def wanted(task: str) -> bool:
+        if weights.get(task, 0.0) <= 0 or out.get(task) is None:
+            return False
+        if carried is None or task in carried:
+            return True
+        idle.append(out[task])
+        return False
+
+    if include is None:
+        include = torch.isin(batch["label"], torch.as_tensor(positive_classes, device=batch["label"].device))
+    include = include & batch["has_inf"].bool()
+    if wanted("lung"):
         parts["lung"] = seg_loss_per_sample(out["lung"], batch["lung"], bce_weight=bce_weight).mean()
-    if weights.get("inf", 0.0) > 0 and out.get("inf") is not None:
-        classes = torch.as_tensor(infection_classes, device=batch["label"].device)
-        include = torch.isin(batch["label"], classes) & batch["has_inf"].bool()
+    if wanted("inf"):
         parts["inf"] = masked_seg_loss(out["inf"], batch["inf"], include, bce_weight=bce_weight,
                                        mean_over=inf_mean_over)
-    if weights.get("cls", 0.0) > 0 and out.get("cls") is not None:
-        parts["cls"] = F.cross_entropy(out["cls"].float(), batch["label"])
+    if wanted("cls"):
+        parts["cls"] = class_loss(out["cls"], batch["label"], cls_loss)
+    if wanted("det"):
+        parts["det"] = detection_loss(out["det"], out.get("det_points"), batch["boxes"], include,
+                                      tuple(batch["img"].shape[-2:]))
     total = sum(weights.get(k, 0.0) * v for k, v in parts.items())
+    for output in idle:
+        total = total + _zero_term(output)
     return total, parts
 
 
-def phase_loss(out: dict[str, Tensor | None], batch: dict, phase) -> tuple[Tensor, dict[str, Tensor]]:
-    """`multitask_loss` with every setting taken from a `PhaseConfig`."""
-    return multitask_loss(out, batch, phase.loss_weights, phase.infection_classes, bce_weight=phase.bce_weight,
-                          inf_mean_over=phase.inf_loss_mean)
+def phase_loss(out: dict[str, Tensor | None], batch: dict, phase, cls_loss: str = "ce", *,
+               include: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """`multitask_loss` with every setting taken from a `PhaseConfig` (and `model.cls_loss`); the
+    labels a batch carries come from its `tasks` entry (`data.sources`), all when it has none."""
+    return multitask_loss(out, batch, phase.loss_weights, phase.positive_classes, bce_weight=phase.bce_weight,
+                          inf_mean_over=phase.inf_loss_mean, cls_loss=cls_loss, include=include,
+                          carried=batch.get("tasks"))

@@ -10,9 +10,10 @@ from torch import nn
 
 from mtlxray.config import Config
 from mtlxray.errors import ConfigError
-from mtlxray.train.phases import matches_prefix
+from mtlxray.model.base import under_prefix
 
-__all__ = ["no_weight_decay", "param_groups", "build_optimizer", "cosine_factor", "build_scheduler"]
+__all__ = ["no_weight_decay", "param_groups", "describe_param_groups", "build_optimizer", "cosine_factor",
+           "build_scheduler"]
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
@@ -30,22 +31,41 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     default = mults.pop("default", 1.0)
     names = [n for n, _ in model.named_parameters()]
     for prefix in mults:
-        if not any(matches_prefix(n, prefix) for n in names):
+        if not any(under_prefix(n, prefix) for n in names):
             raise ConfigError(f"phase.lr_mult: prefix `{prefix}` matches no parameter of the model")
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        hits = [k for k in mults if matches_prefix(name, k)]
+        hits = [k for k in mults if under_prefix(name, k)]
         key = max(hits, key=len) if hits else "default"
         mult = mults[key] if hits else default
-        decay = not no_weight_decay(name, p)
+        decay = not (cfg.optim.no_decay_norm_bias and no_weight_decay(name, p))
         group = groups.setdefault((key, decay), {
             "name": f"{key}/{'decay' if decay else 'no_decay'}", "params": [], "lr_mult": mult,
             "lr": cfg.optim.lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
         })
         group["params"].append(p)
     return list(groups.values())
+
+
+def describe_param_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """Per group: name, modules (the shortest module prefixes covering its parameters), parameter
+    count, learning rate and weight decay, for `mtlxray model-summary --lr-groups`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in groups:
+        params = [names[id(p)] for p in g["params"]]
+        modules = sorted({n.rsplit(".", 1)[0] if "." in n else n for n in params})
+        covered: list[str] = []
+        for m in modules:  # keep the shallowest prefixes: `encoder.stages.0` covers its blocks
+            if not any(m == c or m.startswith(c + ".") for c in covered):
+                covered.append(m)
+        top = sorted({m.split(".")[0] for m in covered})
+        out.append({"name": g["name"], "modules": top if len(covered) > 8 else covered,
+                    "params": sum(p.numel() for p in g["params"]), "lr": g["lr"],
+                    "weight_decay": g["weight_decay"]})
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: Config, fused: bool = False) -> torch.optim.Optimizer:

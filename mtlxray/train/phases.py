@@ -8,15 +8,11 @@ from torch import nn
 
 from mtlxray.config import PhaseConfig
 from mtlxray.errors import ConfigError
+from mtlxray.model.base import under_prefix
 
-__all__ = ["matches_prefix", "apply_freezing", "frozen_prefixes", "prepare_phase"]
+__all__ = ["apply_freezing", "frozen_prefixes", "prepare_phase"]
 
 logger = logging.getLogger(__name__)
-
-
-def matches_prefix(name: str, prefix: str) -> bool:
-    """True if the dotted parameter name lies under the module prefix (`inf_head` ≠ `inf_headx`)."""
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def apply_freezing(model: nn.Module, frozen: list[str]) -> int:
@@ -27,11 +23,11 @@ def apply_freezing(model: nn.Module, frozen: list[str]) -> int:
     """
     names = [n for n, _ in model.named_parameters()]
     for prefix in frozen:
-        if not any(matches_prefix(n, prefix) for n in names):
+        if not any(under_prefix(n, prefix) for n in names):
             raise ConfigError(f"phase.frozen: prefix `{prefix}` matches no parameter of the model")
     n_frozen = 0
     for name, p in model.named_parameters():
-        if any(matches_prefix(name, prefix) for prefix in frozen):
+        if any(under_prefix(name, prefix) for prefix in frozen):
             p.requires_grad_(False)
             n_frozen += p.numel()
     return n_frozen

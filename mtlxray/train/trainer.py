@@ -26,20 +26,22 @@ from typing import Optional
 
 import torch
 
-from mtlxray import CLASS_NAMES
 from mtlxray.checkpoint import (WEIGHTS_NAME, TrainState, check_deepspeed_pickles, find_resume, resolve_checkpoint,
                                 save_checkpoint, verify_checkpoint)
 from mtlxray.config import Config, dump_config
-from mtlxray.data.loader import (batch_to_device, build_train_loader, read_manifest, shard_urls,
-                                 train_batches_per_epoch)
+from mtlxray.data.loader import batch_to_device, build_train_loader, label_names, read_manifest, shard_urls
 from mtlxray.dist import resolve_world
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
 from mtlxray.evaluation import metric_names
+from mtlxray.gate import Gate
 from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_text_atomic
-from mtlxray.train.distributed import build_accelerator, deepspeed_config, keep_grads_in_parameter_layout
+from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
+                                       keep_grads_in_parameter_layout)
+from mtlxray.train.gating import PositiveSelector
 from mtlxray.train.logs import LossWindow, MetricsLog, Progress
 from mtlxray.train.losses import phase_loss
+from mtlxray.train.multisource import batches_per_epoch, check_sources, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
@@ -63,18 +65,15 @@ def resume_target(cfg: Config, resume: str) -> Optional[Path]:
 
 def _model_tasks(cfg: Config) -> set[str]:
     """The outputs the configured model produces in the configured phase."""
-    from mtlxray.model.net import MODELS
+    from mtlxray.model.kinds import model_tasks
 
-    tasks = set(getattr(MODELS.get(cfg.model.name), "tasks", {"lung", "inf", "cls"}))
-    if cfg.phase.name == "phase1":
-        tasks.discard("inf")
-    return tasks
+    return set(model_tasks(cfg.model, cfg.phase.name))
 
 
 def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
     """Cheap checks that fail in well under a second with a one-line reason, before any worker."""
-    root = Path(cfg.data.shards)
-    if "://" not in cfg.data.shards and not root.exists():
+    root = cfg.data.shards  # a folder, or an http(s)/s3 URL prefix
+    if "://" not in root and not Path(root).exists():
         raise ConfigError(f"data.shards: {root} does not exist (build it with `mtlxray shards build`)")
     manifest = read_manifest(root)
     subsets = (cfg.data.subset,) if cfg.data.subset in ("lung", "infection") else ("lung", "infection")
@@ -85,15 +84,28 @@ def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
     if not val:
         raise ConfigError(f"data.val_split: {root} has no {eval_subset(cfg)}/{cfg.data.val_split} shards to "
                           "validate on")
-    if manifest.get("image_size") != cfg.model.img_size:
+    from mtlxray.model.kinds import resizes_input
+
+    if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
         raise ConfigError(f"model.img_size={cfg.model.img_size} but the shards in {root} hold "
                           f"{manifest.get('image_size')}² images")
-    names = ["val/loss"] + [f"val/{n}" for n in metric_names(sorted(_model_tasks(cfg)), CLASS_NAMES)]
+    tasks = _model_tasks(cfg)
+    classes = label_names(cfg.data)  # model.num_classes matches them (Config checks it at load)
+    multilabel = cfg.model.cls_loss == "bce_multilabel"
+    gated = cfg.phase.teacher_forcing.gate != "none"
+    names = ["val/loss"] + [f"val/{n}" for n in metric_names(sorted(tasks), classes, multilabel, gated)]
     if cfg.run.best_metric not in names:
         raise ConfigError(f"run.best_metric: `{cfg.run.best_metric}` is not an evaluation metric of "
                           f"{cfg.model.name} in {cfg.phase.name}; choose one of {', '.join(names)}")
     if cfg.run.backend == "deepspeed":
         deepspeed_config(cfg)
+    if cfg.data.sources:
+        check_sources(cfg.data)
+    if cfg.model.first_stage and cfg.phase.teacher_forcing.gate == "first_stage":
+        try:
+            resolve_checkpoint(cfg.model.first_stage)
+        except CheckpointError as e:
+            raise ConfigError(f"model.first_stage: {e} (train the classifier first)") from None
     if cfg.phase.init_from and resume_from is None:
         try:
             resolve_checkpoint(cfg.phase.init_from)
@@ -126,6 +138,7 @@ class Trainer:
 
         self.stop = StopFlag.install()  # before anything slow: a signal now is recorded, not fatal
         cfg = copy.deepcopy(cfg)  # the caller's config is left as it was
+        apply_launcher_flags(cfg)
         cfg.run.precision = resolve_precision(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
         resolve_global_batch(cfg, resolve_world().world_size)
         self.cfg = cfg
@@ -157,7 +170,7 @@ class Trainer:
 
         model = self._build_model(target)
         optimizer = build_optimizer(model, cfg, fused=cfg.run.backend == "ddp")
-        batches = train_batches_per_epoch(cfg.data, self.world)
+        batches = batches_per_epoch(cfg.data, self.world)  # data.sources: their sum
         self.steps_per_epoch = batches // cfg.optim.grad_accum
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data: {batches} batches per rank per epoch is fewer than "
@@ -182,7 +195,16 @@ class Trainer:
         self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
         self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
         self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)
-        self.validator = Validator(cfg, acc, self.model)
+        # Positive-case training: the gate of teacher forcing (class head or first-stage classifier).
+        gate = Gate.from_config(cfg, acc.device, precision=cfg.run.precision)
+        if gate is not None and gate.source == "cls_head" and "cls" not in model.tasks:
+            raise ConfigError(f"phase.teacher_forcing.gate=cls_head: {cfg.model.name} has no class head; use "
+                              "gate: first_stage with model.first_stage")
+        self.positives = PositiveSelector(cfg, gate, self.rank)
+        self.validator = Validator(cfg, acc, self.model, gate=gate)
+        self.progress = Progress(self.total_steps, self.state.step, cfg.run.name,
+                                 acc.is_main_process and cfg.run.progress)
+        self._loader = None
         logger.info("world size %d, %d steps per epoch, %d steps in all, starting at step %d",
                     self.world, self.steps_per_epoch, self.total_steps, self.state.step)
 
@@ -203,9 +225,17 @@ class Trainer:
             ckpt = resolve_checkpoint(cfg.phase.init_from)
             reset = load_state_dict_transfer(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
             logger.info("initialised from %s%s", ckpt, f"; re-initialised {', '.join(reset)}" if reset else "")
+            if cfg.phase.name == "phase2" and cfg.phase.cls_phase2_init == "from_phase1":
+                if not hasattr(model, "init_phase2_class_input"):
+                    raise ConfigError(f"phase.cls_phase2_init=from_phase1: {cfg.model.name} has no two-mode class head")
+                model.init_phase2_class_input()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.set_attention(resolve_attention(cfg.model.attention, cfg.run.precision, device))
         prepare_phase(model, cfg.phase)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"phase.frozen: every parameter of {cfg.model.name} is frozen, there is nothing to "
+                              "train; evaluate a zero-shot model without training: mtlxray evaluate "
+                              "--model-config CONFIG --shards SHARDS")
         return model
 
     def _load(self, ckpt: Path) -> None:
@@ -248,8 +278,7 @@ class Trainer:
             logger.info("nothing to do: step %d of %d already reached", self.state.step, self.total_steps)
             return 0
         self.window.t0 = time.perf_counter()
-        with Progress(self.total_steps, self.state.step, self.cfg.run.name,
-                      self.accelerator.is_main_process and self.cfg.run.progress) as self.progress:
+        with self.progress:
             while self.state.step < self.total_steps:
                 if self._train_epoch():
                     logger.warning("stopping at step %d on %s; exit %d for a requeue", self.state.step,
@@ -266,9 +295,12 @@ class Trainer:
     def _batches(self):
         """This rank's batches from the current data position to the end of the epoch."""
         s = self.state
-        loader = build_train_loader(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
-                                    world_size=self.world, start_batch=s.batch_in_epoch)
-        return iterate_keeping_rng(loader)
+        if self.cfg.data.sources:  # alternating disjoint datasets: each batch says which labels it has
+            return source_batches(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
+                                  world_size=self.world, start_batch=s.batch_in_epoch, wrap=iterate_keeping_rng)
+        self._loader = build_train_loader(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
+                                          world_size=self.world, start_batch=s.batch_in_epoch)
+        return iterate_keeping_rng(self._loader)
 
     def _train_epoch(self) -> bool:
         """Consume the rest of the epoch (whole accumulation windows); True if asked to stop."""
@@ -309,7 +341,8 @@ class Trainer:
             if not deepspeed and self.state.batch_in_epoch % cfg.optim.grad_accum == 0:
                 self.guard.begin_window()
             out = self.model(batch["img"])
-            loss, parts = phase_loss(out, batch, cfg.phase)
+            include = self.positives.select(out, batch, step=self.state.step, batch_index=self.state.batch_in_epoch)
+            loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss, include=include)
             self.window.add({"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}})
             if deepspeed:
                 if agree(acc, not bool(torch.isfinite(loss.detach())))[0]:
@@ -373,7 +406,9 @@ class Trainer:
         record = {"type": "train", "step": s.step, "epoch": s.epoch, "samples": s.samples_seen, **means,
                   "lr": groups[0]["lr"] / groups[0].get("lr_mult", 1.0),
                   **{f"lr/{n}": g["lr"] for n, g in zip(self.group_names, groups)},
-                  "skipped": self.guard.skipped, "img_per_s": w.samples / elapsed, "world_size": self.world,
+                  "skipped": self.guard.skipped,
+                  "skipped_shards": len(getattr(self._loader, "skipped_shards", ())),
+                  "img_per_s": w.samples / elapsed, "world_size": self.world,
                   "time": time.time()}
         self.log.write(record)
         self.progress.report(record)

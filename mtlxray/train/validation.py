@@ -12,9 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from mtlxray import CLASS_NAMES
 from mtlxray.config import Config
-from mtlxray.data.loader import batch_to_device, build_eval_loader
+from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names
 from mtlxray.errors import unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
 from mtlxray.train.losses import phase_loss
@@ -50,10 +49,13 @@ def iterate_keeping_rng(loader) -> Iterator[dict]:
 
 
 class Validator:
-    """Runs validation for a Trainer; returns `val/<metric>` values."""
+    """Runs validation for a Trainer; returns `val/<metric>` values.
 
-    def __init__(self, cfg: Config, accelerator, model) -> None:
-        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+    With a `gate` (`mtlxray.train.gating.Gate`, the phase's teacher-forcing gate) the metrics come
+    gated and ungated; the validation loss always selects positives by the ground truth."""
+
+    def __init__(self, cfg: Config, accelerator, model, gate=None) -> None:
+        self.cfg, self.accelerator, self.model, self.gate = cfg, accelerator, model, gate
 
     @torch.no_grad()
     def run(self) -> dict[str, float]:
@@ -63,7 +65,8 @@ class Validator:
         loader = build_eval_loader(cfg.data, subset=eval_subset(cfg), split=cfg.data.val_split,
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.model.eval()
-        collector = RecordCollector()
+        multilabel = cfg.model.cls_loss == "bce_multilabel"
+        collector = RecordCollector(multilabel)
         loss_sums: dict[str, torch.Tensor] = {}
         n_local = 0
         it, last = iterate_keeping_rng(loader), None
@@ -80,9 +83,9 @@ class Validator:
                 if batch is None:
                     continue
                 last = batch
-                collector.add(out, batch)
+                collector.add(out, batch, self.gate.probability(out, batch["img"]) if self.gate else None)
                 n = batch["img"].shape[0]
-                loss, parts = phase_loss(out, batch, cfg.phase)
+                loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss)
                 for k, v in {"loss": loss, **{f"loss/{t}": p for t, p in parts.items()}}.items():
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().double() * n
                 n_local += n
@@ -92,7 +95,11 @@ class Validator:
         gathered = gather_object([local])
         records = Records.concat([g[0] for g in gathered]).unique_by_key()
         n = sum(g[2] for g in gathered)
-        summary = summarise(records, CLASS_NAMES, cfg.phase.infection_classes)
+        m = cfg.model
+        summary = summarise(records, label_names(cfg.data), cfg.phase.positive_classes, multilabel=multilabel,
+                            gate_threshold=self.gate.threshold if self.gate else 0.5,
+                            det_score_threshold=m.det_score_threshold, det_nms_iou=m.det_nms_iou,
+                            det_max_boxes=m.det_max_boxes)
         values = {f"val/{k}": v for k, v in summary["metrics"].items()}
         for key in gathered[0][1] if gathered else {}:
             values[f"val/{key}"] = sum(g[1].get(key, 0.0) for g in gathered) / max(1, n)

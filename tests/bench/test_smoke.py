@@ -1,36 +1,45 @@
-"""Every benchmark suite runs at minimal size and writes its JSON, so the benchmarks never rot.
+"""The benchmark package's behaviour: every suite runs at minimal size and writes the rows it
+promises; the memory counts agree with real tensors and move with the batch and the checkpointing
+mode; the projections respond to their inputs; results go only to --out or the checkout.
 
-Figures at these sizes mean nothing; no timing is asserted. Each test checks the result's shape
-and the facts that do not depend on speed (FLOP counts, ranks, identical parameters).
+Figures at smoke size mean nothing; no timing is asserted.
 """
 
 import json
-import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from mtlxray.bench import memory as mem
 from mtlxray.bench.common import Context
-from mtlxray.bench.run import SUITES, run_suite
+from mtlxray.bench.gpus import CARDS, bf16_dense_peak
+from mtlxray.bench.projection import loader_cores, project_phase
+from mtlxray.bench.run import default_out, find_checkout, run_suite
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def ctx(tmp_path):
-    return Context(quick=True, out=tmp_path, smoke=True)
+    return Context(quick=True, out=tmp_path, smoke=True, device="cpu")
 
 
 def _run(name: str, ctx: Context) -> dict:
     data = run_suite(name, ctx)
     on_disk = json.loads((ctx.out / f"{name}.json").read_text())
-    assert on_disk == json.loads(json.dumps(data, default=str))
-    assert on_disk["status"] == "ok", on_disk["details"]
+    assert on_disk["suite"] == name and on_disk["status"] == "ok", on_disk["details"]
     assert on_disk["rows"]
     assert on_disk["machine"]["cpu"] and on_disk["machine"]["torch"]
-    assert all(t["value"] is not None and t["met"] in (True, False) for t in on_disk["targets"])
+    assert len(on_disk["rows"]) == len(data["rows"])
+    assert all(t["met"] in (True, False, None) for t in on_disk["targets"])
     return on_disk
 
 
-def test_registry_lists_every_suite():
-    assert set(SUITES) == {"model", "attention", "checkpointing", "loader", "ddp", "projection", "shards"}
+# ---------------------------------------------------------------------------------------------
+# every suite at minimal size
 
 
 def test_attention_suite_compares_sdpa_and_explicit(ctx):
@@ -41,21 +50,42 @@ def test_attention_suite_compares_sdpa_and_explicit(ctx):
     assert set(data["details"]["faster_fwd_bwd"].values()) <= {"sdpa", "explicit"}
 
 
-def test_model_suite_counts_flops_against_monai(ctx):
+def test_model_suite_compares_ours_monai_channels_last_and_compiled(ctx):
     data = _run("model", ctx)
-    nets = {(r["net"], r["dtype"]) for r in data["rows"]}
-    assert nets == {(n, d) for n in ("monai_encoder", "ours_encoder", "ours_full") for d in ("fp32", "bf16")}
+    measured = {(r["net"], r["dtype"]) for r in data["rows"] if r.get("img/s")}
+    nets = ("monai_encoder", "ours_encoder", "ours_full", "ours_full_channels_last")
+    assert measured == {(n, d) for n in nets for d in ("fp32", "bf16")}
+    assert {r["device"] for r in data["rows"]} == {"cpu"}
     flops = data["details"]["flops_per_image_fwd_bwd"]
     assert flops["ours_full"] > flops["ours_encoder"] > 0 and flops["monai_encoder"] > 0
+    assert flops["ours_full_channels_last"] == flops["ours_full"]  # same maths, another layout
+    assert set(data["details"]["channels_last_decoder_vs_default"]) == {"fp32", "bf16"}
+    compiled = [r for r in data["rows"] if r["net"] == "ours_tiny_compiled"]
+    assert len(compiled) == 1 and compiled[0]["note"]  # smoke runs do not compile; the row says so
     assert len(data["targets"]) == 3
 
 
-def test_checkpointing_suite_measures_each_config_in_its_own_process(ctx):
+def test_checkpointing_suite_measures_every_configuration(ctx):
     data = _run("checkpointing", ctx)
-    configs = {r["config"] for r in data["rows"]}
-    assert configs == {"ours_none", "ours_attention", "ours_block", "ours_selective", "monai_off", "monai_on"}
-    assert all(r["act_mib"] > 0 and r["step_s"] > 0 for r in data["rows"])
+    assert {r["config"] for r in data["rows"]} == {
+        "ours_none", "ours_attention", "ours_block", "ours_selective", "monai_off", "monai_on"}
+    assert all(r["act_mib"] >= 0 and r["step_s"] > 0 for r in data["rows"])  # smoke sizes: memory may not register
     assert data["details"]["recommended"] in ("ours_attention", "ours_block", "ours_selective")
+
+
+def test_memory_suite_measures_each_mode_and_projects_every_backend(ctx):
+    data = _run("memory", ctx)
+    rows = {(r["phase"], r["grad_checkpoint"]): r for r in data["rows"]}
+    assert set(rows) == {(p, m) for p in ("phase1", "phase2") for m in mem.CHECKPOINT_MODES}
+    for phase in ("phase1", "phase2"):
+        # recomputing whole blocks keeps less than recomputing attention only, which keeps less than nothing
+        assert rows[(phase, "block")]["retained_MiB/img"] < rows[(phase, "attention")]["retained_MiB/img"] \
+            < rows[(phase, "none")]["retained_MiB/img"]
+    assert rows[("phase1", "none")]["retained_MiB/img"] < rows[("phase2", "none")]["retained_MiB/img"]
+    grid = data["details"]["projection"]
+    assert {(g["backend"], g["batch"]) for g in grid} == {(b, n) for b in mem.BACKENDS for n in mem.BATCHES}
+    assert all(isinstance(g[f"fits_{c}"], bool) for g in grid for c in CARDS)
+    assert any("PROJECTION" in title for title in data["details"]["tables"])
 
 
 def test_loader_suite_reports_formats_baseline_and_limit(ctx):
@@ -83,16 +113,105 @@ def test_ddp_suite_runs_two_gloo_ranks_with_identical_params(ctx):
                                                    "ddp_fp16_grads_2_ranks", "zero2_2_ranks"}
 
 
-def test_projection_suite_projects_phases_and_loader_cores(ctx):
-    (ctx.out / "loader.json").write_text(json.dumps(
-        {"status": "ok", "details": {"per_core_training_rate": {"raw_aug": 100.0}}}))
-    data = _run("projection", ctx)
-    assert "PROJECTION" in data["label"]
-    assert {(r["phase"], r["gpus"]) for r in data["rows"]} == {
-        (p, g) for p in ("phase1", "phase2") for g in (1, 8, 32)}
-    one = {r["phase"]: r for r in data["rows"] if r["gpus"] == 1}
-    for phase, (epochs, images) in {"phase1": (50, 21_715), "phase2": (30, 3_728)}.items():
-        r = one[phase]
-        assert r["img/s/gpu"] == pytest.approx(989e12 * 0.4 / (r["GFLOP/img"] * 1e9))
-        assert r["wall_h"] == pytest.approx(epochs * images / r["img/s/gpu"] / 3600)
-        assert data["details"]["loader_cores_per_gpu"]["raw_aug"][phase] == math.ceil(r["img/s/gpu"] / 100.0)
+def test_projection_suite_reads_the_loader_rate_it_is_given(ctx):
+    def cores(rate: float) -> dict:
+        (ctx.out / "loader.json").write_text(json.dumps(
+            {"status": "ok", "details": {"per_core_training_rate": {"raw_aug": rate}}}))
+        data = _run("projection", ctx)
+        assert "PROJECTION" in data["label"]
+        assert {(r["phase"], r["gpus"]) for r in data["rows"]} == {(p, g) for p in ("phase1", "phase2") for g in (1, 8, 32)}
+        return data["details"]["loader_cores_per_gpu"]["raw_aug"]
+
+    slow, fast = cores(100.0), cores(400.0)
+    for phase in ("phase1", "phase2"):
+        assert fast[phase] < slow[phase] and fast[phase] >= slow[phase] / 4 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the memory measurement
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32():
+    return mem.paper_config("phase2", True)
+
+
+def test_fake_tensors_count_the_bytes_real_tensors_hold(tiny_fp32):
+    # selective checkpointing: autograd's saved tensors, checkpoint inputs and SAC's kept outputs all count
+    real = mem.measure_activations(tiny_fp32, precision="fp32", fake=False, modes=("selective",))
+    fake = mem.measure_activations(tiny_fp32, precision="fp32", fake=True, modes=("selective",))
+    for r, f in zip(real, fake):
+        assert (r.retained, r.backward_peak, r.saved_by_hooks) == (f.retained, f.backward_peak, f.saved_by_hooks)
+
+
+def test_activation_counts_grow_with_the_batch_and_shrink_with_checkpointing(tiny_fp32):
+    none, block = mem.measure_activations(tiny_fp32, precision="bf16", batches=(2, 4), modes=("none", "block"))
+    for a in (none, block):
+        assert a.retained[1] > a.retained[0] and a.per_image() > 0
+        assert a.backward_peak[0] >= a.retained[0]  # backward starts from what forward kept
+        assert a.at(16) > a.at(8)
+    assert block.per_image() < none.per_image() / 2
+    # Without checkpointing, the saved-tensor hooks see nearly all that is kept (the outputs aside);
+    # inside checkpointed segments torch's own hooks take over, and they see less than is kept.
+    assert none.saved_by_hooks[1] <= none.retained[1] and none.saved_by_hooks[1] > 0.95 * none.retained[1]
+    assert block.saved_by_hooks[1] <= block.retained[1]
+
+
+def test_projection_moves_with_gpus_batch_and_backend():
+    act = mem.ActivationBytes(phase="phase1", grad_checkpoint="none", precision="bf16", img_size=256,
+                              batches=(2, 4), retained=(300 * 2**20, 500 * 2**20),
+                              backward_peak=(320 * 2**20, 540 * 2**20), saved_by_hooks=(0, 0),
+                              attention_matrices=(0, 0), fake=True)
+    params, trainable = 44_000_000, 30_000_000
+    # sharded state shrinks with more GPUs; DDP's does not
+    for backend, shrinks in (("ddp", False), ("zero1", True), ("zero2", True), ("zero3", True)):
+        one, eight = (mem.state_bytes(backend, n, params, trainable)["total"] for n in (1, 8))
+        assert (eight < one) == shrinks, backend
+    assert mem.state_bytes("zero3", 8, params, trainable)["weights"] < mem.state_bytes("zero2", 8, params, trainable)["weights"]
+    assert mem.state_bytes("zero1", 8, params, trainable, bucket_elements=10**6)["total"] < \
+        mem.state_bytes("zero1", 8, params, trainable)["total"]
+    # activations grow linearly with the batch
+    p8, p16, p32 = (mem.project(act, b, "ddp", 8, params, trainable)["total"] for b in (8, 16, 32))
+    assert p16 - p8 == pytest.approx((p32 - p16) / 2)
+    # the largest batch that fits does fit, and one more does not
+    for cap in CARDS.values():
+        b = mem.max_batch(act, cap, "ddp", 8, params, trainable)
+        assert mem.project(act, b, "ddp", 8, params, trainable)["total"] <= cap
+        assert mem.project(act, b + 1, "ddp", 8, params, trainable)["total"] > cap
+    assert mem.max_batch(act, CARDS["141GB"], "ddp", 8, params, trainable) > mem.max_batch(act, CARDS["80GB"], "ddp", 8, params, trainable)
+
+
+def test_time_projection_moves_with_flops_gpus_and_loader_rate():
+    base = project_phase(80e9, 50, 21_715, 1)
+    assert project_phase(160e9, 50, 21_715, 1)["img/s/gpu"] == pytest.approx(base["img/s/gpu"] / 2)
+    assert project_phase(80e9, 50, 21_715, 8)["wall_h"] == pytest.approx(base["wall_h"] / 8)
+    assert project_phase(80e9, 50, 21_715, 1, mfu=0.2)["wall_h"] == pytest.approx(base["wall_h"] * 2)
+    cores = loader_cores({"phase1": 1000.0}, {"slow": 100.0, "fast": 1000.0, "none": 0.0})
+    assert cores == {"slow": {"phase1": 10}, "fast": {"phase1": 1}}
+
+
+def test_card_peaks_by_device_name():
+    assert bf16_dense_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bf16_dense_peak("NVIDIA H100 PCIe") < bf16_dense_peak("NVIDIA H100 80GB HBM3")
+    assert bf16_dense_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bf16_dense_peak("Tesla V100-SXM2-32GB") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# where results go
+
+
+def test_results_default_to_the_checkout_and_need_out_elsewhere(tmp_path):
+    assert find_checkout(REPO / "mtlxray" / "bench") == REPO
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO / "tests")
+        assert default_out() == REPO / "benchmarks" / "results"
+    finally:
+        os.chdir(cwd)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "mtlxray.cli", "bench", "projection", "--quick"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "not inside an mtlxray checkout" in res.stderr and "--out" in res.stderr
+    assert not any(tmp_path.iterdir())

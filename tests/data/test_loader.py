@@ -328,3 +328,15 @@ def test_data_config_rejects_an_unknown_label_scheme():
 
     with pytest.raises(ConfigError, match="data.classes"):
         load_config(None, ["data.classes=radiography5"])
+
+
+def test_loader_options_pin_and_prefetch_only_for_a_gpu(monkeypatch):
+    import torch
+
+    from mtlxray.data.loader import loader_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loader_options(2) == {"num_workers": 2, "persistent_workers": False, "pin_memory": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader_options(2)["pin_memory"] and loader_options(2)["prefetch_factor"] == 4
+    assert "prefetch_factor" not in loader_options(0)  # in-process loading takes no prefetch factor

@@ -92,11 +92,20 @@ def test_s3_shards_read_exactly_as_local_ones(s3_env, tiny_shards, local):
     assert _train_keys(cfg) == _train_keys(_cfg(tiny_shards, workers=1))
 
 
-def test_s3_credentials_come_from_the_environment_only(s3_env, monkeypatch):
-    # No endpoint variable: boto3 would go to the real AWS, which this machine cannot reach.
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
-    with pytest.raises(ShardError, match=r"^s3://xray/sets/tiny/manifest\.json: .*gave up after 1 attempt"):
-        read_manifest("s3://xray/sets/tiny", RetryPolicy(retries=0, timeout_s=2))
+def test_s3_credentials_come_from_the_environment_only(s3_env, monkeypatch, tmp_path):
+    from mtlxray.data import remote
+
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = FROM-A-FILE\naws_secret_access_key = file-secret\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    signer = remote._s3_client(5.0)._request_signer
+    assert signer._credentials.access_key == MotoS3.ACCESS  # the environment's keys sign
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert remote._s3_client(5.0)._request_signer._credentials is None  # unsigned; the file is never read
+    # The bucket is private: unsigned, the request is refused at once (moto accepts any signed one).
+    with pytest.raises(ShardError, match=r"^s3://xray/sets/tiny/manifest\.json: S3 403"):
+        read_manifest("s3://xray/sets/tiny", RetryPolicy(retries=5, backoff_s=10))
 
 
 def test_flaky_http_recovers_with_identical_samples(nginx, local, tmp_path):

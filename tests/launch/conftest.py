@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from _launch_support import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -146,17 +148,6 @@ def tiny_shards(tmp_path_factory) -> Path:
     from tiny_data import make_tiny_shards
 
     return make_tiny_shards(tmp_path_factory.mktemp("tiny"), format="raw", image_size=128)
-
-
-TINY_RUN = [
-    "model.embed_dim=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]", "model.ppm_bins=[1,2]",
-    "model.ppm_channels=16", "model.decoder_channels=[24,16,12,8]", "model.cross_attn_heads=[2,1,1,1]",
-    "model.head_channels=8", "model.cls_channels=8",
-    "data.batch_size=2", "data.eval_batch_size=4", "data.workers=0", "data.shuffle_buffer=8",
-    "schedule.warmup_steps=0", "run.log_every=1", "run.save_every=1000", "run.tensorboard=false",
-    "run.progress=false",
-]
-"""Overrides that shrink configs/demo*.yaml (model too) to a CPU job of a few seconds per step."""
 
 
 def _demo_overrides(shards: Path, out: Path, steps: int) -> list[str]:

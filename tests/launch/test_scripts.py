@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from _launch_support import train_records, train_steps, wait_for_steps
-from conftest import ROOT, TINY_RUN
+from _launch_support import ROOT, TINY_RUN
 
 from mtlxray.dist import master_port
 
@@ -64,11 +64,13 @@ def test_every_header_example_runs_as_written_in_a_fresh_clone(slurm_cluster, ti
                 refused.append(example)
                 continue
             job = re.search(r"Submitted batch job (\d+)", res.stdout).group(1)
+            log_path = clone / "runs" / f"slurm-{job}.out"
             try:
-                assert slurm_cluster.wait_done(job, timeout=420) == "COMPLETED", example
+                state = slurm_cluster.wait_done(job, timeout=420)
             finally:
                 slurm_cluster.run("scancel", job, check=False)
-            log = (clone / "runs" / f"slurm-{job}.out").read_text()
+            log = log_path.read_text()
+            assert state == "COMPLETED", f"{example}: {state}\n{log[-3000:]}"
             assert f"main 127.0.0.1:{master_port(job)} processes 2" in log  # the rendezvous of mtlxray.dist
             assert "world size 2" in log and "srun: error" not in log
             completed.append(example)
@@ -97,7 +99,10 @@ def test_pipeline_chains_three_phases_each_from_the_previous_best(slurm_cluster,
         assert len(ids) == 3, res.stdout
         for prev, job in zip(ids, ids[1:]):
             assert slurm_cluster.job_field(job, "Dependency") == f"afterok:{prev}(unfulfilled)"
-        assert slurm_cluster.wait_done(ids[2], timeout=600) == "COMPLETED"
+        for k, job in enumerate(ids, start=1):  # in order, so that a failed phase fails the test at once
+            log = runs / f"phase{k}" / f"slurm-{job}.out"
+            state = slurm_cluster.wait_done(job, timeout=300)
+            assert state == "COMPLETED", f"phase {k}: {state}\n{log.read_text()[-3000:] if log.exists() else ''}"
     finally:
         slurm_cluster.run("scancel", *ids, check=False)
     accts = [slurm_cluster.sacct(job) for job in ids]
@@ -105,7 +110,8 @@ def test_pipeline_chains_three_phases_each_from_the_previous_best(slurm_cluster,
     assert accts[1]["Start"] >= accts[0]["End"] and accts[2]["Start"] >= accts[1]["End"], accts
     for k in (2, 3):
         log = (runs / f"phase{k}" / f"slurm-{ids[k - 1]}.out").read_text()
-        assert f"initialised from {runs / f'phase{k - 1}' / 'checkpoints' / 'best'}" in log
+        best = runs / f"phase{k - 1}" / "checkpoints" / "best"
+        assert f"initialised from {best}" in log or f"initialised from {best.resolve()}" in log
     assert (runs / "phase3" / "checkpoints" / "best").exists()
 
 

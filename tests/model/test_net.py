@@ -92,7 +92,10 @@ def test_phase1_lung_output_depends_on_the_frozen_infection_branch():
         a = model(x)["lung"]
         model.inf_decoder.stages[-1].conv[1][0].weight.mul_(3.0)
         b = model(x)["lung"]
-    assert not torch.allclose(a, b)  # the cross-attention reads the infection features
+    # The cross-attention reads the infection features. Compared around the head's prior bias
+    # (logit(0.2) ≈ -1.39), where allclose's relative tolerance would hide the change.
+    bias = model.lung_head.out.bias
+    assert not torch.allclose(a - bias, b - bias, rtol=0, atol=1e-6)
 
 
 def _free_port() -> int:
@@ -127,3 +130,29 @@ def test_unknown_model_name_is_a_config_error():
 def test_invalid_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
         build_model(tiny_config()).set_mode("phase3")
+
+
+def test_the_class_head_and_softmaxes_run_in_fp32_under_bf16_autocast():
+    """Numerically sensitive parts stay fp32: the sigmoid masks averaged by the class head, and the
+    attention and gate softmaxes."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    model.set_attention("explicit")
+    model.set_mode("phase2")
+    seen = {}
+    model.cls_head.register_forward_pre_hook(lambda m, args: seen.update(cls_in=args[0].dtype))
+    model.cls_head.conv_phase2.register_forward_hook(lambda m, a, out: seen.update(cls_conv=out.dtype))
+    softmaxes = []
+
+    class Softmaxes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", "") == "softmax":
+                softmaxes.append(out.dtype)
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Softmaxes():
+        out = model(torch.rand(2, 1, cfg.img_size, cfg.img_size))
+    assert seen == {"cls_in": torch.float32, "cls_conv": torch.float32}
+    assert softmaxes and set(softmaxes) == {torch.float32}  # window attention and cross-attention gates
+    assert out["cls"].dtype == torch.float32 and out["lung"].dtype == torch.bfloat16

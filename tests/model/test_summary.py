@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +43,21 @@ def test_model_summary_cli_json(capsys):
 def test_model_summary_cli_bad_override_exits_with_config_error(capsys):
     assert main(["model-summary", "model.name=nope", *TINY]) == 2
     assert "model.name" in capsys.readouterr().err
+
+
+def test_model_summary_json_counts_each_mask_head_at_10441(capsys):
+    assert main(["model-summary", "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    assert params["lung_head"] == params["infection_head"] == 10_441
+
+
+def test_lr_groups_lists_each_optimizer_group_with_its_rate(capsys):
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "phase2.yaml")
+    assert main(["model-summary", "--config", config, "--lr-groups", "--json"]) == 0
+    groups = {g["name"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    assert groups["inf_decoder/decay"]["lr"] == pytest.approx(5e-4) and groups["inf_decoder/decay"]["modules"] == ["inf_decoder"]
+    assert groups["default/decay"]["lr"] == pytest.approx(1e-5)
+    assert groups["cls_head.conv_phase2/decay"]["params"] == 2 * 64 * 9
+    assert sum(g["params"] for g in groups.values()) == 44_178_015 - 640  # all but phase 1's class conv
+    assert main(["model-summary", "--config", config, "--lr-groups"]) == 0
+    assert "inf_decoder/decay" in capsys.readouterr().out

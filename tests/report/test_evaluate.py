@@ -116,3 +116,34 @@ def test_values_in_the_report_are_those_of_metrics_json(tiny_ckpt, shards64, tmp
     s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path, n_boot=5)
     report = (tmp_path / "report.md").read_text()
     assert f"{s['metrics']['lung_dice']:.4f}" in report and f"{s['metrics']['accuracy']:.4f}" in report
+
+
+def _checkpoint_trained_on(shards: Path, root: Path) -> Path:
+    """A phase-1 checkpoint whose config says it was trained on `shards`."""
+    from _report_support import write_checkpoint
+
+    return write_checkpoint(root / "run", "phase1", 0, f"data.shards={shards}")
+
+
+def test_a_split_sharing_images_with_the_training_data_is_refused_unless_allowed(tmp_path):
+    from mtlxray.data.shards import build_shards
+    from mtlxray.data.synth import synthesize
+    from mtlxray.errors import DataError
+
+    synthesize(tmp_path / "tree", "tiny", size=64, workers=1, progress=False, duplicates=6)
+    shards = tmp_path / "shards"
+    build_shards(tmp_path / "tree", shards, format="raw", shard_size=8, workers=1, image_size=64, progress=False)
+    ckpt = _checkpoint_trained_on(shards, tmp_path)
+    with pytest.raises(DataError, match="--allow-leakage"):
+        evaluate_checkpoint(ckpt, shards, split="test", subset="lung", out=tmp_path / "e", n_boot=5)
+    s = evaluate_checkpoint(ckpt, shards, split="test", subset="lung", out=tmp_path / "e", n_boot=5,
+                            allow_leakage=True)
+    assert s["leakage"]["overlapping_images"] > 0 and s["leakage"]["checked_against"]
+    assert "treat these figures as inflated" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_the_report_states_a_clean_audit(shards64, tmp_path):
+    s = evaluate_checkpoint(_checkpoint_trained_on(shards64, tmp_path), shards64, split="test", subset="lung",
+                            out=tmp_path / "e", n_boot=5)
+    assert s["leakage"]["overlapping_images"] == 0 and s["leakage"]["checked_against"]
+    assert "shares **0** image(s)" in (tmp_path / "e" / "report.md").read_text()

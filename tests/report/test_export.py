@@ -19,7 +19,7 @@ from mtlxray.errors import MtlxError
 from mtlxray.model import build_model
 from mtlxray.model.swin import WindowAttention
 from mtlxray.report import export as E
-from report.conftest import TINY_MODEL
+from _report_support import TINY_MODEL
 
 SUFFIX = {"safetensors": "safetensors", "torchscript": "pt", "onnx": "onnx"}
 # 96² gives maps 24/12/6/3 with window 4: stage 3 (6×6) is padded to 8×8 and shifted.

@@ -170,7 +170,8 @@ def test_predict_writes_csv_beside_jsonl_with_the_same_records(tiny_ckpt, tmp_pa
     assert [t["name"] for t in table] == [r["name"] for r in rows] == ["good1", "good2"]
     assert list(table[0]) == ["file", "name", "width", "height", "predicted_class",
                               *(f"p_{c}" for c in CLASS_NAMES), "infection_reported", "lung_area_px",
-                              "infection_area_px", "severity_percent"]
+                              "infection_area_px", "severity_percent", "gate_probability", "gate_passed",
+                              "boxes", "boxes_ungated"]
     for t, r in zip(table, rows):
         assert t["predicted_class"] == r["predicted_class"] and int(t["width"]) == r["width"]
         assert [float(t[f"p_{c}"]) for c in CLASS_NAMES] == [r["probs"][c] for c in CLASS_NAMES]
@@ -295,3 +296,26 @@ def test_predict_outputs_keep_the_umask_mode(tiny_ckpt, tmp_path):
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {"predictions.jsonl", "predictions.csv", "errors.jsonl", "good1_overlay.png"}
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+def test_predict_names_the_checkpoints_own_classes_and_uses_sigmoids_for_a_multilabel_head(tmp_path):
+    """A 2-class multi-label checkpoint: its class names in JSON and CSV, each probability a sigmoid."""
+    import torch
+
+    from mtlxray.checkpoint import load_model_from_checkpoint
+    from mtlxray.report.predict import predict_files, predictions_csv
+
+    from _report_support import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run", "phase2", 0, "model.num_classes=2", "model.cls_loss=bce_multilabel",
+                            "data.label_map={Normal: 0, Non-COVID: 0, COVID-19: 1}",
+                            "data.class_names=[other, COVID-19]", "phase.positive_classes=[1]")
+    model, cfg = load_model_from_checkpoint(ckpt)
+    image = _write_png(tmp_path / "a.png", size=(64, 64), mode="L")
+    recs, _ = predict_files(model, cfg.model.img_size, [image], tmp_path / "o")
+    assert list(recs[0]["probs"]) == ["other", "COVID-19"]
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(Image.open(image), dtype=np.float32))[None, None] / 255.0
+        expected = torch.sigmoid(model(x)["cls"].float())[0]
+    assert [recs[0]["probs"][c] for c in ("other", "COVID-19")] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert "p_other,p_COVID-19" in predictions_csv(recs).splitlines()[0]

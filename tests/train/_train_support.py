@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "demo.yaml"
 DEMO2 = REPO / "configs" / "demo_phase2.yaml"
@@ -51,3 +53,46 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300) -
     """`python -m mtlxray.cli ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "mtlxray.cli", *args], cwd=REPO, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the operations that make the host wait for a device tensor's value."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        bool_index = name in ("__getitem__", "__setitem__") and any(
+            torch.is_tensor(a) and a.dtype == torch.bool for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in self.READS or bool_index:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_per_step(cfg) -> dict[int, int]:
+    """Train one epoch of `cfg` (steps 1..max_steps) counting host reads; {step k: reads between
+    the bookkeeping of steps k-1 and k} for k = 2..max_steps-1: step k's forward, backward and
+    update plus step k-1's bookkeeping (its log line when it is a log step)."""
+    from mtlxray.train.trainer import Trainer
+
+    trainer = Trainer(cfg, "none")
+    counts: list[tuple[int, int]] = []
+    try:
+        after = trainer._after_step
+
+        def counted_after_step(epoch_end):
+            counts.append((trainer.state.step, mode.count))
+            return after(epoch_end)
+
+        trainer._after_step = counted_after_step
+        trainer.model.train()
+        with HostReads() as mode:
+            trainer._train_epoch()
+    finally:
+        trainer.close()
+    steps = dict(counts)
+    return {k: steps[k] - steps[k - 1] for k in range(2, cfg.schedule.max_steps)}

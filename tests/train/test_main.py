@@ -87,3 +87,29 @@ def test_image_size_not_matching_shards_is_a_config_error(tiny_shards, tmp_path)
     args = tiny_overrides(tiny_shards, tmp_path, "model.img_size=128")
     res = run_cli(["train", "--config", str(DEMO), *args])
     _one_line_failure(res, ConfigError.exit_code, "model.img_size=128")
+
+
+def test_without_a_terminal_progress_is_a_log_line_per_log_step_not_carriage_returns(tiny_shards, tmp_path):
+    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3", "run.progress=true")
+    res = run_cli(["train", "--config", str(DEMO), *args])  # stderr is a pipe, as in a Slurm log
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "\r" not in res.stderr
+    assert all(f"step {k}/3" in res.stderr for k in (1, 2, 3))
+
+
+def test_training_leaves_the_callers_config_as_it_was(tiny_cfg):
+    cfg = tiny_cfg("schedule.max_steps=1", "run.precision=auto", "data.global_batch_size=4", name="same")
+    before = repr(cfg)
+    assert run_training(cfg, resume="none") == 0
+    assert repr(cfg) == before
+
+
+def test_the_phase_log_line_says_what_trains_and_what_is_frozen(tiny_cfg, caplog):
+    from mtlxray.train.phases import prepare_phase
+
+    cfg = tiny_cfg(phase2=True)
+    with caplog.at_level("INFO", logger="mtlxray.train.phases"):
+        prepare_phase(build_model(cfg.model), cfg.phase)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("phase2: training ") and "frozen by the phase: 0 (no prefix)" in line
+    assert "unused in this mode: " in line  # phase 1's class input conv, not "frozen (none)"

@@ -5,6 +5,8 @@ from mtlxray.model import build_model
 from mtlxray.train.optim import build_optimizer, build_scheduler, cosine_factor, param_groups
 from mtlxray.train.phases import prepare_phase
 
+from _train_support import REPO
+
 
 def _phase2(tiny_cfg):
     cfg = tiny_cfg("phase.init_from=null", phase2=True)
@@ -83,3 +85,39 @@ def test_scheduler_reaches_min_lr_at_the_last_step(tiny_cfg):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.schedule.min_lr)
+
+
+def test_the_class_heads_phase2_conv_is_a_new_part_at_5x_in_the_paper_config():
+    from mtlxray.config import load_config
+    from mtlxray.train.phases import prepare_phase
+
+    cfg = load_config(REPO / "configs" / "phase2.yaml")
+    model = build_model(cfg.model, pretrained=False)
+    prepare_phase(model, cfg.phase)
+    groups = {n: g for g in param_groups(model, cfg) for n in _names(model, g)}
+    for name in ("cls_head.conv_phase2.weight", "cls_head.conv_phase2.bias", "inf_head.conv.weight"):
+        assert groups[name]["lr_mult"] == 5.0, name
+    assert groups["cls_head.fc.weight"]["lr_mult"] == 0.1 and groups["encoder.norm.weight"]["lr_mult"] == 0.1
+
+
+def _names(model, group) -> list[str]:
+    ids = {id(p) for p in group["params"]}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def test_every_parameter_decays_when_the_norm_and_bias_exemption_is_off(tiny_cfg):
+    model = build_model(tiny_cfg().model)
+    groups = param_groups(model, tiny_cfg("optim.no_decay_norm_bias=false"))
+    assert {g["weight_decay"] for g in groups} == {0.01}
+
+
+def test_absolute_floor_ends_every_group_at_min_lr(tiny_cfg):
+    cfg = tiny_cfg("schedule.min_lr_mode=absolute", "schedule.min_lr=1e-6", "schedule.warmup_steps=0", phase2=True)
+    model = build_model(cfg.model)
+    model.set_mode("phase2")
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert all(g["lr"] == pytest.approx(1e-6) for g in opt.param_groups)

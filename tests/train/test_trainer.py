@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError
 from mtlxray.checkpoint import TrainState, find_resume, load_model_from_checkpoint, read_state
 
-from _train_support import DEMO, REPO, cli_env, error_lines, tiny_overrides
+from _train_support import DEMO, REPO, cli_env, error_lines, host_reads_per_step, tiny_overrides
 
 WORKER = Path(__file__).with_name("_worker.py")
 TOTAL = 8  # crosses the epoch boundary after 5 steps (10 samples per epoch, batch size 2)
@@ -121,51 +121,14 @@ def test_a_corrupt_optimizer_state_fails_in_one_line(tiny_shards, tmp_path):
     assert len(lines) == 1 and "cannot load the training state" in lines[0], res.stderr
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the operations that make the host wait for a device tensor's value."""
-
-    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        bool_index = name in ("__getitem__", "__setitem__") and any(
-            torch.is_tensor(a) and a.dtype == torch.bool for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))
-        if name in self.READS or bool_index:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_training_step_reads_nothing_back_from_the_device_except_at_log_steps(tiny_shards, tmp_path):
     """Documented in mtlxray.train.trainer: 0 host reads per DDP step, 1 per log step."""
     from mtlxray.config import load_config
-    from mtlxray.train.trainer import Trainer
 
     cfg = load_config(DEMO, tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=7", "run.log_every=3",
                                            "run.eval_every=1000", "run.save_every=1000",
                                            "data.samples_per_epoch=100"))
-    trainer = Trainer(cfg, "none")
-    try:
-        counts = []
-        after = trainer._after_step
-
-        def counted_after_step(epoch_end):
-            counts.append((trainer.state.step, mode.count))
-            return after(epoch_end)
-
-        trainer._after_step = counted_after_step
-        trainer.model.train()
-        with _HostReads() as mode:
-            trainer._train_epoch()
-    finally:
-        trainer.close()
-    # mode.count before step k's bookkeeping, minus the count before step k-1's: reads of step k's
-    # forward/backward/update plus step k-1's bookkeeping (a log step at 3 and 6).
-    steps = {step: n for step, n in counts}
-    per_step = {k: steps[k] - steps[k - 1] for k in range(2, 7)}
+    per_step = host_reads_per_step(cfg)
     assert per_step == {2: 0, 3: 0, 4: 1, 5: 0, 6: 0}, per_step
 
 
@@ -181,3 +144,39 @@ def test_global_batch_size_derives_the_micro_batch_and_accumulation():
         assert cfg.data.batch_size * cfg.optim.grad_accum * world == 128
     with pytest.raises(ConfigError, match="3 processes"):
         resolve_global_batch(load_config(DEMO, ["data.global_batch_size=128"]), 3)
+
+
+def test_compiled_model_trains_to_the_same_losses_as_eager(tiny_shards, tmp_path):
+    """run.compile: torch.compile (inductor) through accelerate's dynamo plugin, same maths as eager."""
+    from mtlxray.config import load_config
+    from mtlxray.train.main import run_training
+
+    losses = {}
+    for compiled in ("false", "true"):
+        cfg = load_config(DEMO, tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3", "model.drop_path_rate=0",
+                                               f"run.compile={compiled}", name=f"compile-{compiled}"))
+        assert run_training(cfg, resume="none") == 0
+        losses[compiled] = [r["loss"] for r in _train_lines(tmp_path, f"compile-{compiled}")]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_accelerate_launch_precision_flag_is_honoured_or_refused_in_one_line(monkeypatch):
+    from mtlxray.config import load_config
+    from mtlxray.errors import ConfigError
+    from mtlxray.train.distributed import apply_launcher_flags
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    cfg = load_config(DEMO, ["run.precision=auto"])
+    apply_launcher_flags(cfg)
+    assert cfg.run.precision == "bf16"
+    with pytest.raises(ConfigError, match="disagrees with run.precision=fp32"):
+        apply_launcher_flags(load_config(DEMO, ["run.precision=fp32"]))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="fp16"):
+        apply_launcher_flags(load_config(DEMO))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    cfg = load_config(DEMO)
+    apply_launcher_flags(cfg)
+    assert cfg.run.compile and cfg.run.precision == "auto"

@@ -1,0 +1,131 @@
+"""Positive-case training and teacher forcing: p=1 is ground-truth gating, p=0 is the gate's, the coins are
+reproducible, a first-stage classifier gates as its own predictions say, and a step still reads nothing back."""
+
+import pytest
+import torch
+
+from mtlxray.config import load_config
+from mtlxray.errors import ConfigError
+from mtlxray.gate import FirstStage, Gate, positive_probability
+from mtlxray.train.gating import PositiveSelector, coin_flips
+from mtlxray.train.losses import phase_loss
+
+from _train_support import DEMO2, TINY_MODEL
+
+LABELS = torch.tensor([2, 0, 2, 1, 2, 0, 1, 2])
+
+
+def _cfg(*extra: str):
+    return load_config(DEMO2, [*TINY_MODEL, "phase.init_from=null", *extra])
+
+
+def _out(labels: torch.Tensor) -> dict:
+    """Class logits that call every sample the opposite of its truth (positive <-> negative)."""
+    logits = torch.zeros(len(labels), 3)
+    logits[torch.arange(len(labels)), torch.where(labels == 2, 0, 2)] = 5.0
+    return {"cls": logits}
+
+
+def _batch(labels: torch.Tensor = LABELS) -> dict:
+    return {"label": labels, "img": torch.rand(len(labels), 1, 64, 64)}
+
+
+@pytest.mark.parametrize("per", ["sample", "batch"])
+def test_p1_is_ground_truth_gating_and_p0_is_the_gate(per):
+    truth = LABELS == 2
+    for p, expected in ((1.0, truth), (0.0, ~truth)):
+        cfg = _cfg(f"phase.teacher_forcing={{gate: cls_head, p: {p}, per: {per}}}")
+        selector = PositiveSelector(cfg, Gate.from_config(cfg, "cpu"), rank=0)
+        for step in range(5):
+            got = selector.select(_out(LABELS), _batch(), step=step, batch_index=step)
+            assert torch.equal(got, expected), (p, step)
+    no_gate = PositiveSelector(_cfg(), None, rank=0)
+    assert torch.equal(no_gate.select(_out(LABELS), _batch(), step=0, batch_index=0), truth)
+
+
+def test_p_mixes_truth_and_gate_per_sample_or_per_batch_with_reproducible_coins():
+    kw = dict(seed=3, step=7, batch=2, rank=1, device="cpu")
+    before = torch.random.get_rng_state()
+    a = coin_flips(0.5, 64, "sample", **kw)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
+    assert torch.equal(a, coin_flips(0.5, 64, "sample", **kw))  # a resume flips the same coins
+    assert not torch.equal(a, coin_flips(0.5, 64, "sample", **{**kw, "rank": 0}))
+    assert not torch.equal(a, coin_flips(0.5, 64, "sample", **{**kw, "step": 8}))
+    assert 16 < int(a.sum()) < 48
+    flips = torch.stack([coin_flips(0.9, 8, "batch", **{**kw, "step": s}) for s in range(200)])
+    assert ((flips.all(1)) | (~flips.any(1))).all()  # one coin for the whole batch
+    assert 0.8 < flips[:, 0].float().mean() < 0.97
+
+
+def test_the_losses_see_exactly_the_selected_samples():
+    from mtlxray.config import ModelConfig
+    from mtlxray.model import build_model
+
+    cfg = _cfg("model.det_head=fcos", "phase.loss_weights.det=1.0",
+               "phase.teacher_forcing={gate: cls_head, p: 0.0}")
+    model = build_model(ModelConfig(**{**cfg.model.__dict__}), pretrained=False)
+    model.set_mode("phase2")
+    torch.manual_seed(0)
+    labels = torch.tensor([2, 0, 2, 1])
+    inf = (torch.rand(4, 1, 64, 64) > 0.9).float()
+    batch = {"img": torch.rand(4, 1, 64, 64), "label": labels, "has_inf": torch.ones(4, dtype=torch.bool),
+             "lung": (torch.rand(4, 1, 64, 64) > 0.5).float(), "inf": inf,
+             "boxes": [[[2, 2, 20, 20]], [], [[30, 30, 50, 60]], [[5, 40, 20, 60]]]}
+    out = model(batch["img"])
+    gate = Gate.from_config(cfg, "cpu")
+    include = PositiveSelector(cfg, gate, rank=0).select(out, batch, step=0, batch_index=0)
+    assert torch.equal(include, gate.passes(out, batch["img"]))
+    _, forced = phase_loss(out, batch, cfg.phase, include=include)
+    _, truth = phase_loss(out, batch, cfg.phase)
+    _, by_hand = phase_loss(out, batch, cfg.phase, include=gate.passes(out, batch["img"]))
+    assert forced["inf"].item() == by_hand["inf"].item() and forced["det"].item() == by_hand["det"].item()
+    if not torch.equal(include, labels == 2):
+        assert forced["det"].item() != truth["det"].item()
+
+
+def test_a_first_stage_checkpoint_gates_by_its_own_frozen_predictions(tmp_path):
+    from mtlxray.model import build_model
+
+    stage_cfg = _cfg("phase.name=phase1")
+    torch.manual_seed(1)
+    stage = build_model(stage_cfg.model, pretrained=False)
+    stage.set_mode("phase1")
+    folder = stage.save_pretrained(tmp_path / "classifier", stage_cfg)
+    cfg = _cfg(f"model.first_stage={folder}", "phase.teacher_forcing={gate: first_stage, p: 0.0, threshold: 0.4}")
+    gate = Gate.from_config(cfg, "cpu")
+    assert isinstance(gate.first_stage, FirstStage)
+    assert not any(p.requires_grad for p in gate.first_stage.model.parameters())
+    img = torch.rand(6, 1, 64, 64)
+    expected = positive_probability(stage.eval()(img)["cls"], [2])
+    assert torch.allclose(gate.probability({"cls": None}, img), expected, atol=1e-6)
+    selector = PositiveSelector(cfg, gate, rank=0)
+    got = selector.select({"cls": None}, {"label": LABELS[:6], "img": img}, step=0, batch_index=0)
+    assert torch.equal(got, expected >= 0.4)
+    with pytest.raises(ConfigError, match="has 3 classes, the model 2"):
+        Gate.from_config(_cfg(f"model.first_stage={folder}", "model.num_classes=2", "phase.positive_classes=[1]",
+                              "data.label_map={Normal: 0, Non-COVID: 0, COVID-19: 1}",
+                              "data.class_names=[other, COVID-19]", "phase.teacher_forcing={gate: first_stage}"),
+                         "cpu")
+
+
+def test_config_checks_of_positive_classes_and_the_gate():
+    cfg = load_config(None, ["phase.infection_classes=[1,2]"])  # an older config that says infection_classes
+    assert cfg.phase.positive_classes == [1, 2] == cfg.phase.infection_classes  # the former name still reads
+    with pytest.raises(ConfigError, match="disagree"):
+        _cfg("phase.infection_classes=[1]", "phase.positive_classes=[2]")
+    with pytest.raises(ConfigError, match="needs model.first_stage"):
+        _cfg("phase.teacher_forcing={gate: first_stage}")
+    with pytest.raises(ConfigError, match="teacher_forcing.p"):
+        _cfg("phase.teacher_forcing={gate: cls_head, p: 1.5}")
+
+
+def test_a_teacher_forced_step_with_a_detection_head_reads_nothing_back(tiny_shards, tmp_path):
+    """The trainer's promise (mtlxray.train.trainer) holds with the gate, the coins and the box loss."""
+    from _train_support import host_reads_per_step, tiny_overrides
+
+    cfg = load_config(DEMO2, tiny_overrides(
+        tiny_shards, tmp_path, "phase.init_from=null", "schedule.max_steps=7", "run.log_every=3",
+        "run.eval_every=1000", "run.save_every=1000", "data.samples_per_epoch=100", "model.det_head=fcos",
+        "phase.loss_weights.det=1.0", "phase.teacher_forcing={gate: cls_head, p: 0.5}",
+        "data.sources=[{name: a, subset: lung, tasks: [lung, cls]}, {name: b, subset: infection, tasks: [inf, det]}]"))
+    assert host_reads_per_step(cfg) == {2: 0, 3: 0, 4: 1, 5: 0, 6: 0}
