@@ -472,7 +472,9 @@ def render(diag: Diagnosis) -> str:
                      f"{r['grad_checkpoint']}")
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())
-        lines.append(f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}")
+        line = f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}"
+        if line not in lines:  # blocks of a stage share their shapes: one line each
+            lines.append(line)
     if s.get("sdpa"):
         reasons = {}
         for row in s["sdpa"]:
@@ -491,8 +493,8 @@ def render(diag: Diagnosis) -> str:
         sh = s["shards"]
         parts = [f"{k} {v.get('shards', '?')} shards / {v.get('samples', '?')} samples" + ("" if v.get("ok") else " (problem)")
                  for k, v in sh.get("splits", {}).items()]
-        lines.append(f"shards: {sh['root']} ({sh.get('format')}, {sh.get('image_size')}px): "
-                     + ("; ".join(parts) if parts else "unreadable"))
+        kind = f" ({sh['format']}, {sh['image_size']}px)" if sh.get("format") and sh.get("image_size") else ""
+        lines.append(f"shards: {sh['root']}{kind}: " + ("; ".join(parts) if parts else "unreadable (see the verdict)"))
     d = s["disk"]
     need = d.get("checkpoints_need_bytes")
     lines.append(f"disk: {_gib(d['free_bytes'])} free under {d['checked']}"
