@@ -405,6 +405,11 @@ class PhaseConfig:
     """How the class head's phase-2 input conv (lung + infection masks) starts: freshly initialised
     (a new part: give `cls_head.conv_phase2` the new parts' rate in phase.lr_mult), or as the
     phase-1 conv on the lung channel and zero on the infection channel."""
+    frozen_bn_stats: Literal["update", "keep"] = "update"
+    """Batch-norm running statistics under `frozen` prefixes: `update` goes on updating them in
+    training mode, as plain `requires_grad=False` freezing does (so a frozen head's evaluation
+    outputs still move); `keep` holds them exactly (momentum 0), so a frozen part predicts after
+    the phase exactly as before it."""
     freeze_encoder_blocks: int = 0
     """Also freeze the patch embedding and the first N encoder blocks (Swin/ViT/DINOv2/BEiTv2
     encoders), as in partial fine-tuning of a pretrained encoder."""

@@ -15,11 +15,13 @@ __all__ = ["apply_freezing", "frozen_prefixes", "prepare_phase"]
 logger = logging.getLogger(__name__)
 
 
-def apply_freezing(model: nn.Module, frozen: list[str]) -> int:
+def apply_freezing(model: nn.Module, frozen: list[str], bn_stats: str = "update") -> int:
     """Set requires_grad=False under each prefix; returns the number of parameters it froze.
 
     Must run before the model is wrapped, so that DDP/DeepSpeed never register frozen parameters.
     Other parameters keep their flag (the model's set_mode parks the other phase's class input).
+    `bn_stats="keep"` also holds the running statistics of the batch norms under those prefixes
+    (momentum 0: the running averages take nothing from a batch), which requires_grad alone does not.
     """
     names = [n for n, _ in model.named_parameters()]
     for prefix in frozen:
@@ -30,6 +32,10 @@ def apply_freezing(model: nn.Module, frozen: list[str]) -> int:
         if any(under_prefix(name, prefix) for prefix in frozen):
             p.requires_grad_(False)
             n_frozen += p.numel()
+    if bn_stats == "keep":
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(under_prefix(name, p) for p in frozen):
+                m.momentum = 0.0
     return n_frozen
 
 
@@ -47,7 +53,7 @@ def prepare_phase(model: nn.Module, phase: PhaseConfig) -> None:
     """Switch the model to the phase's mode (which parks the parts it never uses), then freeze."""
     model.set_mode(phase.name)
     parked = {n for n, p in model.named_parameters() if not p.requires_grad}
-    frozen = apply_freezing(model, frozen_prefixes(model, phase))
+    frozen = apply_freezing(model, frozen_prefixes(model, phase), phase.frozen_bn_stats)
     n_total = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_parked = sum(p.numel() for n, p in model.named_parameters() if n in parked)

@@ -37,3 +37,18 @@ def test_phase1_infection_params_bit_identical_after_training_steps(tiny_cfg):
         assert torch.equal(before[n], after[n]), n
     lung = [n for n in before if n.startswith(("lung_decoder.", "lung_head."))]
     assert all(not torch.equal(before[n], after[n]) for n in lung if after[n].ndim > 1)  # they did train
+
+
+@pytest.mark.parametrize("bn_stats", ["update", "keep"])
+def test_frozen_bn_stats_keep_holds_a_frozen_parts_running_statistics_exactly(tiny_cfg, bn_stats):
+    """`keep`: a training-mode forward leaves the frozen class head's batch-norm statistics as they
+    were while a trained part's move; `update` (plain requires_grad freezing) moves both."""
+    model = build_model(tiny_cfg().model)
+    model.set_mode("phase1")
+    apply_freezing(model, ["cls_head"], bn_stats)
+    frozen, trained = model.cls_head.bn, model.lung_head.bn
+    before = [m.running_mean.clone() for m in (frozen, trained)]
+    model.train()
+    model(torch.rand(2, 1, 32, 32))
+    assert not torch.equal(trained.running_mean, before[1])
+    assert torch.equal(frozen.running_mean, before[0]) == (bn_stats == "keep")
