@@ -182,6 +182,14 @@ def _sdpa_shape(module, shape: tuple, batch: int) -> str:
     return f"{batch}x{windows * module.num_heads}x{ws * ws}x{C // module.num_heads}"
 
 
+def _mask_kind(module, shape: tuple) -> str:
+    """What the attention call adds to its scores: the position bias, plus the shifted windows'
+    mask and/or the mask of the padding that rounds the map up to whole windows."""
+    masks = [m for m, on in (("shift", module.shift_size > 0), ("padding", shape[1] % module.window_size))
+             if on]
+    return "+".join(["bias", *masks]) + (" mask" if masks else "")
+
+
 def probe_sdpa(model: torch.nn.Module, img_size: int, batch: int, precision: str, device: torch.device) -> list[dict]:
     """For each window-attention shape of `model`: which SDPA kernels run its forward and backward
     on `device` in `precision` (bias + mask included), and why the others refuse."""
@@ -194,7 +202,7 @@ def probe_sdpa(model: torch.nn.Module, img_size: int, batch: int, precision: str
         attn.set_attention("sdpa")
         x = torch.randn(batch, *shape[1:], device=device, requires_grad=True)
         row = {"shape": _sdpa_shape(module, shape, batch), "shifted": module.shift_size > 0,
-               "mask": "bias+shift/padding mask" if module.shift_size > 0 or shape[1] % module.window_size else "bias",
+               "mask": _mask_kind(module, shape),
                "dtype": precision, "accepts": {}, "why_not": {}}
         for name in SDPA_KERNELS:
             if name not in backends or (device.type != "cuda" and name in ("efficient", "cudnn")):
@@ -472,9 +480,7 @@ def render(diag: Diagnosis) -> str:
                      f"{r['grad_checkpoint']}")
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())
-        line = f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}"
-        if line not in lines:  # blocks of a stage share their shapes: one line each
-            lines.append(line)
+        lines.append(f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}")
     if s.get("sdpa"):
         reasons = {}
         for row in s["sdpa"]:

@@ -215,10 +215,9 @@ def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p:
     """Write one image's masks and overlay; return its predictions.jsonl record.
 
     gate: the threshold on `gate_p` (P(positive class)) below which no infection and no box is
-    reported; `boxes`: the box head's reported boxes at the original size (None: no box head)."""
+    reported (`predict_files` builds the gate that gives `gate_p` whenever there is one); `boxes`:
+    the box head's reported boxes at the original size (None: no box head)."""
     lung = lung_p > 0.5
-    if gate_p is None:
-        gate_p = float(probs[classes.names.index("COVID-19")]) if gate is not None else None
     passed = gate is None or gate_p >= gate
     reported = has_inf and passed
     inf = (inf_p > 0.5) if reported else np.zeros_like(lung)
