@@ -37,7 +37,8 @@ def train_overrides(shards: Path, out: Path, name: str, *extra: str) -> list[str
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "MTLXRAY_PG_TIMEOUT_S": "300", **extra}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    e = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "MTLXRAY_PG_TIMEOUT_S": "300", **extra}
     e.pop("ACCELERATE_USE_CPU", None)
     return e
 

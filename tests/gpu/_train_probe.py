@@ -30,6 +30,7 @@ def main() -> int:
     atexit.register(write)
     import torch
     import torch.distributed as dist
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     if os.environ.get("MTLXRAY_TEST_DETERMINISTIC") == "1":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -64,7 +65,7 @@ def main() -> int:
         if term_after and steps["n"] == term_after:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    torch.optim.optimizer.register_optimizer_step_post_hook(after_step)
+    register_optimizer_step_post_hook(after_step)
     try:
         import deepspeed
 

@@ -45,6 +45,12 @@ def _step(phase: str, mode: str) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
+def _relative_errors(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor: |g - ref| / |ref|."""
+    assert grads.keys() == ref.keys()
+    return {n: ((grads[n] - g0).norm() / g0.norm().clamp_min(1e-12)).item() for n, g0 in ref.items()}
+
+
 @pytest.mark.parametrize("phase", ["phase1", "phase2"])
 def test_bf16_step_in_every_checkpointing_mode_matches_no_checkpointing(phase):
     loss0, grads0 = _step(phase, "none")
@@ -52,12 +58,16 @@ def test_bf16_step_in_every_checkpointing_mode_matches_no_checkpointing(phase):
     assert grads0 and all(torch.isfinite(g).all() for g in grads0.values())
     if phase == "phase1":
         assert not any(n.startswith(("inf_decoder", "inf_head")) for n in grads0)  # frozen
+    # The same step again without checkpointing: a few backward kernels (the fused attention's, bias
+    # gradients summed over every token) add atomically in no fixed order, so a bf16 gradient moves
+    # between two identical runs too. A fixed 2% bound failed on an H200 (an MLP bias, 2.1%), so each
+    # tensor may differ from no checkpointing by 2% or by 4x its own run-to-run difference.
+    _, again = _step(phase, "none")
+    noise = _relative_errors(again, grads0)
     for mode in ("attention", "block", "selective"):
         loss, grads = _step(phase, mode)
         assert loss == pytest.approx(loss0, rel=1e-3), mode
         assert grads.keys() == grads0.keys(), mode
-        for name, g0 in grads0.items():
-            # bf16 rounding is the same when the recompute runs the same kernels; what differs is the
-            # order of atomic adds in a few backward kernels. Compare per tensor, relative to its norm.
-            err = (grads[name] - g0).norm() / g0.norm().clamp_min(1e-12)
-            assert err <= 2e-2 or g0.norm() < 1e-8, (mode, name, err.item())
+        for name, err in _relative_errors(grads, grads0).items():
+            bound = max(2e-2, 4 * noise[name])
+            assert err <= bound or grads0[name].norm() < 1e-8, (mode, name, err, noise[name])
