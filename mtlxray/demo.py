@@ -147,6 +147,19 @@ def _phase_rows(reports: list) -> list[list[object]]:
     return rows
 
 
+def training_platform(cfg: Config) -> str:
+    """Where the demo's training ran: the GPU when torch sees one (the trainer takes it), else the CPU."""
+    if torch.cuda.is_available():
+        where = f"on {torch.cuda.get_device_name()}"
+        device_type = "cuda"
+    else:
+        where = f"on CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+        device_type = "cpu"
+    where += ", " if device_type == "cpu" else " ("
+    return (f"{where}training in {resolve_precision(cfg.run.precision, device_type)}, torch {torch.__version__}, "
+            f"Python {platform.python_version()})")
+
+
 def write_demo_report(out: Path, *, demo_cfg: Config, paper_cfg: Config, manifest: dict, reports: list,
                       evals: dict[str, dict], predictions: list[dict],
                       timings: list[tuple[str, float]]) -> Path:
@@ -167,11 +180,8 @@ def write_demo_report(out: Path, *, demo_cfg: Config, paper_cfg: Config, manifes
     total = sum(t for _, t in timings)
     parts = [
         "# mtlxray demo report\n",
-        f"The whole pipeline on synthetic phantom chest X-rays, on CPU ({os.cpu_count()} cores, "
-        f"{torch.backends.cpu.get_cpu_capability()}, training in "
-        f"{resolve_precision(demo_cfg.run.precision, 'cpu')}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}), in {total / 60:.1f} minutes. "
-        f"Phase 2's best checkpoint scores {headline}\n",
+        f"The whole pipeline on synthetic phantom chest X-rays, {training_platform(demo_cfg)}, in "
+        f"{total / 60:.1f} minutes. Phase 2's best checkpoint scores {headline}\n",
         "## Steps\n",
         table(["Step", "Seconds"], [[t, f"{s:.1f}"] for t, s in timings]),
         "## What the demo scales down\n",

@@ -40,3 +40,19 @@ def test_demo_tiny_writes_report_with_every_figure_and_table(tmp_path, capsys):
     metrics = json.loads((report.parent / "eval-lung" / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["metrics"]["n_images"] > 0
     assert (report.parent / "predict" / "predictions.csv").is_file()
+
+
+def test_the_report_names_the_gpu_and_its_precision_when_training_ran_there(monkeypatch):
+    import torch
+
+    from mtlxray.config import load_config
+    from mtlxray.demo import _configs_dir, training_platform
+
+    cfg = load_config(_configs_dir() / "demo.yaml")
+    cpu = training_platform(cfg)
+    assert cpu.startswith("on CPU (") and ("training in fp32" in cpu or "training in bf16" in cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = training_platform(cfg)
+    assert gpu.startswith("on NVIDIA H200 (training in bf16, torch ") and "CPU" not in gpu
