@@ -150,12 +150,9 @@ def _phase_rows(reports: list) -> list[list[object]]:
 def training_platform(cfg: Config) -> str:
     """Where the demo's training ran: the GPU when torch sees one (the trainer takes it), else the CPU."""
     if torch.cuda.is_available():
-        where = f"on {torch.cuda.get_device_name()}"
-        device_type = "cuda"
+        device_type, where = "cuda", f"on {torch.cuda.get_device_name()} ("
     else:
-        where = f"on CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
-        device_type = "cpu"
-    where += ", " if device_type == "cpu" else " ("
+        device_type, where = "cpu", f"on CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, "
     return (f"{where}training in {resolve_precision(cfg.run.precision, device_type)}, torch {torch.__version__}, "
             f"Python {platform.python_version()})")
 
