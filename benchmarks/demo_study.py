@@ -24,7 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = {"lung": ("lung_dice", "accuracy"), "infection": ("inf_dice", "accuracy", "inf_fp_share")}
+COLUMNS = [("lung/lung_dice", "lung Dice"), ("infection/inf_dice", "infection Dice"),
+           ("lung/accuracy", "accuracy (lung split)"), ("infection/accuracy", "accuracy (infection split)"),
+           ("infection/inf_fp_share", "negatives with infection"), ("train_s", "training s")]
+"""Table columns: `<subset>/<metric>` is read from eval-<subset>/metrics.json, `train_s` from the log."""
 
 
 def run_one(out: Path, config: Path, precision: str, seed: int, threads: int) -> dict:
@@ -36,9 +39,10 @@ def run_one(out: Path, config: Path, precision: str, seed: int, threads: int) ->
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     with open(folder / "demo.log", "w") as log:
-        rc = subprocess.run([sys.executable, "-c", code, str(folder), str(seed), precision, str(config.resolve())], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT).returncode
-    row: dict = {"config": config.stem, "precision": precision, "seed": seed, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+        rc = subprocess.run([sys.executable, "-c", code, str(folder), str(seed), precision, str(config.resolve())],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    row: dict = {"config": config.stem, "precision": precision, "seed": seed, "rc": rc,
+                 "wall_s": round(time.perf_counter() - t0, 1)}
     text = (folder / "demo.log").read_text()
     # The step timings the demo prints: "[3/6] train ... \n      done in 151.2 s"
     train = re.search(r"\] train .*\n(?:.*\n)*?\s+done in ([\d.]+) s", text)
@@ -46,17 +50,13 @@ def run_one(out: Path, config: Path, precision: str, seed: int, threads: int) ->
     if rc != 0:
         row["error"] = text.strip().splitlines()[-1] if text.strip() else f"exit {rc}"
         return row
-    for subset, keys in METRICS.items():
-        summary = json.loads((folder / f"eval-{subset}" / "metrics.json").read_text())
-        metrics = summary.get("metrics", summary)
-        for k in keys:
-            row[f"{subset}/{k}"] = metrics.get(k)
+    evals = {subset: json.loads((folder / f"eval-{subset}" / "metrics.json").read_text())["metrics"]
+             for subset in ("lung", "infection")}
+    for key, _ in COLUMNS:
+        if "/" in key:
+            subset, metric = key.split("/")
+            row[key] = evals[subset].get(metric)
     return row
-
-
-COLUMNS = [("lung/lung_dice", "lung Dice"), ("infection/inf_dice", "infection Dice"),
-           ("lung/accuracy", "accuracy (lung split)"), ("infection/accuracy", "accuracy (infection split)"),
-           ("infection/inf_fp_share", "negatives with infection"), ("train_s", "training s")]
 
 
 def _fmt(v) -> str:

@@ -34,7 +34,7 @@ def apply_freezing(model: nn.Module, frozen: list[str], bn_stats: str = "update"
             n_frozen += p.numel()
     if bn_stats == "keep":
         for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(under_prefix(name, p) for p in frozen):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(under_prefix(name, prefix) for prefix in frozen):
                 m.momentum = 0.0
     return n_frozen
 
