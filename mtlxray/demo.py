@@ -120,14 +120,19 @@ def _setting(value: object) -> str:
 def _scaled_down_rows(demo: Config, paper: Config, manifest: dict) -> list[list[object]]:
     """Settings where the demo differs from the paper's phase-1 config, plus dataset sizes."""
     rows: list[list[object]] = []
-    for section in ("model", "data", "optim", "schedule", "run"):
-        a, b = getattr(paper, section), getattr(demo, section)
+
+    def compare(name: str, a: object, b: object) -> None:
         for f in dataclasses.fields(a):
-            if f.name in ("shards", "output_dir", "name", "workers", "augment"):
+            if f.name in ("shards", "output_dir", "name", "workers"):
                 continue
             pa, de = getattr(a, f.name), getattr(b, f.name)
-            if pa != de:
-                rows.append([f"{section}.{f.name}", _setting(pa), _setting(de)])
+            if dataclasses.is_dataclass(pa):  # data.augment: one row per setting that differs
+                compare(f"{name}.{f.name}", pa, de)
+            elif pa != de:
+                rows.append([f"{name}.{f.name}", _setting(pa), _setting(de)])
+
+    for section in ("model", "data", "optim", "schedule", "run"):
+        compare(section, getattr(paper, section), getattr(demo, section))
     for subset in ("lung", "infection"):
         paper_n = subset_total(subset)
         n = sum(sum(split.values()) for split in manifest["counts"].get(subset, {}).values())

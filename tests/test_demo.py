@@ -56,3 +56,16 @@ def test_the_report_names_the_gpu_and_its_precision_when_training_ran_there(monk
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     gpu = training_platform(cfg)
     assert gpu.startswith("on NVIDIA H200 (training in bf16, torch ") and "CPU" not in gpu
+
+
+def test_the_report_lists_each_augmentation_setting_the_demo_changes():
+    from mtlxray.config import load_config
+    from mtlxray.demo import _configs_dir, _scaled_down_rows
+
+    demo = load_config(_configs_dir() / "demo.yaml")
+    paper = load_config(_configs_dir() / "phase1.yaml")
+    assert not demo.data.augment.enabled and paper.data.augment.enabled
+    rows = _scaled_down_rows(demo, paper, {"counts": {}})
+    assert ["data.augment.enabled", "True", "False"] in rows
+    assert not any(row[0] == "data.augment" for row in rows)  # one row per setting, not the whole block
+    assert ["model.img_size", "256", "128"] in rows
