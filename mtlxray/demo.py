@@ -117,22 +117,40 @@ def _setting(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _scaled_down_rows(demo: Config, paper: Config, manifest: dict) -> list[list[object]]:
-    """Settings where the demo differs from the paper's phase-1 config, plus dataset sizes."""
-    rows: list[list[object]] = []
+def _departures(paper: Config, demo: Config) -> dict[str, tuple[object, object]]:
+    """Each setting where `demo` differs from `paper`, dotted name -> (paper value, demo value)."""
+    found: dict[str, tuple[object, object]] = {}
 
     def compare(name: str, a: object, b: object) -> None:
         for f in dataclasses.fields(a):
-            if f.name in ("shards", "output_dir", "name", "workers"):
+            if f.name in ("shards", "output_dir", "name", "workers", "init_from"):
                 continue
             pa, de = getattr(a, f.name), getattr(b, f.name)
             if dataclasses.is_dataclass(pa):  # data.augment: one row per setting that differs
                 compare(f"{name}.{f.name}", pa, de)
             elif pa != de:
-                rows.append([f"{name}.{f.name}", _setting(pa), _setting(de)])
+                found[f"{name}.{f.name}"] = (pa, de)
 
-    for section in ("model", "data", "optim", "schedule", "run"):
+    for section in ("model", "data", "optim", "schedule", "phase", "run"):
         compare(section, getattr(paper, section), getattr(demo, section))
+    return found
+
+
+def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: dict) -> list[list[object]]:
+    """Settings where the demo's phases differ from the paper's, plus dataset sizes.
+
+    `phases`: (paper config, demo config) per phase. A later phase's row appears only where its
+    departure is not the same as phase 1's (the model's size is scaled down once, not twice).
+    """
+    rows: list[list[object]] = []
+    first: dict[str, tuple[object, object]] = {}
+    for i, (paper, demo) in enumerate(phases):
+        for key, (pa, de) in _departures(paper, demo).items():
+            if i == 0:
+                first[key] = (pa, de)
+            elif first.get(key) == (pa, de):
+                continue
+            rows.append([key if i == 0 else f"{key} (phase {i + 1})", _setting(pa), _setting(de)])
     for subset in ("lung", "infection"):
         paper_n = subset_total(subset)
         n = sum(sum(split.values()) for split in manifest["counts"].get(subset, {}).values())
@@ -162,7 +180,7 @@ def training_platform(cfg: Config) -> str:
             f"Python {platform.python_version()})")
 
 
-def write_demo_report(out: Path, *, demo_cfg: Config, paper_cfg: Config, manifest: dict, reports: list,
+def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], manifest: dict, reports: list,
                       evals: dict[str, dict], predictions: list[dict],
                       timings: list[tuple[str, float]]) -> Path:
     """<out>/report.md: data tables, what was scaled down, training curves, evaluations, predictions."""
@@ -182,15 +200,15 @@ def write_demo_report(out: Path, *, demo_cfg: Config, paper_cfg: Config, manifes
     total = sum(t for _, t in timings)
     parts = [
         "# mtlxray demo report\n",
-        f"The whole pipeline on synthetic phantom chest X-rays, {training_platform(demo_cfg)}, in "
+        f"The whole pipeline on synthetic phantom chest X-rays, {training_platform(phases[0][1])}, in "
         f"{total / 60:.1f} minutes. Phase 2's best checkpoint scores {headline}\n",
         "## Steps\n",
         table(["Step", "Seconds"], [[t, f"{s:.1f}"] for t, s in timings]),
         "## What the demo scales down\n",
         "The demo trains a much smaller model on far fewer, simpler images than the paper, so that it "
         "runs in minutes on a laptop CPU; its figures show that the system works, not the paper's "
-        "accuracy. Settings that differ from `configs/phase1.yaml`:\n",
-        table(["Setting", "Paper", "Demo"], _scaled_down_rows(demo_cfg, paper_cfg, manifest)),
+        "accuracy. Settings that differ from `configs/phase1.yaml`, and in phase 2 from `configs/phase2.yaml`:\n",
+        table(["Setting", "Paper", "Demo"], _scaled_down_rows(phases, manifest)),
         "## Data (Table I / II layout)\n",
         manifest_tables(manifest),
         "## Training\n",
@@ -225,7 +243,8 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     phase2 = phase2_config_of(phase1)
     run_over = [f"data.shards={out / 'shards'}", f"run.output_dir={out}", *overrides]
     demo_cfg = load_config(phase1, run_over)
-    paper_cfg = load_config(_configs_dir() / "phase1.yaml")
+    phases = [(load_config(_configs_dir() / "phase1.yaml"), demo_cfg),
+              (load_config(_configs_dir() / "phase2.yaml"), load_config(phase2, run_over))]
     tree, shards = out / "data", out / "shards"
     steps = _Steps()
 
@@ -248,7 +267,7 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     def report() -> Path:
         plot_loss_curves({f"Phase {i + 1}: {load_config(Path(r.run_dir) / 'config.yaml').data.subset} subset":
                           Path(r.run_dir) / "metrics.jsonl" for i, r in enumerate(reports)}, out / "loss_curves.png")
-        return write_demo_report(out, demo_cfg=demo_cfg, paper_cfg=paper_cfg, manifest=manifest, reports=reports,
+        return write_demo_report(out, phases=phases, manifest=manifest, reports=reports,
                                  evals=evals, predictions=predictions, timings=steps.timings)
 
     path = steps.run("write the report", report)

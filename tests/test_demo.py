@@ -58,14 +58,37 @@ def test_the_report_names_the_gpu_and_its_precision_when_training_ran_there(monk
     assert gpu.startswith("on NVIDIA H200 (training in bf16, torch ") and "CPU" not in gpu
 
 
-def test_the_report_lists_each_augmentation_setting_the_demo_changes():
+def _demo_and_paper_phases():
     from mtlxray.config import load_config
-    from mtlxray.demo import _configs_dir, _scaled_down_rows
+    from mtlxray.demo import _configs_dir
 
-    demo = load_config(_configs_dir() / "demo.yaml")
-    paper = load_config(_configs_dir() / "phase1.yaml")
+    configs = _configs_dir()
+    return [(load_config(configs / "phase1.yaml"), load_config(configs / "demo.yaml")),
+            (load_config(configs / "phase2.yaml"), load_config(configs / "demo_phase2.yaml"))]
+
+
+def test_the_report_lists_each_augmentation_setting_the_demo_changes():
+    from mtlxray.demo import _scaled_down_rows
+
+    phases = _demo_and_paper_phases()
+    (paper, demo), _ = phases
     assert not demo.data.augment.enabled and paper.data.augment.enabled
-    rows = _scaled_down_rows(demo, paper, {"counts": {}})
+    rows = _scaled_down_rows(phases, {"counts": {}})
     assert ["data.augment.enabled", "True", "False"] in rows
     assert not any(row[0] == "data.augment" for row in rows)  # one row per setting, not the whole block
     assert ["model.img_size", "256", "128"] in rows
+
+
+def test_the_report_lists_the_phase2_settings_the_demo_changes_once():
+    from mtlxray.demo import _scaled_down_rows
+
+    rows = _scaled_down_rows(_demo_and_paper_phases(), {"counts": {}})
+    names = [row[0] for row in rows]
+    assert ["schedule.epochs (phase 2)", "30", "16"] in rows
+    assert ["data.batch_size (phase 2)", "16", "8"] in rows
+    assert "phase.loss_weights (phase 2)" in names and "phase.loss_weights" in names
+    # Phase 2 repeats phase 1's departures from the paper for the model and the warmup (0 -> 10):
+    # one row each, not two.
+    assert "model.img_size (phase 2)" not in names and names.count("model.img_size") == 1
+    assert ["schedule.warmup_steps", "0", "10"] in rows and "schedule.warmup_steps (phase 2)" not in names
+    assert not any(name.startswith("phase.init_from") for name in names)
