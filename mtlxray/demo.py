@@ -142,15 +142,11 @@ def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: dict) -
     `phases`: (paper config, demo config) per phase. A later phase's row appears only where its
     departure is not the same as phase 1's (the model's size is scaled down once, not twice).
     """
-    rows: list[list[object]] = []
-    first: dict[str, tuple[object, object]] = {}
-    for i, (paper, demo) in enumerate(phases):
-        for key, (pa, de) in _departures(paper, demo).items():
-            if i == 0:
-                first[key] = (pa, de)
-            elif first.get(key) == (pa, de):
-                continue
-            rows.append([key if i == 0 else f"{key} (phase {i + 1})", _setting(pa), _setting(de)])
+    first = _departures(*phases[0])
+    rows: list[list[object]] = [[key, _setting(pa), _setting(de)] for key, (pa, de) in first.items()]
+    for number, (paper, demo) in enumerate(phases[1:], start=2):
+        rows += [[f"{key} (phase {number})", _setting(pa), _setting(de)]
+                 for key, (pa, de) in _departures(paper, demo).items() if first.get(key) != (pa, de)]
     for subset in ("lung", "infection"):
         paper_n = subset_total(subset)
         n = sum(sum(split.values()) for split in manifest["counts"].get(subset, {}).values())
