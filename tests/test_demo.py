@@ -92,3 +92,13 @@ def test_the_report_lists_the_phase2_settings_the_demo_changes_once():
     assert "model.img_size (phase 2)" not in names and names.count("model.img_size") == 1
     assert ["schedule.warmup_steps", "0", "10"] in rows and "schedule.warmup_steps (phase 2)" not in names
     assert not any(name.startswith("phase.init_from") for name in names)
+
+
+def test_the_demo_decodes_its_batches_in_the_training_process():
+    # On the demo's 2 cores a loader process competes with the compute threads (README "make demo").
+    from mtlxray.config import load_config
+    from mtlxray.demo import _configs_dir, phase2_config_of
+
+    phase1 = _configs_dir() / "demo.yaml"
+    for path in (phase1, phase2_config_of(phase1)):
+        assert load_config(path).data.workers == 0, path

@@ -116,6 +116,16 @@ def test_same_seed_same_batches_and_another_epoch_reorders(tiny_shards):
     assert [x["key"] for x in a] != [x["key"] for x in c]
 
 
+@pytest.mark.parametrize("subset", ["lung", "alternate"])
+def test_one_loader_process_yields_the_batches_of_loading_in_the_training_process(tiny_shards, subset):
+    # what lets a config pick `workers: 0` or `1` for speed alone (the demo on 2 cores loads in process)
+    batches = {w: list(build_train_loader(_cfg(tiny_shards, subset=subset, workers=w, batch_size=3),
+                                          seed=2, epoch=1, rank=0, world_size=1)) for w in (0, 1)}
+    assert [b["key"] for b in batches[0]] == [b["key"] for b in batches[1]]
+    for x, y in zip(batches[0], batches[1]):
+        assert all(torch.equal(x[k], y[k]) for k in ("img", "lung", "inf", "label"))
+
+
 @pytest.mark.parametrize("subset, workers", [("lung", 0), ("lung", 2), ("alternate", 2), ("mixed", 1)])
 def test_start_batch_resumes_exactly_where_an_uninterrupted_epoch_was(tiny_shards, subset, workers):
     cfg = _cfg(tiny_shards, subset=subset, workers=workers, batch_size=2)
