@@ -107,13 +107,24 @@ def _collect_garbage(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _zero3_shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of a ZeRO-3 parameter, without the partition's padding.
+
+    DeepSpeed cuts a parameter into equal partitions of ceil(numel / ranks) elements; where the
+    last rank's partition runs past the end, the tail is allocated with `torch.empty` and never
+    written, so it holds whatever the memory held (a NaN or inf now and then), and is no weight."""
+    shard = param.ds_tensor
+    start = shard.numel() * torch.distributed.get_rank(param.ds_process_group)
+    return shard.narrow(0, 0, max(0, min(shard.numel(), param.ds_numel - start)))
+
+
 def _finite_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    # Under ZeRO-3 a parameter's data is empty and this rank's shard is its `ds_tensor`. Only the
+    # Under ZeRO-3 a parameter's data is empty and this rank's shard is in its `ds_tensor`. Only the
     # buffers a checkpoint holds: a non-persistent one is derived, and may hold -inf by design
     # (open_clip's causal attention mask).
     buffers = [b for m in model.modules() for name, b in m.named_buffers(recurse=False)
                if name not in m._non_persistent_buffers_set]
-    tensors = [getattr(p, "ds_tensor", p) for p in model.parameters()] + buffers
+    tensors = [_zero3_shard(p) if hasattr(p, "ds_tensor") else p for p in model.parameters()] + buffers
     return [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
 
 

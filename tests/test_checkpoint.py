@@ -112,6 +112,23 @@ def test_all_finite_sees_a_single_inf_in_a_buffer():
     assert not bool(all_finite(model))
 
 
+@pytest.mark.distributed
+def test_all_finite_reads_only_the_zero3_shard_and_not_its_uninitialised_padding(tmp_path):
+    import json
+    import sys
+
+    import killable
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    res = killable.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(Path(__file__).with_name("_zero3_padding.py")), str(tmp_path)], env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world_size"], r["ds_numel"], r["shard"]) for r in ranks] == [(2, 3, 2), (2, 3, 2)]
+    assert [r["finite_with_nan_padding"] for r in ranks] == [True, True]
+    assert [r["finite_with_nan_weight"] for r in ranks] == [False, False]
+
+
 class _Payload:
     """Unpickling this runs `touch <marker>`, as a tampered checkpoint file could."""
 
