@@ -1,9 +1,12 @@
 """mtlxray.checkpoint: complete, verified, finite checkpoints, and no pickle from an unknown source."""
 
+import json
 import os
 import pickle
+import sys
 from pathlib import Path
 
+import killable
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -114,11 +117,6 @@ def test_all_finite_sees_a_single_inf_in_a_buffer():
 
 @pytest.mark.distributed
 def test_all_finite_reads_only_the_zero3_shard_and_not_its_uninitialised_padding(tmp_path):
-    import json
-    import sys
-
-    import killable
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     res = killable.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(Path(__file__).with_name("_zero3_padding.py")), str(tmp_path)], env=env, timeout=300)
