@@ -12,7 +12,6 @@ import importlib
 import logging
 import sys
 
-from mtlxray import __version__
 from mtlxray.errors import MtlxError
 
 EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error, 75 saved and wants requeue."
@@ -20,7 +19,8 @@ EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error, 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", "-c", required=required, metavar="YAML",
-                   help="config file (configs/phase1.yaml, configs/demo.yaml, ...); `extends:` is followed")
+                   help="config file, or the name of a shipped config (phase1, baselines/unet, ...: `mtlxray config "
+                        "list`); an existing file wins over a name; `extends:` is followed")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides applied after the file, e.g. optim.lr=3e-4 data.batch_size=8")
 
@@ -58,6 +58,19 @@ def _gate_args(p: argparse.ArgumentParser, gate_help: str) -> None:
                    help="classification checkpoint for --gate-source first_stage (default: model.first_stage)")
 
 
+class _VersionAction(argparse.Action):
+    """--version: the package's version, with the git commit when run from a checkout (asked only when used)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from mtlxray.resources import version_string
+
+        print(f"mtlxray {version_string()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtlxray",
@@ -67,12 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"mtlxray {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="show the version (and the git commit when run from a checkout) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # config ------------------------------------------------------------------------------
-    p = sub.add_parser("config", help="inspect configs", description="Inspect configuration files.")
+    p = sub.add_parser("config", help="list and inspect configs",
+                       description="List the shipped configs, or inspect a configuration file.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    q = csub.add_parser("list", help="list the configs that ship with mtlxray, by name",
+                        description="List the shipped configs (the repository's configs/, which a wheel carries) "
+                                    "by the names `--config` takes, each with the first line of its comment, and "
+                                    "the folder they are in. A path to a file always wins over a name.")
+    q.set_defaults(handler="mtlxray.cli:config_list")
     q = csub.add_parser("show", help="print the fully resolved config as YAML",
                         description="Resolve `extends:`, apply overrides, validate every key and type, "
                                     "and print the result as YAML.")
@@ -321,8 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthesise data, build shards, train phase 1 then phase 2 through the submitit local "
                     "executor, evaluate, predict on a few test images, and write report.md with figures.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--scale", choices=["tiny", "small"], default="small", help="synthetic scale (default small)")
-    p.add_argument("--config", default=None, help="phase 1 demo config (default configs/demo.yaml)")
+    p.add_argument("--scale", choices=["tiny", "small"], default="small",
+                   help="small: the demo configs on a few hundred phantoms (minutes); tiny: a tiny model for 2 steps "
+                        "per phase on a few dozen, to check an installation in seconds (default small)")
+    p.add_argument("--config", default=None,
+                   help="phase 1 demo config, a file or a shipped config's name; phase 2's is <stem>_phase2 beside "
+                        "it (default: the shipped demo)")
+    p.add_argument("--bootstrap", type=_positive_int, default=1000, metavar="N",
+                   help="bootstrap resamples of the evaluations' 95%% CIs (default 1000)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides for both phases, after the demo's own, e.g. schedule.epochs=4")
     p.set_defaults(handler="mtlxray.demo:cli_main")
 
     # bench -------------------------------------------------------------------------------
@@ -338,6 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory, whose benchmarks/README.md results section is then rewritten; required "
                         "outside a checkout)")
     p.set_defaults(handler="mtlxray.bench.run:cli_main")
+
+    # slurm-scripts -----------------------------------------------------------------------
+    p = sub.add_parser(
+        "slurm-scripts", help="write the sbatch scripts (phase1.sh, phase2.sh, pipeline.sh, train.sh) into a folder",
+        description="Write the package's sbatch scripts into OUT, ready to submit from there with an installed "
+                    "package (`cd OUT && sbatch phase1.sh`, `bash pipeline.sh`): they find each other in OUT, "
+                    "activate this virtual environment unless MTLX_VENV names another, and read shipped configs "
+                    "by name. Also makes OUT/runs for the job logs. Existing scripts of these names are replaced.")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the scripts into (created)")
+    p.add_argument("--venv", default=None,
+                   help="virtual environment the jobs activate by default (default: the one running this command)")
+    p.set_defaults(handler="mtlxray.launch.scripts:cli_main")
 
     # doctor ------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -359,6 +399,20 @@ def config_show(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def config_list(args: argparse.Namespace) -> int:
+    """`mtlxray config list`: each shipped config's name and the first line of its comment."""
+    from mtlxray.resources import configs_dir, shipped_configs
+
+    configs = shipped_configs()
+    width = max(map(len, configs))
+    print(f"{len(configs)} configs in {configs_dir()} (--config NAME, or a path):")
+    for name, path in configs.items():
+        first = path.read_text().split("\n", 1)[0]
+        summary = first.lstrip("#").strip() if first.startswith("#") else f"({path.suffix[1:]} file)"
+        print(f"  {name:<{width}}  {summary}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses loaded from YAML, with `extends:` inheritance and dotted overrides.
 
 A config file is a mapping whose top-level keys are the fields of `Config` (plus an optional
-`extends: other.yaml`, resolved relative to the file). Command lines add `a.b=c` overrides whose
+`extends: other.yaml`, resolved relative to the file, else a shipped config's name such as `phase1`).
+A config is given by path or by the name of a shipped config (mtlxray.resources). Command lines add `a.b=c` overrides whose
 values are parsed as YAML scalars. Every key is checked against the dataclass fields and every
 value against the field's type, so a typo fails loudly with the key, the file and the allowed keys.
 """
@@ -20,6 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from mtlxray.errors import ConfigError
+from mtlxray.resources import find_config, shipped_config
 
 __all__ = [
     "AugmentConfig", "SourceConfig", "DataConfig", "ModelConfig", "TeacherForcingConfig", "OptimConfig",
@@ -581,12 +583,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML file and resolve its `extends:` chain (relative to the file)."""
+    """Read a YAML file and resolve its `extends:` chain (relative to the file, else a shipped name)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular `extends` ({' -> '.join(str(p) for p in seen + (path,))})")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -596,7 +596,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    base = _read_yaml(path.parent / parent, seen + (path,))
+    beside = path.parent / str(parent)
+    base = _read_yaml(beside if beside.is_file() else shipped_config(str(parent), f"{path}: extends: {parent}"),
+                      seen + (path,))
     return _merge(base, raw)
 
 
@@ -721,8 +723,9 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (following `extends:`), apply overrides, and validate into a `Config`."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    """Load a YAML config (a path, else a shipped config's name; following `extends:`), apply
+    overrides, and validate into a `Config`."""
+    raw = _read_yaml(find_config(path)) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         raw = apply_overrides(raw, overrides)

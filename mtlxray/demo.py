@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-import mtlxray
 from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, load_config
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.hardware import resolve_precision
 from mtlxray.paper import subset_total
+from mtlxray.resources import find_config, shipped_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,15 @@ N_STEPS = 6
 PREDICT_PER_CLASS = 2
 
 
-def _configs_dir() -> Path:
-    """configs/ of the working directory, else of the source tree this package runs from."""
-    local = Path("configs")
-    return local if local.is_dir() else Path(mtlxray.__file__).resolve().parents[1] / "configs"
+TINY_SCALE_OVERRIDES = (
+    "model.img_size=64", "model.embed_dim=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]",
+    "model.ppm_bins=[1,2]", "model.ppm_channels=16", "model.decoder_channels=[24,16,12,8]",
+    "model.cross_attn_heads=[2,1,1,1]", "model.head_channels=8", "model.cls_channels=8",
+    "data.batch_size=6", "schedule.max_steps=2", "schedule.warmup_steps=0",
+    "run.tensorboard=false", "run.progress=false",
+)
+"""`--scale tiny`: a model and schedule that take the whole pipeline through in seconds, to check an
+installation (its figures mean nothing); `small` trains the demo configs as shipped."""
 
 
 def phase2_config_of(phase1: Path) -> Path:
@@ -227,7 +232,9 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
              overrides: Sequence[str] = (), seed: int = 0, n_boot: int = 1000) -> Path:
     """Run the six steps under `out` and return the report's path.
 
-    `overrides` (`a.b=c`) apply to both training phases after the demo's own (shards, output dir).
+    `config` is a path or a shipped config's name (default: the shipped `demo`). `overrides`
+    (`a.b=c`) apply to both training phases after the demo's own (shards, output dir, and at the
+    tiny scale `TINY_SCALE_OVERRIDES`).
     """
     from mtlxray.data.loader import read_manifest
     from mtlxray.data.shards import build_shards
@@ -235,12 +242,13 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     from mtlxray.report.figures import plot_loss_curves
 
     out = Path(out).resolve()
-    phase1 = Path(config) if config else _configs_dir() / "demo.yaml"
+    phase1 = find_config(config) if config else shipped_config("demo")
     phase2 = phase2_config_of(phase1)
-    run_over = [f"data.shards={out / 'shards'}", f"run.output_dir={out}", *overrides]
+    run_over = [f"data.shards={out / 'shards'}", f"run.output_dir={out}",
+                *(TINY_SCALE_OVERRIDES if scale == "tiny" else ()), *overrides]
     demo_cfg = load_config(phase1, run_over)
-    phases = [(load_config(_configs_dir() / "phase1.yaml"), demo_cfg),
-              (load_config(_configs_dir() / "phase2.yaml"), load_config(phase2, run_over))]
+    phases = [(load_config(shipped_config("phase1")), demo_cfg),
+              (load_config(shipped_config("phase2")), load_config(phase2, run_over))]
     tree, shards = out / "data", out / "shards"
     steps = _Steps()
 
@@ -274,5 +282,5 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    run_demo(args.out, scale=args.scale, config=args.config)
+    run_demo(args.out, scale=args.scale, config=args.config, overrides=args.overrides, n_boot=args.bootstrap)
     return 0

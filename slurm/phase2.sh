@@ -26,4 +26,5 @@
 #SBATCH --open-mode=append
 #SBATCH --output=runs/slurm-%j.out
 export MTLX_CONFIG=${MTLX_CONFIG:-configs/phase2.yaml}
-exec bash "${MTLX_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/train.sh" "$@"
+scripts=${MTLX_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm
+exec bash "$scripts/train.sh" "$@"

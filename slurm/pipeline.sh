@@ -27,6 +27,7 @@ die() { echo "pipeline.sh: error: $*" >&2; exit "${rc:-1}"; }
 
 root=${MTLX_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$root"
+scripts=slurm
 venv=${MTLX_VENV:-$root/.venv}
 # shellcheck disable=SC1091
 if [[ -f $venv/bin/activate ]]; then source "$venv/bin/activate"; fi
@@ -61,7 +62,7 @@ fi
 phases=()
 while IFS= read -r line; do phases+=("$line"); done <<<"$plan"
 
-script_for() { if [[ $1 -eq 1 ]]; then echo slurm/phase1.sh; else echo slurm/phase2.sh; fi; }
+script_for() { if [[ $1 -eq 1 ]]; then echo "$scripts/phase1.sh"; else echo "$scripts/phase2.sh"; fi; }
 
 # Ask Slurm first whether it could ever run each job: an impossible request would pend forever.
 for line in "${phases[@]}"; do

@@ -1,6 +1,7 @@
 """The `mtlxray` command line: every subcommand documents itself and resolves to its handler."""
 
 import argparse
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 import mtlxray
 from mtlxray import cli
+from mtlxray.resources import source_checkout
 
 
 def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
@@ -25,8 +27,9 @@ SUBCOMMANDS = sorted(_subcommands(cli.build_parser()))
 
 def test_the_documented_commands_are_all_there():
     words = {" ".join(w) for w, _ in SUBCOMMANDS}
-    assert {"config show", "synth", "shards build", "shards info", "shards audit", "model-summary", "train",
-            "evaluate", "predict", "export", "submit", "demo", "bench", "doctor", "compare"} <= words
+    assert {"config list", "config show", "synth", "shards build", "shards info", "shards audit", "model-summary",
+            "train", "evaluate", "predict", "export", "submit", "demo", "bench", "doctor", "compare",
+            "slurm-scripts"} <= words
 
 
 @pytest.mark.parametrize("words", [w for w, _ in SUBCOMMANDS], ids=lambda w: " ".join(w))
@@ -56,6 +59,13 @@ def test_top_level_help_lists_all_commands():
         assert words[0] in r.stdout
 
 
-def test_version():
+def test_version_names_the_commit_when_run_from_a_checkout():
     r = subprocess.run([sys.executable, "-m", "mtlxray.cli", "--version"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == f"mtlxray {mtlxray.__version__}"
+    assert r.returncode == 0
+    root = source_checkout()
+    if root is None:  # an installed package: the version alone (tests/test_packaging.py checks the wheel's)
+        assert r.stdout.strip() == f"mtlxray {mtlxray.__version__}"
+        return
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert re.fullmatch(rf"mtlxray {re.escape(mtlxray.__version__)} \(git {head[:12]}(-dirty)?\)\n", r.stdout)

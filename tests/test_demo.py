@@ -7,19 +7,9 @@ import pytest
 
 from mtlxray.demo import run_demo
 
-# A model and schedule small enough for the test budget; the shipped demo configs stay as they are.
-TINY = [
-    "model.img_size=64", "model.embed_dim=12", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]",
-    "model.ppm_bins=[1,2]", "model.ppm_channels=16", "model.decoder_channels=[24,16,12,8]",
-    "model.cross_attn_heads=[2,1,1,1]", "model.head_channels=8", "model.cls_channels=8",
-    "data.batch_size=6", "data.workers=0", "schedule.max_steps=2", "schedule.warmup_steps=0",
-    "run.tensorboard=false", "run.progress=false",
-]
-
-
 @pytest.mark.slow
 def test_demo_tiny_writes_report_with_every_figure_and_table(tmp_path, capsys):
-    report = run_demo(tmp_path / "demo", scale="tiny", overrides=TINY, n_boot=20)
+    report = run_demo(tmp_path / "demo", scale="tiny", n_boot=20)
     out = capsys.readouterr().out
     assert f"report: {report}" in out
     for step in range(1, 7):
@@ -46,9 +36,9 @@ def test_the_report_names_the_gpu_and_its_precision_when_training_ran_there(monk
     import torch
 
     from mtlxray.config import load_config
-    from mtlxray.demo import _configs_dir, training_platform
+    from mtlxray.demo import training_platform
 
-    cfg = load_config(_configs_dir() / "demo.yaml")
+    cfg = load_config("demo")
     cpu = training_platform(cfg)
     assert cpu.startswith("on CPU (") and ("training in fp32" in cpu or "training in bf16" in cpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -60,11 +50,8 @@ def test_the_report_names_the_gpu_and_its_precision_when_training_ran_there(monk
 
 def _demo_and_paper_phases():
     from mtlxray.config import load_config
-    from mtlxray.demo import _configs_dir
 
-    configs = _configs_dir()
-    return [(load_config(configs / "phase1.yaml"), load_config(configs / "demo.yaml")),
-            (load_config(configs / "phase2.yaml"), load_config(configs / "demo_phase2.yaml"))]
+    return [(load_config("phase1"), load_config("demo")), (load_config("phase2"), load_config("demo_phase2"))]
 
 
 def test_the_report_lists_each_augmentation_setting_the_demo_changes():
@@ -97,8 +84,9 @@ def test_the_report_lists_the_phase2_settings_the_demo_changes_once():
 def test_the_demo_decodes_its_batches_in_the_training_process():
     # On the demo's 2 cores a loader process competes with the compute threads (README "make demo").
     from mtlxray.config import load_config
-    from mtlxray.demo import _configs_dir, phase2_config_of
+    from mtlxray.demo import phase2_config_of
+    from mtlxray.resources import shipped_config
 
-    phase1 = _configs_dir() / "demo.yaml"
+    phase1 = shipped_config("demo")
     for path in (phase1, phase2_config_of(phase1)):
         assert load_config(path).data.workers == 0, path

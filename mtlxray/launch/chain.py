@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from mtlxray.config import Config, load_config
 from mtlxray.errors import ConfigError, MtlxError
+from mtlxray.resources import find_config
 
 __all__ = ["PhasePlan", "plan_chain", "validate_chain"]
 
@@ -58,14 +59,14 @@ def plan_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
         raise ConfigError(f"overrides for phase {unknown[0]}, but the chain has {len(configs)} phase(s)")
     plans: list[PhasePlan] = []
     for index, config in enumerate(configs, start=1):
-        path = Path(config).resolve()
         over = [*overrides, *phase_overrides.get(index, ())]
         if plans:
             over.append(f"phase.init_from={plans[-1].best_checkpoint}")
         try:
+            path = find_config(config).resolve()  # a shipped config's name becomes its file for the jobs
             cfg = load_config(path, over)
         except ConfigError as e:
-            raise ConfigError(f"phase {index} ({path.name}): {e}") from None
+            raise ConfigError(f"phase {index} ({Path(config).name}): {e}") from None
         run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
         plans.append(PhasePlan(index, str(path), tuple(over), run_dir, cfg))
     return plans
@@ -114,7 +115,8 @@ def _main(argv: Sequence[str]) -> int:
         prog="python -m mtlxray.launch.chain",
         description="Validate a chain of phases before submitting it; print, per phase, a tab-separated "
                     "line: index, config, run folder, overrides (space-separated, init_from included).")
-    parser.add_argument("configs", nargs="+", metavar="YAML", help="the phases' configs, in order")
+    parser.add_argument("configs", nargs="+", metavar="YAML",
+                        help="the phases' configs, in order (paths, or names of shipped configs)")
     parser.add_argument("--overrides", default="", help="`key=value` overrides for every phase, space-separated")
     parser.add_argument("--phase-overrides", nargs=2, action="append", default=[], metavar=("K", "OVERRIDES"),
                         help="overrides for phase K only (1-based), space-separated; repeatable")

@@ -28,6 +28,7 @@ from mtlxray.config import ModelConfig  # noqa: E402
 from mtlxray.errors import CheckpointError, ConfigError  # noqa: E402
 from mtlxray.model.base import MTLModel, Mode, check_mode  # noqa: E402
 from mtlxray.model.pretrained import error_line  # noqa: E402
+from mtlxray.resources import find_config  # noqa: E402
 
 __all__ = ["ClipZeroShot", "DEFAULT_PROMPTS", "resolve_clip_arch"]
 
@@ -53,8 +54,7 @@ def resolve_clip_arch(arch: str) -> str:
         if arch not in open_clip.list_models():
             raise ConfigError(f"model.clip_arch: {arch!r} is neither an open_clip architecture nor a .json file")
         return arch
-    if not path.is_file():
-        raise ConfigError(f"model.clip_arch: no such model-config file {arch}")
+    path = find_config(path, "model.clip_arch")
     cfg = json.loads(path.read_text())
     if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         hint = " (an open_clip_config.json: save its `model_cfg` as the file)" if "model_cfg" in cfg else ""

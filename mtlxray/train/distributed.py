@@ -15,6 +15,7 @@ import torch
 from mtlxray.config import Config
 from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
 from mtlxray.errors import ConfigError
+from mtlxray.resources import find_config
 
 __all__ = ["apply_launcher_flags", "build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
            "keep_grads_in_parameter_layout"]
@@ -29,9 +30,7 @@ def deepspeed_config(cfg: Config) -> dict:
     """
     if not cfg.run.deepspeed_config:
         raise ConfigError("run.backend=deepspeed needs run.deepspeed_config (e.g. configs/deepspeed/zero2.json)")
-    path = Path(cfg.run.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError(f"run.deepspeed_config: file not found: {path}")
+    path = find_config(cfg.run.deepspeed_config, "run.deepspeed_config")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
