@@ -1,35 +1,5 @@
-"""The demo end to end at tiny scale: synth, shards, two phases via submitit, evaluate, predict, report."""
-
-import json
-import re
-
-import pytest
-
-from mtlxray.demo import run_demo
-
-@pytest.mark.slow
-def test_demo_tiny_writes_report_with_every_figure_and_table(tmp_path, capsys):
-    report = run_demo(tmp_path / "demo", scale="tiny", n_boot=20)
-    out = capsys.readouterr().out
-    assert f"report: {report}" in out
-    for step in range(1, 7):
-        assert f"[{step}/6]" in out
-    text = report.read_text()
-    for heading in ("What the demo scales down", "Table I", "Table II", "## Training",
-                    "Evaluation: lung subset", "Evaluation: infection subset", "Predictions on test images"):
-        assert heading in text, heading
-    assert "| model.img_size | 256 | 64 |" in text
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert "loss_curves.png" in images and "eval-lung/overlays.png" in images
-    for rel in images:
-        assert (report.parent / rel).is_file(), rel
-    preds = [json.loads(line) for line in (report.parent / "predict" / "predictions.jsonl").read_text().splitlines()]
-    manifest = json.loads((report.parent / "shards" / "manifest.json").read_text())
-    # up to two test images per class of the infection subset
-    assert len(preds) == sum(min(2, n) for n in manifest["counts"]["infection"]["test"].values())
-    metrics = json.loads((report.parent / "eval-lung" / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["metrics"]["n_images"] > 0
-    assert (report.parent / "predict" / "predictions.csv").is_file()
+"""The demo's report and configs (tests/test_packaging.py runs `mtlxray demo --scale tiny` end to end from an
+installed wheel)."""
 
 
 def test_the_report_names_the_gpu_and_its_precision_when_training_ran_there(monkeypatch):
