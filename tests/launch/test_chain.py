@@ -30,6 +30,19 @@ def test_phase_overrides_reach_only_their_phase(demo_overrides, tmp_path):
         plan_chain(DEMO, demo_overrides(tmp_path, 2), {3: ["optim.lr=0.5"]})
 
 
+def test_a_chain_of_shipped_config_names_plans_from_any_directory(tmp_path, monkeypatch):
+    from mtlxray.resources import shipped_config
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names are the package's configs
+    plans = plan_chain(["demo", "demo_phase2"], [f"run.output_dir={tmp_path}"])
+    # the jobs get the files themselves, whatever their working directory
+    assert [p.config for p in plans] == [str(shipped_config("demo").resolve()),
+                                         str(shipped_config("demo_phase2").resolve())]
+    assert plans[1].cfg.phase.init_from == str(tmp_path / "phase1" / "checkpoints" / "best")
+    with pytest.raises(ConfigError, match=r"phase 2 \(demo_phase3\): config not found: demo_phase3 is neither"):
+        plan_chain(["demo", "demo_phase3"])
+
+
 def test_missing_shards_of_a_later_phase_are_refused(demo_overrides, tmp_path):
     with pytest.raises(ShardError, match=r"phase 2 \(demo_phase2.yaml\): data.shards: .*missing"):
         validate_chain(DEMO, demo_overrides(tmp_path, 2), {2: [f"data.shards={tmp_path / 'missing'}"]})
