@@ -12,9 +12,9 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -94,11 +94,11 @@ def test_the_installed_wheel_runs_configs_demo_and_sbatch_scripts_from_an_empty_
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     python = venv / "bin" / "python"
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                     cwd=tmp_path).stdout.strip())
-    # The test environment's packages (torch, ...) after the venv's own: a plain path line, so that
+    purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        cwd=tmp_path).stdout.strip())
+    # The test environment's packages (torch, ...) after the venv's own: plain path lines, so that
     # no .pth of theirs runs (an editable mtlxray would put the source tree back on the path).
-    (site / "test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (purelib / "test-env.pth").write_text("".join(f"{path}\n" for path in site.getsitepackages()))
     _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel],
          cwd=tmp_path)
 
@@ -111,11 +111,11 @@ def test_the_installed_wheel_runs_configs_demo_and_sbatch_scripts_from_an_empty_
         return _run(["mtlxray", *args], cwd=empty, env=env).stdout
 
     installed = Path(_run([python, "-c", "import mtlxray; print(mtlxray.__file__)"], cwd=empty, env=env).stdout.strip())
-    assert installed == site / "mtlxray" / "__init__.py"
+    assert installed == purelib / "mtlxray" / "__init__.py"
     assert mtlxray_("--version") == f"mtlxray {mtlxray.__version__}\n"  # no checkout: no commit
 
     listing = mtlxray_("config", "list")
-    assert str(site / "mtlxray" / "configs") in listing.splitlines()[0]
+    assert str(purelib / "mtlxray" / "configs") in listing.splitlines()[0]
     listed = {line.split()[0] for line in listing.splitlines()[1:]}
     assert {"phase1", "phase2", "demo", "baselines/unet", "multichexnet/4_alternating", "deepspeed/zero2"} <= listed
     assert "name: phase1" in mtlxray_("config", "show", "--config", "phase1")
