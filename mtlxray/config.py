@@ -1,10 +1,11 @@
 """Typed configuration: dataclasses loaded from YAML, with `extends:` inheritance and dotted overrides.
 
-A config file is a mapping whose top-level keys are the fields of `Config` (plus an optional
-`extends: other.yaml`, resolved relative to the file, else a shipped config's name such as `phase1`).
-A config is given by path or by the name of a shipped config (mtlxray.resources). Command lines add `a.b=c` overrides whose
-values are parsed as YAML scalars. Every key is checked against the dataclass fields and every
-value against the field's type, so a typo fails loudly with the key, the file and the allowed keys.
+A config is given by path or by the name of a shipped config (`phase1`; mtlxray.resources). A
+config file is a mapping whose top-level keys are the fields of `Config` (plus an optional
+`extends: other.yaml`, resolved relative to the file, else as a shipped config's name). Command
+lines add `a.b=c` overrides whose values are parsed as YAML scalars. Every key is checked against
+the dataclass fields and every value against the field's type, so a typo fails loudly with the
+key, the file and the allowed keys.
 """
 
 from __future__ import annotations

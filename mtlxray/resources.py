@@ -16,8 +16,8 @@ from pathlib import Path
 from mtlxray import __version__
 from mtlxray.errors import ConfigError, MtlxError
 
-__all__ = ["CONFIG_SUFFIXES", "configs_dir", "find_config", "shipped_config", "shipped_configs", "slurm_dir", "source_checkout",
-           "version_string"]
+__all__ = ["CONFIG_SUFFIXES", "configs_dir", "find_config", "shipped_config", "shipped_configs", "slurm_dir",
+           "source_checkout", "version_string"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")

@@ -36,7 +36,8 @@ def test_a_file_in_the_working_directory_wins_over_a_shipped_name(elsewhere):
     assert load_config("phase1").run.name == "mine"
     # configs/phase2.yaml is a path here; its `extends: phase1` finds no phase1 beside it, so the shipped one
     local = load_config("configs/phase2.yaml")
-    assert local.run.name == "local-phase2" and local.phase.name == load_config(configs_dir() / "phase1.yaml").phase.name
+    assert local.run.name == "local-phase2"
+    assert local.phase.name == load_config(configs_dir() / "phase1.yaml").phase.name == "phase1"
 
 
 def test_a_users_config_extends_a_shipped_one_by_name_and_a_file_beside_it_wins(elsewhere):
@@ -58,7 +59,8 @@ def test_an_unknown_name_is_a_config_error_naming_the_closest_shipped_config(els
 def test_a_name_with_another_suffix_is_not_that_config(elsewhere):
     with pytest.raises(ConfigError, match="deepspeed/zero2.yaml is neither"):
         find_config("deepspeed/zero2.yaml")
-    assert find_config("deepspeed/zero2.json") == find_config("deepspeed/zero2") == configs_dir() / "deepspeed" / "zero2.json"
+    zero2 = configs_dir() / "deepspeed" / "zero2.json"
+    assert find_config("deepspeed/zero2.json") == find_config("deepspeed/zero2") == zero2
 
 
 def test_the_deepspeed_config_is_found_by_name_too(elsewhere):

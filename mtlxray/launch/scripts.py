@@ -24,8 +24,8 @@ SCRIPTS = ("phase1.sh", "phase2.sh", "pipeline.sh", "train.sh")
 
 _SCRIPTS_LINE = re.compile(r"^scripts=.*$", re.MULTILINE)
 _VENV_LINE = re.compile(r"^venv=\$\{MTLX_VENV:-.*\}$", re.MULTILINE)
-_WHO_USES = {"phase1.sh": {_SCRIPTS_LINE}, "phase2.sh": {_SCRIPTS_LINE}, "pipeline.sh": {_SCRIPTS_LINE, _VENV_LINE},
-             "train.sh": {_VENV_LINE}}
+_DEFAULT_LINES = {"phase1.sh": {_SCRIPTS_LINE}, "phase2.sh": {_SCRIPTS_LINE},
+                  "pipeline.sh": {_SCRIPTS_LINE, _VENV_LINE}, "train.sh": {_VENV_LINE}}
 """The lines each script sets its defaults on: where its sibling scripts are, which venv to activate."""
 
 
@@ -39,7 +39,7 @@ def _rewrite(name: str, text: str, out: Path, venv: Path | None) -> str:
     replacements = {_SCRIPTS_LINE: f"scripts={shlex.quote(str(out))}"}
     if venv is not None:
         replacements[_VENV_LINE] = f"venv=${{MTLX_VENV:-{shlex.quote(str(venv))}}}"
-    for pattern in _WHO_USES[name]:
+    for pattern in _DEFAULT_LINES[name]:
         if len(pattern.findall(text)) != 1:
             raise MtlxError(f"slurm/{name}: expected one line matching {pattern.pattern}, the line the written "
                             "copy sets its defaults on")
