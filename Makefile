@@ -36,4 +36,4 @@ bench: $(STAMP)
 	$(BIN)/mtlxray bench all
 
 clean:
-	rm -rf runs/* .pytest_cache build *.egg-info
+	rm -rf runs/* .pytest_cache build dist *.egg-info
