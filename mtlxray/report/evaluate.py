@@ -224,7 +224,7 @@ def publish_outputs(out: Path, write: Callable[[Path], None]) -> None:
         write(staging)
         for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
             os.replace(path, out / path.name)
-    except (OSError, RuntimeError, ValueError) as e:  # matplotlib and PIL wrap some write errors
+    except OSError as e:  # matplotlib's and PIL's writes fail with it too
         raise write_error(out, e) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
