@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
     p.add_argument("--allow-leakage", action="store_true",
-                   help="evaluate even when the split shares images with the checkpoint's training data "
-                        "(refused by default; the report states the audit's result either way)")
+                   help="evaluate even when the split shares images with the checkpoint's training data, or "
+                        "when that data cannot be found to check (both refused by default; the report states the "
+                        "audit's result either way)")
     _gate_args(p, "report metrics with and without a gate that passes an image to the infection and box "
                   "heads when P(positive class) >= P (default: the checkpoint's phase.teacher_forcing gate, "
                   "if any)")
