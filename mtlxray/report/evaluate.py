@@ -62,8 +62,9 @@ N_CASES = 3
 FIGURES = {"Confusion matrix": "confusion.png", "Per-image Dice": "dice_hist.png",
            "Best and worst cases": "overlays.png"}
 """Figure title -> file name under the output folder."""
-EVALUATE_OUTPUTS = ("metrics.json", "per_image.csv", "report.md", "config.yaml", *FIGURES.values())
-"""What evaluate writes under its output folder (and `--overwrite` deletes first)."""
+EVALUATE_OUTPUTS = ("metrics.json", "per_image.csv", "report.md", "config.yaml", *FIGURES.values(), ".partial-*")
+"""What evaluate writes under its output folder (and `--overwrite` deletes first): `.partial-*` is
+the temp folder of an evaluation killed while writing."""
 
 
 @dataclass

@@ -82,8 +82,8 @@ def claim_output_dir(out: str | Path, outputs: Sequence[str], *, overwrite: bool
     """Create `out` if needed and hold it for `command` until the block ends (see the module docstring).
 
     OutputBusyError while another command holds it; ConfigError (a usage error, exit 2) for a
-    folder that is not empty, unless `overwrite`, which deletes `outputs` (names under `out`)
-    first; MtlxError for a folder that cannot be created or written."""
+    folder that is not empty, unless `overwrite`, which deletes `outputs` (names under `out`, or
+    `*` patterns) first; MtlxError for a folder that cannot be created or written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -97,8 +97,9 @@ def claim_output_dir(out: str | Path, outputs: Sequence[str], *, overwrite: bool
             if not overwrite:
                 raise ConfigError(f"--out {out} is not empty: pass --overwrite to replace an earlier {command} "
                                   "there, or choose a new folder")
-            for name in outputs:
-                _remove(out, name)
+            for pattern in outputs:
+                for name in ([p.name for p in out.glob(pattern)] if "*" in pattern else [pattern]):
+                    _remove(out, name)
         try:
             with tempfile.TemporaryFile(dir=out):
                 pass

@@ -70,6 +70,7 @@ def test_a_classifier_evaluated_over_a_segmenters_folder_shows_none_of_its_figur
     evaluate_checkpoint(runs / "unet" / "checkpoints" / "best", shards, out=out, n_boot=0)
     assert (out / "dice_hist.png").is_file() and (out / "overlays.png").is_file()
     (out / "notes.txt").write_text("mine")
+    (out / ".partial-killed").mkdir()  # the temp folder of an evaluation killed while writing
     classifier = runs / "vit_b_cls" / "checkpoints" / "best"
     with pytest.raises(ConfigError, match="not empty: pass --overwrite"):
         evaluate_checkpoint(classifier, shards, out=out, n_boot=0)
