@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mtlxray.errors import MtlxError
+
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
            "sha256_file", "free_port", "default_file_mode", "free_space", "write_error"]
 
@@ -74,13 +76,11 @@ def free_space(path: str | Path) -> str:
     return f"{free:.1f} TB"
 
 
-def write_error(path: str | Path, error: BaseException):
+def write_error(path: str | Path, error: BaseException) -> MtlxError:
     """A one-line `MtlxError` for a failed write of `path`: the reason and the free space there.
 
     Writers report a full disk in their own words (OSError ENOSPC, safetensors' SafetensorError,
     torch's "file write failed"); the free space says which it was without parsing them."""
-    from mtlxray.errors import MtlxError
-
     if isinstance(error, OSError) and error.strerror:
         reason = error.strerror
     else:
