@@ -276,6 +276,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() and p.name == WEIGHTS_NAME:
         p = p.parent
+    if not p.exists():
+        raise CheckpointError(f"{path}: does not exist" + (" (a broken link)" if p.is_symlink() else ""))
     if not (p / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME} there (not a checkpoint)")
     return p.resolve()

@@ -222,13 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="shard root holding manifest.json")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--subset", default=None, help="lung or infection (default: the checkpoint's phase subset)")
-    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint; with --model-config "
+    p.add_argument("--out", default=None, help="output folder, which must be empty unless --overwrite (default: "
+                                                "runs/<name>/eval-<checkpoint>-<shards>-<subset>-<split> beside the "
+                                                "checkpoints, replaced by a rerun; with --model-config "
                                                 "<run.output_dir>/<run.name>/eval-pretrained-<shards>-<subset>-<split>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="evaluate into a non-empty --out: first delete what an earlier evaluate wrote there "
+                        "(metrics.json, per_image.csv, report.md, config.yaml, the figures); other files are kept")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
     p.add_argument("--allow-leakage", action="store_true",
-                   help="evaluate even when the split shares images with the checkpoint's training data "
-                        "(refused by default; the report states the audit's result either way)")
+                   help="evaluate even when the split shares images with the checkpoint's training data, or "
+                        "when that data cannot be found to check (both refused by default; the report states the "
+                        "audit's result either way)")
     _gate_args(p, "report metrics with and without a gate that passes an image to the infection and box "
                   "heads when P(positive class) >= P (default: the checkpoint's phase.teacher_forcing gate, "
                   "if any)")

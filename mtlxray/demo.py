@@ -263,7 +263,8 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     best = reports[-1].best_checkpoint
     evals = steps.run("evaluate phase 2's best checkpoint on the test splits", lambda: {
         subset: evaluate_checkpoint(best, shards, split="test", subset=subset, out=out / f"eval-{subset}",
-                                    batch_size=demo_cfg.data.eval_batch_size, n_boot=n_boot, seed=seed)
+                                    batch_size=demo_cfg.data.eval_batch_size, n_boot=n_boot, seed=seed,
+                                    overwrite=True)  # the demo's own folders: a rerun replaces them
         for subset in ("lung", "infection")})
     predictions = steps.run("predict on a few test images",
                             lambda: _predict(best, _predict_inputs(tree, scale), out / "predict"))

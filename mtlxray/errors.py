@@ -21,6 +21,14 @@ class ShardError(DataError):
     """A shard set that is missing, empty, or fails verification."""
 
 
+class ShardsNotFoundError(ShardError):
+    """A shard root with no manifest.json: a path named in a config or on the command line that
+    holds no shard set. A usage error (exit 2) in every command, as a missing `data.shards` folder
+    is in `train`."""
+
+    exit_code = 2
+
+
 class CheckpointError(MtlxError):
     """A checkpoint that is missing, incomplete or incompatible."""
 

@@ -14,14 +14,17 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mtlxray.errors import MtlxError
+
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
-           "sha256_file", "free_port", "default_file_mode"]
+           "sha256_file", "free_port", "default_file_mode", "free_space", "write_error"]
 
 
 def default_file_mode() -> int:
@@ -54,6 +57,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def free_space(path: str | Path) -> str:
+    """The free space of the file system `path` is (or would be) on, e.g. "1.4 GB"; "unknown" if
+    no folder above it can be read."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown"
+    for unit in ("B", "kB", "MB", "GB"):
+        if free < 1000:
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1000
+    return f"{free:.1f} TB"
+
+
+def write_error(path: str | Path, error: BaseException) -> MtlxError:
+    """A one-line `MtlxError` for a failed write of `path`: the reason and the free space there.
+
+    Writers report a full disk in their own words (OSError ENOSPC, safetensors' SafetensorError,
+    torch's "file write failed"); the free space says which it was without parsing them."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:
+        lines = str(error).strip().splitlines()
+        reason = lines[0][:200] if lines else type(error).__name__
+    return MtlxError(f"{path}: cannot write: {reason} ({free_space(path)} free there)")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

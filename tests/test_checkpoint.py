@@ -95,8 +95,10 @@ def test_load_model_from_checkpoint_rebuilds_model_and_config(tmp_path):
 
 
 def test_load_model_from_checkpoint_names_a_missing_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="nowhere: does not exist"):
         load_model_from_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no model.safetensors there"):  # a folder, but not a checkpoint
+        load_model_from_checkpoint(tmp_path)
 
 
 def test_load_model_from_checkpoint_refuses_non_finite_weights(tmp_path):

@@ -4,12 +4,15 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import mtlxray
 from mtlxray import cli
 from mtlxray.resources import source_checkout
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
@@ -69,3 +72,30 @@ def test_version_names_the_commit_when_run_from_a_checkout():
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert re.fullmatch(rf"mtlxray {re.escape(mtlxray.__version__)} \(git {head[:12]}(-dirty)?\)\n", r.stdout)
+
+
+def test_a_shard_root_without_a_manifest_exits_2_from_every_command(tmp_path, capsys):
+    """One exit code for one kind of error: shards that are not there are a usage error (2), as
+    `train` has always said, in `submit`, `evaluate` and `shards info` too."""
+    from mtlxray.config import load_config
+    from mtlxray.errors import MtlxError
+    from mtlxray.train.trainer import preflight
+
+    demo = str(REPO / "configs" / "demo.yaml")
+    (tmp_path / "empty").mkdir()
+    for shards in (tmp_path / "none", tmp_path / "empty"):
+        codes = {
+            "shards info": cli.main(["shards", "info", str(shards)]),
+            "submit": cli.main(["submit", "--config", demo, f"data.shards={shards}", f"run.output_dir={tmp_path}",
+                                "--executor", "local", "--dry-run"]),
+        }
+        if shards.name == "empty":  # (it builds a model first: once is enough)
+            codes["evaluate"] = cli.main(["evaluate", "--model-config", demo, "--shards", str(shards), "--out",
+                                          str(tmp_path / "eval")])
+        with pytest.raises(MtlxError) as train_error:  # `train`'s check before any worker starts
+            preflight(load_config(demo, [f"data.shards={shards}"]), None)
+        codes["train"] = train_error.value.exit_code
+        assert codes == dict.fromkeys(codes, 2), (shards, codes)
+        errors = capsys.readouterr().err.splitlines()
+        assert len(errors) == len(codes) - 1 and all(str(shards) in line for line in errors), errors
+    assert not (tmp_path / "eval").exists()

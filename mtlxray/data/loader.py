@@ -58,7 +58,7 @@ from mtlxray.data.boxes import bounding_boxes
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.data.sources import CLASS_SCHEMES, scheme_labels
 from mtlxray.data.tarstream import ShardSkips, tar_samples, tar_to_samples
-from mtlxray.errors import ConfigError, DataError, ShardError
+from mtlxray.errors import ConfigError, DataError, ShardError, ShardsNotFoundError
 from mtlxray.io import sha256_file
 
 __all__ = ["read_manifest", "train_batches_per_epoch", "build_train_loader", "build_eval_loader",
@@ -72,8 +72,8 @@ _SUBSETS = {"lung": ("lung",), "infection": ("infection",), "mixed": ("lung", "i
 
 
 def read_manifest(root: str | Path, policy: Optional[RetryPolicy] = None) -> dict:
-    """Load `root/manifest.json` (root: a folder or an http(s)/s3 prefix); ShardError if it is
-    missing, unreadable, or lists no shards."""
+    """Load `root/manifest.json` (root: a folder or an http(s)/s3 prefix); ShardsNotFoundError (exit
+    2) if it is missing, ShardError if it is unreadable or lists no shards."""
     root = remote.normalise_root(root)
     if remote.is_remote(root):
         url = remote.join(root, "manifest.json")
@@ -81,14 +81,14 @@ def read_manifest(root: str | Path, policy: Optional[RetryPolicy] = None) -> dic
             text = remote.fetch_bytes(url, policy)
         except ShardError as e:
             if "HTTP 404" in str(e) or "NoSuchKey" in str(e) or "S3 404" in str(e):
-                raise ShardError(f"{url}: shard manifest not found (build it with `mtlxray shards build` "
+                raise ShardsNotFoundError(f"{url}: shard manifest not found (build it with `mtlxray shards build` "
                                  "and upload the whole folder)") from None
             raise
         where = url
     else:
         path = Path(root) / "manifest.json"
         if not path.is_file():
-            raise ShardError(f"{path}: shard manifest not found (build it with `mtlxray shards build`)")
+            raise ShardsNotFoundError(f"{path}: shard manifest not found (build it with `mtlxray shards build`)")
         try:
             text = path.read_bytes()
         except OSError as e:

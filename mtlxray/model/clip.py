@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mtlxray import CLASS_NAMES  # noqa: E402
 from mtlxray.config import ModelConfig  # noqa: E402
-from mtlxray.errors import CheckpointError, ConfigError  # noqa: E402
+from mtlxray.errors import CheckpointError, ConfigError, MtlxError  # noqa: E402
 from mtlxray.model.base import MTLModel, Mode, check_mode  # noqa: E402
 from mtlxray.model.pretrained import error_line  # noqa: E402
 from mtlxray.resources import find_config  # noqa: E402
@@ -63,6 +63,24 @@ def resolve_clip_arch(arch: str) -> str:
     return path.stem
 
 
+def _missing_package(clip_arch: str, arch: str, error: ImportError) -> MtlxError:
+    """One line for `model.clip_arch` (registered with open_clip as `arch`) whose text tower needs
+    a package that is not installed (`text_cfg.hf_tokenizer_name` or `hf_model_name`: Hugging
+    Face's `transformers`)."""
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name"):
+        what = f"its text_cfg names the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}, which"
+    elif text_cfg.get("hf_model_name"):
+        what = f"its text_cfg names the Hugging Face text model {text_cfg['hf_model_name']!r}, which"
+    else:
+        what = "it"
+    package = error.name or str(error)
+    return MtlxError(f"model.clip_arch {clip_arch}: {what} needs the `{package}` package, not installed here "
+                     f"(pip install {package})")
+
+
 class ClipZeroShot(MTLModel):
     """Zero-shot classifier over prompts (see the module docstring); produces only `cls`."""
 
@@ -77,10 +95,13 @@ class ClipZeroShot(MTLModel):
             raise ConfigError(f"model.prompts: the built-in prompts cover {len(prompts)} classes; give "
                               f"model.prompts for model.num_classes={cfg.num_classes}")
         self.arch = resolve_clip_arch(cfg.clip_arch)
-        self.clip = open_clip.create_model(self.arch, pretrained=None)  # random init: nothing downloaded
+        try:
+            self.clip = open_clip.create_model(self.arch, pretrained=None)  # random init: nothing downloaded
+            tokenizer = open_clip.get_tokenizer(self.arch)
+        except ImportError as e:
+            raise _missing_package(cfg.clip_arch, self.arch, e) from None
         if pretrained and cfg.pretrained:
             self.load_weights(cfg.pretrained)
-        tokenizer = open_clip.get_tokenizer(self.arch)
         flat = [p for per_class in prompts for p in per_class]
         self.register_buffer("prompt_tokens", tokenizer(flat), persistent=False)  # P, L
         owner = torch.tensor([c for c, per_class in enumerate(prompts) for _ in per_class])

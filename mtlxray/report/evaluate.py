@@ -11,17 +11,30 @@ A checkpoint (`--checkpoint`) is evaluated with the config it was trained with; 
 training run (zero-shot CLIP) from its config and the local weights that config names
 (`--model-config CONFIG [KEY=VALUE ...]`). Every kind of model works: one without a class output
 reports no class metrics, one without masks no Dice (and no overlay figure).
+
+The output folder is held for the whole evaluation (`mtlxray.report.outdir`). A `--out` that is
+not empty is refused unless `overwrite`, which first deletes what evaluate writes
+(`EVALUATE_OUTPUTS`); the default folder, named after the checkpoint, shards, subset and split,
+holds that evaluation only, and a rerun replaces it. The files are written into a temp folder
+inside it and moved into place only when all are written, metrics.json last: a full disk or a
+crash leaves no half-written evaluation that reads as complete, and a report shows only figures
+of its own evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import heapq
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,14 +44,16 @@ import torch
 from torch import Tensor
 
 from mtlxray import metrics as M
-from mtlxray.errors import ConfigError, DataError, unwrap_worker_error
+from mtlxray.errors import ConfigError, DataError, MtlxError, unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
-from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.io import write_error, write_json_atomic, write_text_atomic
 from mtlxray.report import figures
 from mtlxray.report.markdown import evaluation_markdown
+from mtlxray.report.outdir import claim_output_dir
 
-__all__ = ["evaluate_checkpoint", "evaluate_config", "evaluate_model", "default_out_dir", "per_image_csv", "FIGURES", "cli_main"]
+__all__ = ["evaluate_checkpoint", "evaluate_config", "evaluate_model", "default_out_dir", "per_image_csv", "FIGURES",
+           "EVALUATE_OUTPUTS", "cli_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +62,9 @@ N_CASES = 3
 FIGURES = {"Confusion matrix": "confusion.png", "Per-image Dice": "dice_hist.png",
            "Best and worst cases": "overlays.png"}
 """Figure title -> file name under the output folder."""
+EVALUATE_OUTPUTS = ("metrics.json", "per_image.csv", "report.md", "config.yaml", *FIGURES.values(), ".partial-*")
+"""What evaluate writes under its output folder (and `--overwrite` deletes first): `.partial-*` is
+the temp folder of an evaluation killed while writing."""
 
 
 @dataclass
@@ -198,46 +216,97 @@ def write_outputs(summary: dict, records: Records, best: list[Case], worst: list
     write_text_atomic(out / "report.md", evaluation_markdown(summary, shown))
 
 
+def publish_outputs(out: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(folder)` on a temp folder inside `out`, then move what it wrote into `out`,
+    metrics.json last (the file `mtlxray compare` takes for a finished evaluation). A failed write
+    (a full disk) removes the temp folder and raises one line naming `out` and its free space."""
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
+    try:
+        write(staging)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "metrics.json"):
+            os.replace(path, out / path.name)
+    except OSError as e:  # matplotlib's and PIL's writes fail with it too
+        raise write_error(out, e) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def default_out_dir(checkpoint: str | Path, ckpt: Path, shards: str | Path, subset: str, split: str) -> Path:
     """`runs/<name>/eval-<checkpoint>-<shards>-<subset>-<split>`: each evaluation keeps its own folder."""
     shards_name = Path(str(shards).rstrip("/")).name or "shards"
     return ckpt.parent.parent / f"eval-{Path(checkpoint).name}-{shards_name}-{subset}-{split}"
 
 
-def _training_data(cfg, seen: frozenset = frozenset()) -> list[tuple[str, str, str]]:
-    """(shards, subset, split) a checkpoint was trained on, following phase.init_from to earlier phases."""
+def _training_dir(ckpt: Path, cfg) -> Optional[Path]:
+    """The working directory a run was trained from, when `ckpt` (resolved) still sits in its run
+    folder, `<run.output_dir>/<run.name>/checkpoints/<step>`, with a relative run.output_dir; None
+    when that cannot be told. The relative paths of the run's config are relative to it."""
+    run = Path(cfg.run.output_dir) / cfg.run.name
+    if run.is_absolute() or ckpt.parent.name != "checkpoints":
+        return None
+    run_dir = ckpt.parent.parent
+    if run_dir.parts[-len(run.parts):] != run.parts:
+        return None
+    return Path(*run_dir.parts[:-len(run.parts)])
+
+
+def _locate(path: str, base: Optional[Path]) -> str:
+    """A path of a checkpoint's config as seen from here: a URL or an absolute path as it is, a
+    relative one against the run's training directory `base` (else the working directory)."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base or Path.cwd()) / path)
+
+
+def _training_data(cfg, ckpt: Path, seen: frozenset = frozenset()) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(shards, subset, split) a checkpoint was trained on, following phase.init_from to earlier
+    phases, and the training sources that cannot be found (an earlier phase's folder that is gone)."""
     from mtlxray.checkpoint import resolve_checkpoint
     from mtlxray.config import load_config
     from mtlxray.errors import CheckpointError
 
+    base = _training_dir(ckpt, cfg)
     subsets = [cfg.data.subset] if cfg.data.subset in ("lung", "infection") else ["lung", "infection"]
-    sets = [(cfg.data.shards, s, cfg.data.train_split) for s in subsets]
-    sets += [(src.shards or cfg.data.shards, src.subset, cfg.data.train_split) for src in cfg.data.sources]
+    sets = [(_locate(cfg.data.shards, base), s, cfg.data.train_split) for s in subsets]
+    sets += [(_locate(src.shards or cfg.data.shards, base), src.subset, cfg.data.train_split)
+             for src in cfg.data.sources]
+    missing: list[str] = []
     if cfg.phase.init_from:
         try:
-            earlier = resolve_checkpoint(cfg.phase.init_from)
-        except CheckpointError:
-            return sets  # the earlier phase's folder is gone: only this phase's data can be checked
+            earlier = resolve_checkpoint(_locate(cfg.phase.init_from, base))
+        except CheckpointError as e:
+            return sets, [f"phase.init_from {e}"]
         if earlier not in seen and (earlier / "config.yaml").is_file():
-            sets += _training_data(load_config(earlier / "config.yaml"), seen | {earlier})
-    return sets
+            more, missing = _training_data(load_config(earlier / "config.yaml"), earlier, seen | {earlier})
+            sets += more
+    return sets, missing
 
 
-def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool) -> dict:
-    """The audit of the evaluated split against the checkpoint's training data (README "Duplicates
-    and leakage"): DataError when they share an image, unless `allow`. Returns what the report states."""
+def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool, ckpt: Path) -> dict:
+    """The audit of the evaluated split against the training data of checkpoint `ckpt` (README
+    "Duplicates and leakage"): DataError when they share an image, or when a training source
+    cannot be found (the check would be silently weaker), unless `allow`. Relative paths of the
+    checkpoint's config are taken from the run's training directory when the checkpoint sits in
+    its run folder. Returns what the report states."""
     from mtlxray.data.audit import overlap
-    from mtlxray.errors import ShardError
+    from mtlxray.errors import ShardError, ShardsNotFoundError
 
     pairs, checked, unchecked = [], [], []
-    for train_shards, train_subset, train_split in dict.fromkeys(_training_data(cfg)):
+    sets, missing = _training_data(cfg, ckpt)
+    for train_shards, train_subset, train_split in dict.fromkeys(sets):
         where = f"{train_shards} {train_subset}/{train_split}"
         try:
             pairs += overlap(str(shards), split, train_shards, train_split, subset_a=subset, subset_b=train_subset)
             checked.append(where)
-        except ShardError as e:  # a shard set built before image hashes were recorded, or gone
+        except ShardsNotFoundError:
+            missing.append(f"data.shards {train_shards}: no shard set there")
+        except ShardError as e:  # a shard set built before image hashes were recorded
             unchecked.append(f"{where} ({e})")
-    result = {"checked_against": checked, "not_checked": unchecked, "overlapping_images": len(pairs),
+    missing = list(dict.fromkeys(missing))
+    if missing and not allow:
+        raise DataError(f"cannot check {shards} {subset}/{split} against the checkpoint's training data: "
+                        f"{'; '.join(missing)}; pass --allow-leakage to evaluate without that check")
+    result = {"checked_against": checked, "not_checked": unchecked + missing, "overlapping_images": len(pairs),
               "examples": [f"{p.a.key} ~ {p.b.key} ({p.kind})" for p in pairs[:5]], "allowed": allow}
     if pairs and not allow:
         raise DataError(f"{shards} {subset}/{split} shares {len(pairs)} image(s) with the checkpoint's training data "
@@ -264,12 +333,13 @@ def default_subset(cfg) -> str:
 def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: str = "test",
                         subset: str | None = None, out: str | Path | None = None, batch_size: int = 16,
                         n_boot: int = 1000, seed: int = 0, allow_leakage: bool = False,
-                        gate: Optional[dict] = None) -> dict:
+                        gate: Optional[dict] = None, overwrite: bool = False) -> dict:
     """Evaluate a checkpoint on a split; every rank returns the summary, rank 0 writes the files.
 
     `gate`: overrides of the checkpoint's teacher-forcing gate (`source`, `threshold`,
     `first_stage`, as `mtlxray.gate.Gate.from_config` takes them); with a gate, metrics come
-    gated and ungated.
+    gated and ungated. `out`: a folder that must be empty unless `overwrite` (the default folder,
+    `default_out_dir`, is replaced).
 
     Refuses (DataError) a split that shares images with the checkpoint's training data unless
     `allow_leakage`. Runs in one process, or in several under `accelerate launch`/`torchrun`
@@ -281,12 +351,13 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     subset = subset or default_subset(cfg)
     out_dir = Path(out) if out is not None else default_out_dir(checkpoint, ckpt, shards, subset, split)
     return evaluate_model(model, cfg, shards, {"checkpoint": str(ckpt)}, out_dir, split=split, subset=subset,
-                          batch_size=batch_size, n_boot=n_boot, seed=seed, allow_leakage=allow_leakage, gate=gate)
+                          batch_size=batch_size, n_boot=n_boot, seed=seed, allow_leakage=allow_leakage, gate=gate,
+                          overwrite=overwrite or out is None)
 
 
 def evaluate_config(config: str | Path, overrides: list[str], shards: str | Path, *, split: str = "test",
                     subset: str | None = None, out: str | Path | None = None, batch_size: int = 16,
-                    n_boot: int = 1000, seed: int = 0, gate: Optional[dict] = None) -> dict:
+                    n_boot: int = 1000, seed: int = 0, gate: Optional[dict] = None, overwrite: bool = False) -> dict:
     """Evaluate the model a config describes, with the weights its config names and no training run
     (zero-shot CLIP from `model.pretrained`, or any model as initialised).
 
@@ -300,27 +371,26 @@ def evaluate_config(config: str | Path, overrides: list[str], shards: str | Path
     model.set_mode(cfg.phase.name)
     model.eval()
     subset = subset or default_subset(cfg)
+    overwrite = overwrite or out is None  # the default folder holds this evaluation only
     if out is None:
         shards_name = Path(str(shards).rstrip("/")).name or "shards"
         out = Path(cfg.run.output_dir) / cfg.run.name / f"eval-pretrained-{shards_name}-{subset}-{split}"
     source = {"checkpoint": None, "model_config": str(config), "overrides": list(overrides),
               "weights": cfg.model.pretrained or cfg.model.encoder_pretrained}
     return evaluate_model(model, cfg, shards, source, Path(out), split=split, subset=subset,
-                          batch_size=batch_size, n_boot=n_boot, seed=seed, gate=gate)
+                          batch_size=batch_size, n_boot=n_boot, seed=seed, gate=gate, overwrite=overwrite)
 
 
 def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, *, split: str, subset: str,
                    batch_size: int = 16, n_boot: int = 1000, seed: int = 0, allow_leakage: bool = False,
-                   gate: Optional[dict] = None) -> dict:
+                   gate: Optional[dict] = None, overwrite: bool = False) -> dict:
     """Evaluate `model` (built from `cfg`, in eval mode) on `subset`/`split` of `shards`; every rank
     returns the summary, rank 0 writes metrics.json (with `source`'s fields), per_image.csv,
-    report.md, the figures and the resolved config.yaml under `out_dir`.
+    report.md, the figures and the resolved config.yaml under `out_dir`, which it holds for the
+    whole evaluation and which must be empty unless `overwrite` (see the module docstring).
 
     Class names are those of the config's label scheme (`data.classes`), which the loader labels by."""
-    from accelerate.utils import gather_object
-
-    from mtlxray.config import dump_config
-    from mtlxray.data.loader import build_eval_loader, label_names, read_manifest
+    from mtlxray.data.loader import label_names, read_manifest
     from mtlxray.model.kinds import resizes_input
 
     what = source.get("checkpoint") or source.get("model_config")
@@ -335,10 +405,38 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
                           f"has {len(class_names)} classes ({', '.join(class_names)})")
     multilabel = cfg.model.cls_loss == "bce_multilabel"
     subset = subset or ("infection" if cfg.phase.name == "phase2" else "lung")
-    leakage = check_leakage(cfg, shards, subset, split, allow_leakage) if source.get("checkpoint") else \
+    leakage = check_leakage(cfg, shards, subset, split, allow_leakage, Path(source["checkpoint"])) \
+        if source.get("checkpoint") else \
         {"checked_against": [], "not_checked": [], "overlapping_images": 0, "examples": [], "allowed": False,
          "note": "no training run"}
     accelerator = _accelerator()
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(claim_output_dir(out_dir, EVALUATE_OUTPUTS, overwrite=overwrite, command="evaluate"))
+            except MtlxError as e:
+                refusal = e
+        if accelerator.num_processes > 1:  # every rank stops on rank 0's refusal, none waits for it
+            from accelerate.utils import broadcast_object_list
+
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise refusal
+        return _evaluate_into(model, cfg, shards, source, out_dir, accelerator, manifest, class_names, leakage,
+                              split=split, subset=subset, batch_size=batch_size, n_boot=n_boot, seed=seed,
+                              gate=gate, multilabel=multilabel, what=what)
+
+
+def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator, manifest: dict, class_names: list,
+                   leakage: dict, *, split: str, subset: str, batch_size: int, n_boot: int, seed: int,
+                   gate: Optional[dict], multilabel: bool, what: str) -> dict:
+    """`evaluate_model`'s work once the output folder is held: run, gather, summarise, write."""
+    from accelerate.utils import gather_object
+
+    from mtlxray.config import dump_config
+    from mtlxray.data.loader import build_eval_loader
+
     model.to(accelerator.device)
     model.set_attention(resolve_attention(cfg.model.attention, "fp32", accelerator.device.type))
     expected = sum(manifest["counts"].get(subset, {}).get(split, {}).values())
@@ -375,8 +473,11 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
                    infection_classes=[class_names[c] for c in cfg.phase.positive_classes], leakage=leakage,
                    gate=gating.describe() if gating else None)
     if accelerator.is_main_process:
-        write_outputs(summary, records, best, worst, out_dir)
-        write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
+        def write(folder: Path) -> None:
+            write_text_atomic(folder / "config.yaml", dump_config(cfg))
+            write_outputs(summary, records, best, worst, folder)
+
+        publish_outputs(out_dir, write)
         logger.info("evaluation of %s on %s/%s (%d images) -> %s", what, subset, split, len(records), out_dir)
     accelerator.wait_for_everyone()
     summary["out"] = str(out_dir)
@@ -423,7 +524,7 @@ def headline(summary: dict) -> str:
 def cli_main(args: argparse.Namespace) -> int:
     gate = {"source": args.gate_source, "threshold": args.gate, "first_stage": args.first_stage}
     common = dict(split=args.split, subset=args.subset, out=args.out, batch_size=args.batch_size,
-                  n_boot=args.bootstrap, gate=gate)
+                  n_boot=args.bootstrap, gate=gate, overwrite=args.overwrite)
     if args.model_config is not None:
         summary = evaluate_config(args.model_config, args.overrides, args.shards, **common)
     else:

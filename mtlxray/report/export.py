@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from mtlxray.config import Config, config_from_dict, dump_config
 from mtlxray.errors import CheckpointError, MtlxError
-from mtlxray.io import atomic_path
+from mtlxray.io import atomic_path, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,26 @@ def _traceable(model: nn.Module, cfg: Config, kernel: str | None = None) -> Iter
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _written(out: Path) -> Iterator[Path]:
+    """`atomic_path(out)`, with a failed write (a full disk: OSError, safetensors' SafetensorError,
+    torch's "file write failed" RuntimeError) as one line naming `out` and the free space there.
+    Nothing is left at `out` (the temp file is removed)."""
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_path(out) as tmp:
+            yield tmp
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise write_error(out, e) from None
+
+
 def export_safetensors(model: nn.Module, cfg: Config, out: Path) -> Path:
     """Weights plus the resolved config (metadata "config", YAML) in one safetensors file."""
     from safetensors.torch import save_file
 
     weights = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
+    with _written(out) as tmp:
         save_file(weights, str(tmp), metadata={"config": dump_config(cfg), "format": "mtlxray"})
     return out
 
@@ -146,7 +160,7 @@ def export_torchscript(model: nn.Module, cfg: Config, out: Path) -> Path:
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(wrapped, example_input(cfg, batch=TRACE_BATCH), check_trace=False)
-        with atomic_path(out) as tmp:
+        with _written(out) as tmp:
             torch.jit.save(traced, str(tmp))
     return out
 
@@ -169,7 +183,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: Path) -> Path:
                                     # model's file was 1.6× larger and onnxruntime warned about
                                     # CastLike nodes it could not fold.
                                     optimize=True)
-        with atomic_path(out) as tmp:
+        with _written(out) as tmp:
             program.save(str(tmp), external_data=False)
             onnx.checker.check_model(str(tmp))
     return out

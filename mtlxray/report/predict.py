@@ -23,24 +23,29 @@ a model without a box head (`model.det_head`) has null `boxes`.
 
 A file that cannot be used (unreadable, not an image, larger than the decompression-bomb limit)
 is reported in errors.jsonl and on stderr while the others carry on; the exit code is then 1.
+Every image-named entry of a folder is either predicted or reported: a broken or looping symbolic
+link, or a folder named like an image, is an error line too. With nothing to predict at all (every
+input missing) predict stops in one line before creating the output folder.
 
 The output folder must be empty (or new): files of an earlier run (masks of images no longer
 predicted, an old errors.jsonl) would otherwise sit beside the new ones and read as current. With
 `--overwrite` predict first deletes what it writes (`PREDICT_OUTPUTS`) and keeps anything else.
-Every file is written atomically with the mode the umask gives.
+Predict holds the folder for its whole run (`mtlxray.report.outdir`): a second predict into it
+fails at once instead of mixing its masks with the first's. Every file is written atomically with
+the mode the umask gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
 import logging
+import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +60,7 @@ from mtlxray.data.loader import label_names
 from mtlxray.errors import ConfigError, DataError, MtlxError
 from mtlxray.io import write_text_atomic
 from mtlxray.report.figures import prediction_overlay, save_png
+from mtlxray.report.outdir import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +105,39 @@ class Failure:
     error: str
 
 
+def _not_a_file(path: Path) -> str:
+    """Why `path`, which `is_file()` refused, cannot be read as an image."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"broken symbolic link (to {os.readlink(path)})"
+        return "no such file or folder"
+    return "a folder (folders inside folders are not searched)" if path.is_dir() else "not a regular file"
+
+
 def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Files named directly plus the image files of named folders (sorted, not recursive)."""
+    """Files named directly plus the image files of named folders (sorted, not recursive).
+
+    Every folder entry with an image suffix (not hidden) is either a file to predict or a failure
+    saying why not (a broken or looping link, a folder), never dropped."""
     files: list[Path] = []
     failures: list[Failure] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            for p in sorted(item.iterdir()):
+                if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+                    continue
+                if p.is_file():
+                    files.append(p)
+                else:
+                    failures.append(Failure(str(p), _not_a_file(p)))
         elif item.is_file():
             files.append(item)
         else:
-            failures.append(Failure(str(item), "no such file or folder"))
+            failures.append(Failure(str(item), _not_a_file(item)))
     return files, failures
 
 
@@ -303,39 +330,6 @@ def check_gate(gate: float | None) -> None:
         raise ConfigError(f"--gate must be a probability in [0, 1], got {gate}")
 
 
-def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Create `out` for a fresh prediction and check that files can be written there.
-
-    A folder that is not empty is refused (ConfigError) unless `overwrite`, which first deletes
-    what predict writes (`PREDICT_OUTPUTS`), so no file of an earlier run is left to read as
-    current; other files are kept. A folder that cannot be created or written is a one-line
-    MtlxError.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"--out {out} is not empty: pass --overwrite to replace an earlier prediction "
-                              "there, or choose a new folder")
-        for name in PREDICT_OUTPUTS:
-            path = out / name
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
-            except OSError as e:
-                raise MtlxError(f"--out {out}: cannot remove the earlier {name}: {e.strerror or e}") from None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise MtlxError(f"--out {out}: cannot write there: {e.strerror or e}") from None
-    return out
-
-
 def _jsonl(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -398,18 +392,21 @@ def cli_gate(cfg, args: argparse.Namespace, device: torch.device | str = "cpu"):
 
 def cli_main(args: argparse.Namespace) -> int:
     check_gate(args.gate)
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    paths, failures = collect_inputs(args.inputs)
+    if not paths:  # before the output folder exists: no folder holding an empty CSV
+        raise DataError("nothing to predict: " + ("; ".join(f"{f.path}: {f.error}" for f in failures)
+                                                  or f"no {'/'.join(IMAGE_SUFFIXES)} files in {' '.join(args.inputs)}"))
     model, cfg = load_predictor(args.checkpoint)
     gating = cli_gate(cfg, args)
-    paths, failures = collect_inputs(args.inputs)
-    try:
-        records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
-                                     batch_size=args.batch_size, gating=gating)
-        failures += bad
-        write_predictions(out, records, failures)
-    except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback
-        raise MtlxError(f"--out {out}: writing failed: {e.strerror or e}"
-                        f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
+    with claim_output_dir(args.out, PREDICT_OUTPUTS, overwrite=args.overwrite, command="predict") as out:
+        try:
+            records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
+                                         batch_size=args.batch_size, gating=gating)
+            failures += bad
+            write_predictions(out, records, failures)
+        except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback
+            raise MtlxError(f"--out {out}: writing failed: {e.strerror or e}"
+                            f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
     for r in records:
         sev = "n/a" if r["severity_percent"] is None else f"{r['severity_percent']:.1f}%"
         boxes = "" if r["boxes"] is None else f", {len(r['boxes'])} infection box(es)"

@@ -1,5 +1,7 @@
 """Zero-shot CLIP through open_clip, with a tiny randomly initialised model saved by the test."""
 
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -87,3 +89,18 @@ def test_class_embeddings_are_kept_in_eval_and_dropped_on_train_or_load(tiny_cli
         assert model.class_embeddings() is not first
         model.train()
         assert model._class_cache is None
+
+
+def test_an_architecture_naming_a_hugging_face_tokenizer_says_transformers_is_missing(tmp_path, monkeypatch):
+    import json
+
+    from _zoo_support import TINY_CLIP
+    from mtlxray.errors import MtlxError
+
+    arch = tmp_path / "tiny-clip-hf-tokenizer.json"
+    arch.write_text(json.dumps({**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"],
+                                                          "hf_tokenizer_name": "bert-base-uncased"}}))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises, installed or not
+    with pytest.raises(MtlxError, match=r"Hugging Face tokenizer 'bert-base-uncased', which needs the "
+                                        r"`transformers` package, not installed here \(pip install transformers\)"):
+        build_model(ModelConfig(name="clip_zeroshot", img_size=64, clip_arch=str(arch)), pretrained=False)

@@ -65,6 +65,23 @@ def test_a_segmenter_reports_no_class_metrics_and_a_classifier_no_dice(runs, sha
     assert cls["tasks"] == ["cls"] and (tmp_path / "cls" / "config.yaml").is_file()
 
 
+def test_a_classifier_evaluated_over_a_segmenters_folder_shows_none_of_its_figures(runs, shards, tmp_path):
+    out = tmp_path / "e"
+    evaluate_checkpoint(runs / "unet" / "checkpoints" / "best", shards, out=out, n_boot=0)
+    assert (out / "dice_hist.png").is_file() and (out / "overlays.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    (out / ".partial-killed").mkdir()  # the temp folder of an evaluation killed while writing
+    classifier = runs / "vit_b_cls" / "checkpoints" / "best"
+    with pytest.raises(ConfigError, match="not empty: pass --overwrite"):
+        evaluate_checkpoint(classifier, shards, out=out, n_boot=0)
+    assert (out / "dice_hist.png").is_file() and (out / "metrics.json").is_file()  # refused: nothing touched
+    evaluate_checkpoint(classifier, shards, out=out, n_boot=0, overwrite=True)
+    report = (out / "report.md").read_text()
+    assert "confusion.png" in report and "dice_hist.png" not in report and "overlays.png" not in report
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "confusion.png", "metrics.json", "notes.txt",
+                                                     "per_image.csv", "report.md"]
+
+
 def test_zero_shot_clip_needs_no_training_run(clip_eval, shards):
     import torch
 

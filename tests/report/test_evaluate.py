@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,11 +11,17 @@ import killable
 import pytest
 from safetensors.torch import load_file, save_file
 
+from _report_support import write_checkpoint
 from tiny_data import make_tiny_shards
-from mtlxray.errors import CheckpointError, ConfigError
-from mtlxray.report.evaluate import FIGURES, Case, _TopK, evaluate_checkpoint
+from mtlxray.cli import main
+from mtlxray.config import load_config
+from mtlxray.errors import CheckpointError, ConfigError, DataError
+from mtlxray.report.evaluate import FIGURES, Case, _TopK, check_leakage, evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+UNTRAINED = True
+"""`allow_leakage` for the fixtures' checkpoints: their configs name the default `data.shards`, a
+training set they never saw and that does not exist, which evaluate otherwise refuses as unchecked."""
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,8 @@ def _cli(*args: str, env: dict | None = None):
 
 
 def test_evaluate_checkpoint_writes_metrics_per_image_csv_report_and_figures(tiny_ckpt, shards64, tmp_path):
-    s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="infection", out=tmp_path, n_boot=20)
+    s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="infection", out=tmp_path, n_boot=20,
+                            allow_leakage=UNTRAINED)
     manifest = json.loads((shards64 / "manifest.json").read_text())
     m = s["metrics"]
     assert m["n_images"] == sum(manifest["counts"]["infection"]["test"].values())
@@ -52,7 +60,7 @@ def test_evaluate_checkpoint_writes_metrics_per_image_csv_report_and_figures(tin
 
 def test_phase1_checkpoint_says_it_has_no_infection_head(tiny_ckpt_phase1, shards64, tmp_path):
     res = _cli("--checkpoint", str(tiny_ckpt_phase1), "--shards", str(shards64), "--split", "test",
-               "--subset", "infection", "--out", str(tmp_path), "--bootstrap", "10")
+               "--subset", "infection", "--out", str(tmp_path), "--bootstrap", "10", "--allow-leakage")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "no infection head" in res.stdout and "nan" not in res.stdout
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -60,7 +68,7 @@ def test_phase1_checkpoint_says_it_has_no_infection_head(tiny_ckpt_phase1, shard
 
 
 def test_default_output_folder_names_checkpoint_shards_subset_and_split(tiny_ckpt, shards64):
-    s = evaluate_checkpoint(tiny_ckpt, shards64, split="val", subset="lung", n_boot=5)
+    s = evaluate_checkpoint(tiny_ckpt, shards64, split="val", subset="lung", n_boot=5, allow_leakage=UNTRAINED)
     assert Path(s["out"]) == tiny_ckpt.parent.parent / f"eval-best-{shards64.name}-lung-val"
     assert (Path(s["out"]) / "metrics.json").is_file()
 
@@ -89,12 +97,13 @@ def test_a_checkpoint_with_non_finite_weights_fails_in_one_line(tiny_ckpt, shard
 
 @pytest.mark.distributed
 def test_evaluate_two_ranks_gathers_every_image_once(tiny_ckpt, shards64, tmp_path):
-    single = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path / "one", n_boot=20)
+    single = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path / "one", n_boot=20,
+                                 allow_leakage=UNTRAINED)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "MTLXRAY_PG_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
     killable.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mtlxray.cli", "evaluate",
                   "--checkpoint", str(tiny_ckpt), "--shards", str(shards64), "--split", "test",
-                  "--subset", "lung", "--out", str(tmp_path / "two"), "--bootstrap", "20"],
+                  "--subset", "lung", "--out", str(tmp_path / "two"), "--bootstrap", "20", "--allow-leakage"],
                  env=env, check=True, timeout=240)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["world_size"] == 2
@@ -113,26 +122,31 @@ def test_top_k_keeps_highest_scores():
 
 
 def test_values_in_the_report_are_those_of_metrics_json(tiny_ckpt, shards64, tmp_path):
-    s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path, n_boot=5)
+    s = evaluate_checkpoint(tiny_ckpt, shards64, split="test", subset="lung", out=tmp_path, n_boot=5,
+                            allow_leakage=UNTRAINED)
     report = (tmp_path / "report.md").read_text()
     assert f"{s['metrics']['lung_dice']:.4f}" in report and f"{s['metrics']['accuracy']:.4f}" in report
 
 
 def _checkpoint_trained_on(shards: Path, root: Path) -> Path:
     """A phase-1 checkpoint whose config says it was trained on `shards`."""
-    from _report_support import write_checkpoint
-
     return write_checkpoint(root / "run", "phase1", 0, f"data.shards={shards}")
 
 
-def test_a_split_sharing_images_with_the_training_data_is_refused_unless_allowed(tmp_path):
+@pytest.fixture(scope="module")
+def leaky_shards(tmp_path_factory) -> Path:
+    """64² shards whose val/test splits hold 6 planted copies of training images."""
     from mtlxray.data.shards import build_shards
     from mtlxray.data.synth import synthesize
-    from mtlxray.errors import DataError
 
-    synthesize(tmp_path / "tree", "tiny", size=64, workers=1, progress=False, duplicates=6)
-    shards = tmp_path / "shards"
-    build_shards(tmp_path / "tree", shards, format="raw", shard_size=8, workers=1, image_size=64, progress=False)
+    root = tmp_path_factory.mktemp("leaky")
+    synthesize(root / "tree", "tiny", size=64, workers=1, progress=False, duplicates=6)
+    build_shards(root / "tree", root / "shards", format="raw", shard_size=8, workers=1, image_size=64, progress=False)
+    return root / "shards"
+
+
+def test_a_split_sharing_images_with_the_training_data_is_refused_unless_allowed(leaky_shards, tmp_path):
+    shards = leaky_shards
     ckpt = _checkpoint_trained_on(shards, tmp_path)
     with pytest.raises(DataError, match="--allow-leakage"):
         evaluate_checkpoint(ckpt, shards, split="test", subset="lung", out=tmp_path / "e", n_boot=5)
@@ -147,3 +161,61 @@ def test_the_report_states_a_clean_audit(shards64, tmp_path):
                             out=tmp_path / "e", n_boot=5)
     assert s["leakage"]["overlapping_images"] == 0 and s["leakage"]["checked_against"]
     assert "shares **0** image(s)" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_relative_training_paths_are_read_from_the_run_folder_whatever_the_working_directory(
+        leaky_shards, tmp_path, monkeypatch):
+    # Two phases trained from `home` with relative paths (shards, runs/, init_from), as `mtlxray train` there writes them.
+    home = tmp_path / "home"
+    home.mkdir()
+    home = home.resolve()
+    (home / "shards").symlink_to(leaky_shards)
+    p1 = write_checkpoint(home / "runs" / "p1", "phase1", 0, "data.shards=shards", "data.subset=lung", "run.name=p1")
+    p2 = write_checkpoint(home / "runs" / "p2", "phase2", 0, "data.shards=shards", "data.subset=infection",
+                          "run.name=p2", "phase.init_from=runs/p1/checkpoints/best")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(DataError, match=r"shares \d+ image"):
+        evaluate_checkpoint(p1, leaky_shards, split="test", subset="lung", out=tmp_path / "e", n_boot=0)
+    audit = check_leakage(load_config(p2 / "config.yaml"), leaky_shards, "lung", "test", True, p2)
+    assert audit["checked_against"] == [f"{home / 'shards'} infection/train", f"{home / 'shards'} lung/train"]
+    assert audit["not_checked"] == [] and audit["overlapping_images"] > 0
+
+
+def test_a_training_source_that_cannot_be_found_is_refused_unless_allowed(shards64, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "loose", "phase2", 0, f"data.shards={shards64}",
+                            "phase.init_from=runs/gone/checkpoints/best")
+    gone = r"phase.init_from \S*runs/gone/checkpoints/best: does not exist"
+    with pytest.raises(DataError, match=gone + ".*--allow-leakage"):
+        evaluate_checkpoint(ckpt, shards64, split="test", subset="lung", out=tmp_path / "e", n_boot=0)
+    audit = check_leakage(load_config(ckpt / "config.yaml"), shards64, "lung", "test", True, ckpt)
+    assert audit["checked_against"] and len(audit["not_checked"]) == 1
+    assert re.fullmatch(gone, audit["not_checked"][0])
+
+
+def test_a_full_disk_while_writing_the_evaluation_is_one_line_and_leaves_no_partial_result(
+        tiny_ckpt_phase1, shards64, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def full_disk(self, fname, *args, **kwargs):  # the first figure runs out of space half-way
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    out = tmp_path / "e"
+    rc = main(["evaluate", "--checkpoint", str(tiny_ckpt_phase1), "--shards", str(shards64), "--subset", "lung",
+               "--out", str(out), "--bootstrap", "0", "--allow-leakage"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert f"{out}: cannot write: No space left on device (" in err and " free there)" in err
+    assert list(out.iterdir()) == []  # no figure, no metrics.json that would read as a finished evaluation
+
+
+def test_evaluate_of_a_checkpoint_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "runs" / "nope" / "checkpoints" / "best"),
+               "--shards", str(tmp_path / "shards")])
+    err = capsys.readouterr().err.strip()
+    assert rc == CheckpointError.exit_code and err.endswith("checkpoints/best: does not exist"), err

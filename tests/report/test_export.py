@@ -9,6 +9,7 @@ and the exporter never met the in-place `blocked &= ...` that broke every real m
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,24 @@ def test_onnx_export_without_its_packages_names_them(tiny_ckpt, tmp_path, monkey
     with pytest.raises(MtlxError, match=f"`{missing}` package.*mtlxray\\[export\\]"):
         E.export_checkpoint(tiny_ckpt, "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_file(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):  # safetensors' own words for ENOSPC, half-way through
+        Path(filename).write_bytes(b"\0" * 64)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--format", "safetensors", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out}: cannot write: " in err and "StorageFull" in err
+    assert err.endswith(" free there)")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temp
 
 
 def test_export_cli_reports_difference(tiny_ckpt, tmp_path, capsys):

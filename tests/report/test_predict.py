@@ -4,6 +4,7 @@ checkpoint end to end."""
 import csv
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,57 @@ def test_collect_inputs_takes_folder_images_and_reports_missing_paths(tmp_path):
     files, failures = collect_inputs([d, tmp_path / "missing.png"])
     assert [f.name for f in files] == ["a.JPG", "b.png", "c.jpeg"]
     assert [f.path for f in failures] == [str(tmp_path / "missing.png")]
+
+
+def test_collect_inputs_lists_broken_and_looping_links_instead_of_dropping_them(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_png(d / "good.png")
+    (d / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (d / "self.png").symlink_to(d / "self.png")
+    (d / "ping.png").symlink_to(d / "pong.png")
+    (d / "pong.png").symlink_to(d / "ping.png")
+    (d / "scans.png").mkdir()
+    (d / "linked.png").symlink_to(d / "good.png")
+    files, failures = collect_inputs([d, tmp_path / "gone.png"])
+    assert [f.name for f in files] == ["good.png", "linked.png"]
+    why = {Path(f.path).name: f.error for f in failures}
+    assert why == {"dangling.png": f"broken symbolic link (to {tmp_path / 'gone.png'})",
+                   "ping.png": "symbolic link loop", "pong.png": "symbolic link loop", "self.png": "symbolic link loop",
+                   "scans.png": "a folder (folders inside folders are not searched)",
+                   "gone.png": "no such file or folder"}
+    assert len(files) + len(failures) == len(list(d.iterdir())) + 1  # every entry, and the missing argument
+
+
+def test_predict_of_only_missing_files_stops_before_creating_the_output_folder(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _predict(tiny_ckpt, out, tmp_path / "missing.png") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to predict" in err and "missing.png: no such file" in err
+    assert not out.exists()
+
+
+def test_a_second_predict_into_a_folder_in_use_fails_at_once_and_writes_nothing(tiny_ckpt, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    # Another process holds the new folder as a running predict does (the same code), until its stdin closes.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mtlxray.report.outdir import claim_output_dir\n"
+         f"with claim_output_dir({str(out)!r}, ['masks'], overwrite=False, command='predict'):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # even --overwrite, which would clear the holder's outputs, does not get in
+        assert _predict(tiny_ckpt, out, _write_png(tmp_path / "a.png"), extra=["--overwrite"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"in use by pid {holder.pid}" in err
+        assert [p.name for p in out.iterdir()] == [".lock"]  # no mask, no CSV of the second predict
+    finally:
+        holder.communicate("", timeout=30)
+    assert holder.returncode == 0 and list(out.iterdir()) == []  # the holder's lock goes with it
 
 
 def test_to_model_input_resizes_and_scales_to_unit_range():
