@@ -20,8 +20,9 @@ Guarantees:
   listed in state.json against the folder before anything is loaded, and that the RNG state of
   every rank reads back; `find_resume` falls back to an older complete checkpoint, saying why.
 - Pickled files are read with `torch.load(weights_only=True)`; a DeepSpeed checkpoint's `.pt`
-  files are checked that way (with an allow-list of DeepSpeed's own plain types) before
-  DeepSpeed, which unpickles them fully, is given the folder.
+  files are checked that way (with an allow-list of DeepSpeed's own plain types), symlinked
+  folders included, before DeepSpeed, which unpickles them fully, is given the folder; a link
+  leading outside the checkpoint folder is refused.
 """
 
 from __future__ import annotations
@@ -305,6 +306,30 @@ def _deepspeed_safe_globals() -> list:
     return found
 
 
+def _deepspeed_pickles(ckpt: Path) -> list[Path]:
+    """Every .pt file under `ckpt` as DeepSpeed would reach it, symlinked folders included.
+
+    `Path.rglob` does not descend into a symlinked folder, while DeepSpeed opens the files
+    through it; so this walks with links followed, and refuses (CheckpointError) any link that
+    leads outside the checkpoint folder: nothing a checkpoint holds may come from elsewhere."""
+    root = ckpt.resolve()
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = here.resolve()
+        if real in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in dirs + files:
+            path = here / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise CheckpointError(f"{path}: refused: a link to {path.resolve()}, outside the checkpoint "
+                                      f"{root}")
+        found += [here / name for name in files if name.endswith(".pt")]
+    return sorted(found)
+
+
 def check_deepspeed_pickles(ckpt: Path) -> None:
     """Refuse a DeepSpeed checkpoint whose .pt files need more than weights_only unpickling.
 
@@ -314,7 +339,7 @@ def check_deepspeed_pickles(ckpt: Path) -> None:
     import argparse
 
     safe = [*_deepspeed_safe_globals(), argparse.Namespace]
-    for path in sorted(Path(ckpt).rglob("*.pt")):
+    for path in _deepspeed_pickles(Path(ckpt)):
         try:
             with torch.serialization.safe_globals(safe):
                 torch.load(path, map_location="cpu", weights_only=True)

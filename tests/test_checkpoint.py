@@ -150,6 +150,34 @@ def test_deepspeed_checkpoint_with_a_pickle_payload_is_refused_without_running_i
     assert not marker.exists()
 
 
+def test_deepspeed_pickle_check_walks_a_link_loop_inside_the_checkpoint_once(tmp_path):
+    ckpt = tmp_path / "step-000002"
+    (ckpt / "engine").mkdir(parents=True)
+    os.symlink("engine", ckpt / "pytorch_model")
+    os.symlink("..", ckpt / "engine" / "loop")  # a link back up: walked once, not forever
+    marker = tmp_path / "ran"
+    with open(ckpt / "engine" / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        check_deepspeed_pickles(ckpt)
+    assert not marker.exists()
+
+
+def test_deepspeed_pickle_check_refuses_a_link_leaving_the_checkpoint(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    marker = tmp_path / "ran"
+    with open(elsewhere / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    os.symlink(elsewhere, ckpt / "pytorch_model")
+    with pytest.raises(CheckpointError, match="outside the checkpoint") as err:
+        check_deepspeed_pickles(ckpt)
+    assert str(ckpt / "pytorch_model") in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
 def test_read_state_of_a_folder_without_state_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="state.json"):
         read_state(tmp_path)
