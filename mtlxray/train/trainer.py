@@ -212,9 +212,8 @@ class Trainer:
     # set-up
 
     def _build_model(self, target: Optional[Path]):
-        from safetensors.torch import load_file
-
         from mtlxray.model import build_model
+        from mtlxray.model.base import read_weights
         from mtlxray.model.pretrained import load_state_dict_transfer
 
         cfg = self.cfg
@@ -223,7 +222,7 @@ class Trainer:
         model = build_model(cfg.model, pretrained=target is None and not cfg.phase.init_from)
         if cfg.phase.init_from and target is None:
             ckpt = resolve_checkpoint(cfg.phase.init_from)
-            reset = load_state_dict_transfer(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
+            reset = load_state_dict_transfer(model, read_weights(ckpt / WEIGHTS_NAME), str(ckpt))
             logger.info("initialised from %s%s", ckpt, f"; re-initialised {', '.join(reset)}" if reset else "")
             if cfg.phase.name == "phase2" and cfg.phase.cls_phase2_init == "from_phase1":
                 if not hasattr(model, "init_phase2_class_input"):
