@@ -231,6 +231,10 @@ class Trainer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.set_attention(resolve_attention(cfg.model.attention, cfg.run.precision, device))
         prepare_phase(model, cfg.phase)
+        if cfg.data.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} per process: {cfg.model.name} has batch norm, "
+                              "which needs at least 2 images per training step; raise data.batch_size "
+                              "(or data.global_batch_size)")
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"phase.frozen: every parameter of {cfg.model.name} is frozen, there is nothing to "
                               "train; evaluate a zero-shot model without training: mtlxray evaluate "

@@ -131,3 +131,10 @@ def test_a_corrupt_or_truncated_init_from_checkpoint_fails_in_one_line(tiny_cfg,
             run_training(tiny_cfg(f"phase.init_from={ckpt}", phase2=True, name=name), resume="none")
         assert str(weights) in str(err.value) and "corrupt or truncated" in str(err.value)
         assert "\n" not in str(err.value)
+
+
+def test_a_batch_of_one_with_batch_norm_is_refused_before_training(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run_training(tiny_cfg("data.batch_size=1", "schedule.max_steps=1", name="b1"), resume="none")
+    assert "data.batch_size=1 per process" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "b1" / "checkpoints").exists()
