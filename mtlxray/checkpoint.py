@@ -67,6 +67,8 @@ class TrainState:
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     nan_skipped: int = 0
+    skipped_shards: int = 0
+    """Shards the training loaders skipped over the run, on all ranks (`data.skip_failed_shards`)."""
     phase: str = "phase1"
     world_size: int = 1
     """Processes that wrote the checkpoint (one RNG state file each)."""
