@@ -133,10 +133,10 @@ def _saver(tmp_path: Path):
     from accelerate import Accelerator
 
     cfg = load_config(None, TINY)
-    acc = Accelerator(cpu=True)
+    acc = Accelerator()  # no arguments: whatever an earlier test set up for the process is kept
     model = build_model(cfg.model)
     model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters()))
-    model(torch.zeros(2, 1, 64, 64))["lung"].sum().backward()
+    model(torch.zeros(2, 1, 64, 64, device=acc.device))["lung"].sum().backward()
     optimizer.step()
     root = tmp_path / "checkpoints"
     return lambda step: save_checkpoint(acc, model, model, root, TrainState(step=step), cfg, last=True, best=False)
