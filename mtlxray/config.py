@@ -294,7 +294,8 @@ class ModelConfig:
             if not values or any(v < least for v in values):
                 raise ConfigError(f"model.{name} must be a non-empty list of numbers >= {least}, got {values}")
         if not math.isfinite(self.mlp_ratio) or self.embed_dim * self.mlp_ratio < 1:
-            raise ConfigError(f"model.mlp_ratio must be a finite number > 0 (at least 1/embed_dim), got {self.mlp_ratio}")
+            raise ConfigError(f"model.mlp_ratio must be a finite number > 0 (at least 1/embed_dim), "
+                              f"got {self.mlp_ratio}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_classes < 2:

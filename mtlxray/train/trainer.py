@@ -255,7 +255,8 @@ class Trainer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.set_attention(resolve_attention(cfg.model.attention, cfg.run.precision, device))
         prepare_phase(model, cfg.phase)
-        if cfg.data.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if cfg.data.batch_size < 2 and batch_norm:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} per process: {cfg.model.name} has batch norm, "
                               "which needs at least 2 images per training step; raise data.batch_size "
                               "(or data.global_batch_size)")
