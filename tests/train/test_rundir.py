@@ -75,7 +75,8 @@ def test_a_second_run_in_the_same_folder_fails_at_once_naming_the_holder(tiny_sh
 
 
 def _steps(run) -> list[int]:
-    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["type"] == "train"]
 
 
 def test_resume_with_a_changed_config_is_refused_naming_the_keys_and_keeps_the_record(tiny_cfg, tmp_path):
