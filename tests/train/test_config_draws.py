@@ -123,7 +123,9 @@ def _use_trainer(cfg: Config, whole: bool) -> None:
 
 def test_every_numeric_field_is_refused_in_one_line_or_trains(tiny_shards, tmp_path, capsys):
     def overrides(*extra: str, name: str) -> list[str]:
-        return tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=2", *extra, name=name)
+        # Augmentation on, so that its draws reach the loader (the demo trains without it).
+        return tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=2", "data.augment.enabled=true", *extra,
+                              name=name)
 
     draws = _draws(load_config(DEMO, overrides(name="base")))
     refused, used, failures = 0, [], []
