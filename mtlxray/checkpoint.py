@@ -16,12 +16,15 @@ Layout under runs/<name>/checkpoints/:
 Guarantees:
 - A checkpoint folder appears only when every part is written (temp folder, barrier, rename).
 - A model with a non-finite parameter or buffer is never written (`assert_finite`).
+- A write that fails (a full disk) raises CheckpointError in one line naming the checkpoint, the
+  reason and the free space; its temp folder is removed and `last` keeps pointing at the previous one.
 - A checkpoint is complete only with all of its parts: `verify_checkpoint` checks the parts
   listed in state.json against the folder before anything is loaded, and that the RNG state of
   every rank reads back; `find_resume` falls back to an older complete checkpoint, saying why.
 - Pickled files are read with `torch.load(weights_only=True)`; a DeepSpeed checkpoint's `.pt`
-  files are checked that way (with an allow-list of DeepSpeed's own plain types) before
-  DeepSpeed, which unpickles them fully, is given the folder.
+  files are checked that way (with an allow-list of DeepSpeed's own plain types), symlinked
+  folders included, before DeepSpeed, which unpickles them fully, is given the folder; a link
+  leading outside the checkpoint folder is refused.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class TrainState:
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
     nan_skipped: int = 0
+    skipped_shards: int = 0
+    """Shards the training loaders skipped over the run, on all ranks (`data.skip_failed_shards`)."""
     phase: str = "phase1"
     world_size: int = 1
     """Processes that wrote the checkpoint (one RNG state file each)."""
@@ -172,32 +177,82 @@ def save_checkpoint(accelerator, model, raw_model: torch.nn.Module, root: Path, 
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    error: Optional[Exception] = None
+    try:
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as e:  # torch reports a failed write (a full disk) as a RuntimeError
+        error = e
     # A collective under ZeRO-3; plain parameters otherwise (accelerate's unwrap would import DeepSpeed).
     deepspeed = type(model).__module__.startswith("deepspeed")
     weights = accelerator.get_state_dict(model) if deepspeed else raw_model.state_dict()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        from safetensors.torch import save_file
+    if not _any_rank(accelerator, error is not None) and accelerator.is_main_process:
+        from safetensors import SafetensorError
 
-        weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
-        save_file(weights, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(dump_config(cfg))
-        state.world_size = accelerator.num_processes
-        state.parts = _parts(tmp)
-        (tmp / STATE_NAME).write_text(state.to_json())
-        if final.exists():  # a step folder of another trajectory: replace it, never reuse it
-            os.replace(final, root / f".old-{final.name}")
-        os.replace(tmp, final)
-        if last:
-            _point(root, "last", final)
-        if best:
-            _point(root, "best", final)
-        _collect_garbage(root)
-        logger.info("checkpoint step %d -> %s%s%s", state.step, final, " [last]" if last else "",
-                    " [best]" if best else "")
+        try:
+            _write_parts(weights, tmp, state, cfg, accelerator.num_processes)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            error = e
+    if _any_rank(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(error, final, root) from None
+    if accelerator.is_main_process:
+        _publish(tmp, final, root, state, last=last, best=best)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_parts(weights: dict, tmp: Path, state: TrainState, cfg: Config, world_size: int) -> None:
+    """Rank 0: the weights, config and state (last: it lists the parts) into the temp folder."""
+    from safetensors.torch import save_file
+
+    from mtlxray.io import default_file_mode
+
+    weights = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
+    save_file(weights, str(tmp / WEIGHTS_NAME))
+    os.chmod(tmp / WEIGHTS_NAME, default_file_mode())  # safetensors creates it 0600; its neighbours follow the umask
+    (tmp / CONFIG_NAME).write_text(dump_config(cfg))
+    state.world_size = world_size
+    state.parts = _parts(tmp)
+    (tmp / STATE_NAME).write_text(state.to_json())
+
+
+def _publish(tmp: Path, final: Path, root: Path, state: TrainState, *, last: bool, best: bool) -> None:
+    """Rank 0: rename the complete temp folder into place and point last/best at it."""
+    if final.exists():  # a step folder of another trajectory: replace it, never reuse it
+        os.replace(final, root / f".old-{final.name}")
+    os.replace(tmp, final)
+    if last:
+        _point(root, "last", final)
+    if best:
+        _point(root, "best", final)
+    _collect_garbage(root)
+    logger.info("checkpoint step %d -> %s%s%s", state.step, final, " [last]" if last else "",
+                " [best]" if best else "")
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """`flag` OR-ed across ranks; also a barrier."""
+    t = torch.tensor(float(flag), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _write_error(error: Optional[Exception], final: Path, root: Path) -> CheckpointError:
+    """One line: which checkpoint could not be written, why, the free space there, and what is kept."""
+    if error is None:
+        why = "another process failed to write its part"
+    elif isinstance(error, OSError) and error.errno is not None:
+        why = os.strerror(error.errno)
+    else:
+        text = str(error).strip()  # torch's writer ends its multi-line message with the cause
+        why = (text.splitlines()[-1].strip() if text else type(error).__name__)[:200]
+    free = shutil.disk_usage(root).free
+    last = root / "last"
+    kept = f"`last` still points at {os.readlink(last)}" if last.is_symlink() else "no earlier checkpoint is kept"
+    return CheckpointError(f"{final}: cannot write the checkpoint ({why}); {free / 2**20:.1f} MiB free on that file "
+                           f"system; nothing of it was kept and {kept}")
 
 
 def read_state(ckpt: Path) -> TrainState:
@@ -307,6 +362,30 @@ def _deepspeed_safe_globals() -> list:
     return found
 
 
+def _deepspeed_pickles(ckpt: Path) -> list[Path]:
+    """Every .pt file under `ckpt` as DeepSpeed would reach it, symlinked folders included.
+
+    `Path.rglob` does not descend into a symlinked folder, while DeepSpeed opens the files
+    through it; so this walks with links followed, and refuses (CheckpointError) any link that
+    leads outside the checkpoint folder: nothing a checkpoint holds may come from elsewhere."""
+    root = ckpt.resolve()
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = here.resolve()
+        if real in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in dirs + files:
+            path = here / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise CheckpointError(f"{path}: refused: a link to {path.resolve()}, outside the checkpoint "
+                                      f"{root}")
+        found += [here / name for name in files if name.endswith(".pt")]
+    return sorted(found)
+
+
 def check_deepspeed_pickles(ckpt: Path) -> None:
     """Refuse a DeepSpeed checkpoint whose .pt files need more than weights_only unpickling.
 
@@ -316,7 +395,7 @@ def check_deepspeed_pickles(ckpt: Path) -> None:
     import argparse
 
     safe = [*_deepspeed_safe_globals(), argparse.Namespace]
-    for path in sorted(Path(ckpt).rglob("*.pt")):
+    for path in _deepspeed_pickles(Path(ckpt)):
         try:
             with torch.serialization.safe_globals(safe):
                 torch.load(path, map_location="cpu", weights_only=True)

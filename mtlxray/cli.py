@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="with --resume none: delete the earlier run's checkpoints, metrics and TensorBoard "
                         "logs in runs/<run.name> first")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the checkpoint's in settings that change "
+                        "the training (refused otherwise, naming them); schedule.epochs/max_steps, logging, "
+                        "run.eval_every/save_every and launch resources may always change")
     p.set_defaults(handler="mtlxray.train.main:cli_main")
 
     # evaluate ----------------------------------------------------------------------------

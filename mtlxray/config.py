@@ -47,16 +47,21 @@ class AugmentConfig:
     translate: float = 0.05
     """Maximum shift as a fraction of the image side."""
     scale: float = 0.05
-    """Maximum relative zoom (0.05 means 0.95..1.05)."""
+    """Maximum relative zoom (0.05 means 0.95..1.05), below 1."""
     brightness: float = 0.1
     """Maximum additive brightness change on the [0, 1] image."""
     contrast: float = 0.1
-    """Maximum relative contrast change."""
+    """Maximum relative contrast change, below 1."""
 
     def __post_init__(self) -> None:
         for name in ("rotate_deg", "translate", "scale", "brightness", "contrast"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"data.augment.{name} must be a finite number >= 0, got {value}")
+        for name in ("scale", "contrast"):  # a factor 1 ± value: at 1 or more it reaches 0 or turns negative
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"data.augment.{name} must be < 1 (the factor is 1 ± {name}), "
+                                  f"got {getattr(self, name)}")
 
 
 SOURCE_TASKS = ("lung", "inf", "det", "cls")
@@ -183,6 +188,8 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        if self.fraction_seed < 0:
+            raise ConfigError(f"data.fraction_seed must be >= 0, got {self.fraction_seed}")
         if self.remote_retries < 0:
             raise ConfigError(f"data.remote_retries must be >= 0, got {self.remote_retries}")
         if not self.remote_backoff_s >= 0.0:
@@ -278,9 +285,22 @@ class ModelConfig:
             raise ConfigError("model.depths and model.num_heads must have the same length")
         if len(self.decoder_channels) != len(self.cross_attn_heads):
             raise ConfigError("model.decoder_channels and model.cross_attn_heads must have the same length")
-        for name in ("window_size", "patch_size", "embed_dim", "img_size", "in_chans"):
+        for name in ("window_size", "patch_size", "embed_dim", "img_size", "ppm_channels", "head_channels",
+                     "cls_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.in_chans != 1:
+            raise ConfigError(f"model.in_chans must be 1: the images are grayscale (one channel), got {self.in_chans}")
+        for name in ("depths", "num_heads", "ppm_bins", "decoder_channels", "cross_attn_heads"):
+            values = getattr(self, name)
+            least = 0 if name == "depths" else 1
+            if not values or any(v < least for v in values):
+                raise ConfigError(f"model.{name} must be a non-empty list of numbers >= {least}, got {values}")
+        if not math.isfinite(self.mlp_ratio) or self.embed_dim * self.mlp_ratio < 1:
+            raise ConfigError(f"model.mlp_ratio must be a finite number > 0 (at least 1/embed_dim), "
+                              f"got {self.mlp_ratio}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_classes < 2:
             raise ConfigError(f"model.num_classes must be >= 2, got {self.num_classes}")
         for name in ("pretrained", "encoder_pretrained", "timm_name"):
@@ -300,11 +320,24 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.first_stage == "":
             raise ConfigError("model.first_stage is empty; leave it out (null) or name a checkpoint")
-        if self.name == "mtl_swin_unet" and self.img_size % (self.patch_size * 2 ** (len(self.depths) - 1)) != 0:
+        if self.name == "mtl_swin_unet":
+            self._check_swin_unet()
+
+    def _check_swin_unet(self) -> None:
+        """The shapes the Swin-UNet needs: whole patches and windows, heads that divide the widths."""
+        if self.img_size % (self.patch_size * 2 ** (len(self.depths) - 1)) != 0:
             raise ConfigError(
                 f"model.img_size={self.img_size} must be divisible by "
                 f"patch_size*2^(stages-1)={self.patch_size * 2 ** (len(self.depths) - 1)}"
             )
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2 ** i) % heads:
+                raise ConfigError(f"model.num_heads[{i}]={heads} does not divide stage {i}'s width "
+                                  f"embed_dim*2^{i}={self.embed_dim * 2 ** i}")
+        for i, (chs, heads) in enumerate(zip(self.decoder_channels, self.cross_attn_heads)):
+            if chs % heads:
+                raise ConfigError(f"model.cross_attn_heads[{i}]={heads} does not divide "
+                                  f"model.decoder_channels[{i}]={chs}")
 
 
 @dataclass(kw_only=True)
@@ -492,10 +525,14 @@ class RunConfig:
         for name in ("log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"run.seed must be in [0, 2^32), got {self.seed}")
+        if not self.output_dir.strip():
+            raise ConfigError("run.output_dir is empty; name the folder that holds the runs (default: runs)")
         for name in ("eval_every", "nan_skip_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.name or "/" in self.name or self.name in (".", ".."):
+        if not self.name.strip() or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"run.name must be a plain folder name, got {self.name!r}")
 
 
@@ -544,6 +581,9 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
+        if self.schedule.min_lr > self.optim.lr:
+            raise ConfigError(f"schedule.min_lr={self.schedule.min_lr} is above optim.lr={self.optim.lr}: the "
+                              "schedule would raise the rate")
         n = self.model.num_classes
         if not self.data.label_map and n != {"covid3": 3, "radiography4": 4}[self.data.classes]:
             raise ConfigError(f"model.num_classes={n} but data.classes={self.data.classes} has "

@@ -113,3 +113,30 @@ def test_cli_config_show_unknown_key_exits_nonzero_with_suggestion():
     assert r.returncode != 0
     assert "optim.lrr" in r.stderr and "did you mean `optim.lr`" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.augment.scale=1.0", "data.augment.scale must be < 1"),  # a zoom factor reaching 0
+    ("data.augment.contrast=1.5", "data.augment.contrast must be < 1"),  # an inverted contrast
+    ("data.augment.rotate_deg=.nan", "data.augment.rotate_deg must be a finite number"),
+    ("data.augment.translate=.inf", "data.augment.translate must be a finite number"),
+    ("schedule.min_lr=1e-3", "schedule.min_lr=0.001 is above optim.lr=0.0001"),
+    ("run.name=' '", "run.name must be a plain folder name"),
+    ("run.output_dir=''", "run.output_dir is empty"),
+    ("data.fraction_seed=-1", "data.fraction_seed must be >= 0"),
+    ("run.seed=4294967296", "run.seed must be in [0, 2^32)"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate must be in [0, 1)"),
+    ("model.mlp_ratio=.inf", "model.mlp_ratio must be a finite number > 0"),
+    ("model.ppm_bins=[0,2]", "model.ppm_bins must be a non-empty list of numbers >= 1"),
+    ("model.decoder_channels=[384,0,96,48]", "model.decoder_channels must be a non-empty list"),
+    ("model.ppm_channels=0", "model.ppm_channels must be >= 1"),
+    ("model.depths=[2,-1,6,2]", "model.depths must be a non-empty list of numbers >= 0"),
+    ("model.num_heads=[3,0,12,24]", "model.num_heads must be a non-empty list of numbers >= 1"),
+    ("model.num_heads=[3,5,12,24]", "model.num_heads[1]=5 does not divide stage 1's width"),
+    ("model.cross_attn_heads=[8,5,2,1]", "model.cross_attn_heads[1]=5 does not divide model.decoder_channels[1]=192"),
+    ("model.in_chans=3", "model.in_chans must be 1"),
+])
+def test_values_that_would_misbehave_later_are_refused_at_load_in_one_line(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert words in str(err.value) and "\n" not in str(err.value), str(err.value)

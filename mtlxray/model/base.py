@@ -26,7 +26,7 @@ from mtlxray.model.swin import WindowAttention, check_kernel
 if TYPE_CHECKING:
     from mtlxray.config import Config
 
-__all__ = ["MTLModel", "Mode", "WEIGHTS_NAME", "CONFIG_NAME", "under_prefix"]
+__all__ = ["MTLModel", "Mode", "WEIGHTS_NAME", "CONFIG_NAME", "under_prefix", "read_weights"]
 
 
 def under_prefix(name: str, prefix: str) -> bool:
@@ -37,6 +37,17 @@ def under_prefix(name: str, prefix: str) -> bool:
 Mode = Literal["phase1", "phase2"]
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+
+
+def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a model.safetensors file; CheckpointError in one line when it is corrupt or truncated."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers and short files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable weights (corrupt or truncated): {first}") from None
 
 
 def check_mode(mode: str) -> Mode:
@@ -122,8 +133,6 @@ class MTLModel(nn.Module):
         mismatches. The window-attention kernel is the config's (`auto`: SDPA) until
         `set_attention`.
         """
-        from safetensors.torch import load_file
-
         from mtlxray.config import load_config
         from mtlxray.model.net import build_model
 
@@ -141,10 +150,7 @@ class MTLModel(nn.Module):
         if not isinstance(model, cls):
             raise CheckpointError(f"{folder}: holds a {type(model).__name__}, not a {cls.__name__}")
         model.set_mode(cfg.phase.name)
-        try:
-            weights = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{folder / WEIGHTS_NAME}: unreadable weights: {e}") from None
+        weights = read_weights(folder / WEIGHTS_NAME, device=str(map_location))
         model.to(map_location)
         try:
             model.load_state_dict(weights, strict=strict)

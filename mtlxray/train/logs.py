@@ -5,8 +5,9 @@ metrics.jsonl holds one strict-JSON object per line (a nan is written as null), 
 - training lines (every run.log_every steps): `type`="train", `step` (optimizer steps done),
   `epoch`, `samples` (seen across ranks), `loss` (weighted total), `loss/<task>` (means over the
   interval's finite micro-steps and the ranks), `lr` (optim.lr on the schedule, before
-  multipliers), `lr/<group>`, `skipped` (non-finite steps skipped so far), `img_per_s` (all
-  ranks), `world_size`, `time` (unix seconds);
+  multipliers), `lr/<group>`, `skipped` (non-finite steps skipped so far), `skipped_shards`
+  (shards skipped by `data.skip_failed_shards` so far in the run, all ranks and sources; kept in
+  the checkpoint), `img_per_s` (all ranks), `world_size`, `time` (unix seconds);
 - evaluation lines: `type`="eval", `step`, `epoch` and `val/<metric>` for every metric of
   `mtlxray.evaluation` plus `val/loss` and `val/loss/<task>`.
 
@@ -42,13 +43,15 @@ class MetricsLog:
         self.enabled = accelerator.is_main_process
         self.tensorboard = tensorboard
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (the resumed run logs them again)."""
+    def truncate_after(self, step: int) -> int:
+        """Drop lines logged after `step` (the resumed run logs them again); returns how many."""
         if not (self.enabled and self.path.is_file()):
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -66,11 +66,12 @@ def batches_per_epoch(data: DataConfig, world_size: int) -> int:
 
 
 def source_batches(data: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                   start_batch: int = 0, wrap=None) -> Iterator[dict]:
+                   start_batch: int = 0, wrap=None, loaders: Optional[list] = None) -> Iterator[dict]:
     """This rank's batches of an epoch from batch `start_batch` on, each with `tasks` set.
 
     `wrap`: applied to each source's loader before iterating it (the trainer keeps the global RNG
-    untouched with `mtlxray.train.validation.iterate_keeping_rng`)."""
+    untouched with `mtlxray.train.validation.iterate_keeping_rng`). `loaders`: a list that receives
+    each source's `TrainLoader` (whose `skipped_shards` the trainer counts)."""
     total = batches_per_epoch(data, world_size)
     order = source_order(data, seed, epoch, total)
     iterators: dict[int, Iterator[dict]] = {}
@@ -80,6 +81,8 @@ def source_batches(data: DataConfig, *, seed: int, epoch: int, rank: int, world_
             cfg = dataclasses.replace(source_config(data, src), samples_per_epoch=count * data.batch_size * world_size)
             loader = build_train_loader(cfg, seed=_seed(seed, k + 1), epoch=epoch, rank=rank, world_size=world_size,
                                         start_batch=done)
+            if loaders is not None:
+                loaders.append(loader)
             it = iter(wrap(loader) if wrap else loader)
             iterators[k] = itertools.chain([next(it)], it)  # start it now: no loader set-up inside a step
     tasks = [tuple(s.tasks) for s in data.sources]

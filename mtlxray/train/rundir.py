@@ -8,6 +8,9 @@
 - `--resume none` in a folder that already holds checkpoints or metrics is refused unless
   `--overwrite` is given, which removes the previous run's checkpoints, metrics and TensorBoard
   logs first. A fresh run never reuses or mixes in another run's files.
+- A resume continues the run the checkpoint holds: a config that differs from the checkpoint's
+  in a field that changes the trajectory (anything outside `RESUMABLE_CHANGES`) is refused in one
+  line naming the fields, unless `--allow-config-change` (`config_changes`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import yaml
+
+from mtlxray.config import Config, config_to_dict
 from mtlxray.errors import ConfigError, MtlxError
 
-__all__ = ["RunLock", "RunBusyError", "previous_run_files", "clear_previous_run"]
+__all__ = ["RunLock", "RunBusyError", "previous_run_files", "clear_previous_run", "config_changes",
+           "RESUMABLE_CHANGES"]
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml")
@@ -98,3 +105,54 @@ def clear_previous_run(run_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+RESUMABLE_CHANGES = (
+    "schedule.epochs", "schedule.max_steps",  # extend (or shorten) the run
+    "run.log_every", "run.eval_every", "run.save_every", "run.tensorboard", "run.progress",  # what is logged
+    "run.name", "run.output_dir",  # where the run is
+    "data.verify", "data.remote_retries", "data.remote_backoff_s", "data.remote_timeout_s",  # how shards are read
+    "phase.init_from", "model.pretrained", "model.encoder_pretrained",  # a resume takes the checkpoint's weights
+    "launch",  # the job's resources; a changed process count is refused on its own
+)
+"""Config keys (or sections) a resume may change: they do not change what the next steps compute."""
+
+_PATH_KEYS = ("data.shards", "run.deepspeed_config", "model.first_stage")
+"""Local paths, compared as absolute paths (a URL as written)."""
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key in _PATH_KEYS and isinstance(value, str) and "://" not in value:
+        return os.path.abspath(value)
+    return value
+
+
+def config_changes(cfg: Config, saved_yaml: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (trained value, new value)} for every trajectory-changing difference between the resolved
+    `cfg` and a checkpoint's config.yaml. Keys only one side has (a config from an older or newer
+    mtlxray) are not compared."""
+    saved = _flat(yaml.safe_load(saved_yaml) or {})
+    new = _flat(config_to_dict(cfg))
+    return {k: (saved[k], new[k]) for k in sorted(saved.keys() & new.keys())
+            if _comparable(k, saved[k]) != _comparable(k, new[k])
+            and not any(k == safe or k.startswith(safe + ".") for safe in RESUMABLE_CHANGES)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], most: int = 6) -> str:
+    """`key old -> new, ...` on one line, at most `most` keys."""
+    def short(v: Any) -> str:
+        text = json.dumps(v) if not isinstance(v, str) else v
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    items = [f"{k} {short(a)} -> {short(b)}" for k, (a, b) in changes.items()]
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more

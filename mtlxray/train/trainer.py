@@ -45,7 +45,7 @@ from mtlxray.train.multisource import batches_per_epoch, check_sources, source_b
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
-from mtlxray.train.rundir import RunLock, clear_previous_run
+from mtlxray.train.rundir import RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
 from mtlxray.train.validation import Validator, eval_subset, iterate_keeping_rng
 
@@ -61,6 +61,22 @@ def resume_target(cfg: Config, resume: str) -> Optional[Path]:
     if resume == "auto":
         return find_resume(Path(cfg.run.output_dir) / cfg.run.name / "checkpoints")
     return resolve_checkpoint(resume)
+
+
+def _check_same_run(cfg: Config, ckpt: Path, allow: bool) -> None:
+    """Refuse (ConfigError, one line) to resume `ckpt` with a config that would train differently."""
+    saved = ckpt / "config.yaml"
+    if not saved.is_file():
+        return  # verify_checkpoint names the missing part
+    changes = config_changes(cfg, saved.read_text())
+    if not changes:
+        return
+    if allow:
+        logger.warning("resuming %s with a changed config (--allow-config-change): %s", ckpt, describe_changes(changes))
+        return
+    raise ConfigError(f"{ckpt} was trained with another config: {describe_changes(changes)}; resume with the "
+                      "run's values, start another run (another run.name, or --resume none --overwrite), or "
+                      "continue with the new values with --allow-config-change")
 
 
 def _model_tasks(cfg: Config) -> set[str]:
@@ -133,7 +149,8 @@ def resolve_global_batch(cfg: Config, world_size: int) -> None:
 class Trainer:
     """One phase of training: build everything from the config, `fit()`, then `close()`."""
 
-    def __init__(self, cfg: Config, resume: str = "auto", overwrite: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: str = "auto", overwrite: bool = False,
+                 allow_config_change: bool = False) -> None:
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.stop = StopFlag.install()  # before anything slow: a signal now is recorded, not fatal
@@ -147,6 +164,8 @@ class Trainer:
         if resume == "none" and not overwrite:
             clear_previous_run(self.run_dir, overwrite=False)  # refuses a used folder, before any work
         target = resume_target(cfg, resume)
+        if target is not None:
+            _check_same_run(cfg, target, allow_config_change)
         preflight(cfg, target)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         if not acc.is_main_process:
@@ -184,11 +203,15 @@ class Trainer:
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
 
         self.state = TrainState(phase=cfg.phase.name)
+        self._skipped_resumed = 0  # skipped shards the resumed checkpoint counted
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, cfg.run.tensorboard)
         self.window = LossWindow(acc.device)
         if target is not None:
             self._load(target)
-        if acc.is_main_process:
+        elif resume == "auto":
+            self._restart_log()
+        # The record states what was trained: a finished run's config.yaml is left as it is.
+        if acc.is_main_process and self.state.step < self.total_steps:
             write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
         if cfg.run.tensorboard:
             acc.init_trackers("tensorboard")
@@ -204,7 +227,8 @@ class Trainer:
         self.validator = Validator(cfg, acc, self.model, gate=gate)
         self.progress = Progress(self.total_steps, self.state.step, cfg.run.name,
                                  acc.is_main_process and cfg.run.progress)
-        self._loader = None
+        self._loaders: list = []  # this epoch's training loaders (data.sources: one per source)
+        self._skipped_before = 0  # shards this process's loaders skipped in earlier epochs of this process
         logger.info("world size %d, %d steps per epoch, %d steps in all, starting at step %d",
                     self.world, self.steps_per_epoch, self.total_steps, self.state.step)
 
@@ -212,9 +236,8 @@ class Trainer:
     # set-up
 
     def _build_model(self, target: Optional[Path]):
-        from safetensors.torch import load_file
-
         from mtlxray.model import build_model
+        from mtlxray.model.base import read_weights
         from mtlxray.model.pretrained import load_state_dict_transfer
 
         cfg = self.cfg
@@ -223,7 +246,7 @@ class Trainer:
         model = build_model(cfg.model, pretrained=target is None and not cfg.phase.init_from)
         if cfg.phase.init_from and target is None:
             ckpt = resolve_checkpoint(cfg.phase.init_from)
-            reset = load_state_dict_transfer(model, load_file(str(ckpt / WEIGHTS_NAME)), str(ckpt))
+            reset = load_state_dict_transfer(model, read_weights(ckpt / WEIGHTS_NAME), str(ckpt))
             logger.info("initialised from %s%s", ckpt, f"; re-initialised {', '.join(reset)}" if reset else "")
             if cfg.phase.name == "phase2" and cfg.phase.cls_phase2_init == "from_phase1":
                 if not hasattr(model, "init_phase2_class_input"):
@@ -232,6 +255,11 @@ class Trainer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.set_attention(resolve_attention(cfg.model.attention, cfg.run.precision, device))
         prepare_phase(model, cfg.phase)
+        batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if cfg.data.batch_size < 2 and batch_norm:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} per process: {cfg.model.name} has batch norm, "
+                              "which needs at least 2 images per training step; raise data.batch_size "
+                              "(or data.global_batch_size)")
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError(f"phase.frozen: every parameter of {cfg.model.name} is frozen, there is nothing to "
                               "train; evaluate a zero-shot model without training: mtlxray evaluate "
@@ -253,10 +281,19 @@ class Trainer:
             raise CheckpointError(f"{ckpt}: cannot load the training state ({type(e).__name__}): a part of the "
                                   "checkpoint is corrupt; resume from an earlier one with --resume PATH") from None
         self.state = state
+        self._skipped_resumed = state.skipped_shards
         self.window.restore(state.log_window)
         self.log.truncate_after(state.step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
                     state.batch_in_epoch)
+
+    def _restart_log(self) -> None:
+        """`--resume auto` without a complete checkpoint starts at step 0: an earlier attempt's lines
+        (a run killed before its first save) are dropped, not followed by the same steps again."""
+        dropped = self.log.truncate_after(0)
+        if dropped:
+            logger.warning("no complete checkpoint in %s: starting at step 0, and dropped the %d line(s) an earlier "
+                           "attempt wrote to %s", self.ckpt_root, dropped, self.log.path)
 
     def _save(self, *, last: bool, best: bool) -> None:
         self.state.nan_skipped = self.guard.skipped
@@ -295,12 +332,20 @@ class Trainer:
     def _batches(self):
         """This rank's batches from the current data position to the end of the epoch."""
         s = self.state
+        self._skipped_before = self._skipped_here()
+        self._loaders = []
         if self.cfg.data.sources:  # alternating disjoint datasets: each batch says which labels it has
             return source_batches(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
-                                  world_size=self.world, start_batch=s.batch_in_epoch, wrap=iterate_keeping_rng)
-        self._loader = build_train_loader(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
-                                          world_size=self.world, start_batch=s.batch_in_epoch)
-        return iterate_keeping_rng(self._loader)
+                                  world_size=self.world, start_batch=s.batch_in_epoch, wrap=iterate_keeping_rng,
+                                  loaders=self._loaders)
+        loader = build_train_loader(self.cfg.data, seed=self.cfg.run.seed, epoch=s.epoch, rank=self.rank,
+                                    world_size=self.world, start_batch=s.batch_in_epoch)
+        self._loaders.append(loader)
+        return iterate_keeping_rng(loader)
+
+    def _skipped_here(self) -> int:
+        """Shards this process's training loaders skipped since it started."""
+        return self._skipped_before + sum(len(loader.skipped_shards) for loader in self._loaders)
 
     def _train_epoch(self) -> bool:
         """Consume the rest of the epoch (whole accumulation windows); True if asked to stop."""
@@ -386,15 +431,19 @@ class Trainer:
         names, sums = self.window.sync_values()
         skipped, bad_step = self.guard.sync_values()
         stop = torch.tensor(float(self.stop.requested is not None), dtype=torch.float64, device=acc.device)
-        local = torch.stack([*sums, skipped, bad_step, stop]) if sums else torch.stack([skipped, bad_step, stop])
+        shards = torch.tensor(float(self._skipped_here()), dtype=torch.float64, device=acc.device)
+        local = torch.stack([*sums, shards, skipped, bad_step, stop])
         if self.world > 1:
-            # Sums add up across ranks; the skip count, step and stop flag are equal or OR-ed: take the max.
+            # Sums (and skipped shards) add up across ranks; the skip count, step and stop flag are
+            # equal or OR-ed: take the max.
             summed = local.clone()
             torch.distributed.all_reduce(summed)
             torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
-            local = torch.cat([summed[:len(sums)], local[len(sums):]])
+            local = torch.cat([summed[:len(sums) + 1], local[len(sums) + 1:]])
         values = local.tolist()
         self.guard.check(values[-3], values[-2], s.step)
+        # Over the run: the count the checkpoint brought plus what this process's loaders skipped.
+        s.skipped_shards = self._skipped_resumed + int(values[len(sums)])
         if write_log:
             self._log_train(LossWindow.means(names, values[:len(sums)]))
         return values[-1] > 0
@@ -407,7 +456,7 @@ class Trainer:
                   "lr": groups[0]["lr"] / groups[0].get("lr_mult", 1.0),
                   **{f"lr/{n}": g["lr"] for n, g in zip(self.group_names, groups)},
                   "skipped": self.guard.skipped,
-                  "skipped_shards": len(getattr(self._loader, "skipped_shards", ())),
+                  "skipped_shards": s.skipped_shards,
                   "img_per_s": w.samples / elapsed, "world_size": self.world,
                   "time": time.time()}
         self.log.write(record)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
@@ -113,3 +115,26 @@ def test_the_phase_log_line_says_what_trains_and_what_is_frozen(tiny_cfg, caplog
     line = caplog.records[-1].getMessage()
     assert line.startswith("phase2: training ") and "frozen by the phase: 0 (no prefix)" in line
     assert "unused in this mode: " in line  # phase 1's class input conv, not "frozen (none)"
+
+
+def test_a_corrupt_or_truncated_init_from_checkpoint_fails_in_one_line(tiny_cfg, tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "p1"
+    ckpt.mkdir()
+    weights = ckpt / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(tiny_cfg().model).state_dict().items()}, str(weights))
+    whole = weights.read_bytes()
+    for name, damaged in (("cut", whole[: len(whole) // 2]), ("garbled", b"\xff" * 64 + whole[64:])):
+        weights.write_bytes(damaged)
+        with pytest.raises(CheckpointError) as err:
+            run_training(tiny_cfg(f"phase.init_from={ckpt}", phase2=True, name=name), resume="none")
+        assert str(weights) in str(err.value) and "corrupt or truncated" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_a_batch_of_one_with_batch_norm_is_refused_before_training(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run_training(tiny_cfg("data.batch_size=1", "schedule.max_steps=1", name="b1"), resume="none")
+    assert "data.batch_size=1 per process" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "b1" / "checkpoints").exists()

@@ -15,7 +15,7 @@ from mtlxray.config import load_config
 from mtlxray.errors import EXIT_REQUEUE
 from mtlxray.train.multisource import batches_per_epoch, source_batches, source_order
 
-from _train_support import DEMO2, REPO, TINY_MODEL, cli_env, tiny_overrides
+from _train_support import DEMO, DEMO2, REPO, TINY_MODEL, cli_env, tiny_overrides
 
 SOURCES = ("data.sources=[{name: cls, subset: lung, tasks: [lung, cls]}, "
            "{name: inf, subset: infection, tasks: [inf, det], label_map: {Normal: 0, Non-COVID: 0, COVID-19: 2}}]")
@@ -149,3 +149,22 @@ def test_two_ddp_ranks_take_the_same_source_at_every_step(tiny_shards, tmp_path)
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [4, 4]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+def test_skipped_shards_count_over_the_run_with_sources_and_reach_the_checkpoint(tiny_shards, tmp_path):
+    from mtlxray.checkpoint import read_state
+    from mtlxray.train.main import run_training
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    bad = shards / "lung" / "train-000002.tar"
+    bad.write_bytes(b"\xff" * bad.stat().st_size)  # the manifest's size, unreadable content
+    cfg = load_config(DEMO, tiny_overrides(shards, tmp_path, "data.skip_failed_shards=true", "data.batch_size=3",
+                                           "data.sources=[{name: a, subset: lung, tasks: [lung, cls]}]",
+                                           "schedule.max_steps=18", "run.log_every=6", "run.eval_every=18",
+                                           name="skips"))
+    assert run_training(cfg, "none") == 0  # three epochs of 6 batches; the first and the third read the bad shard
+    lines = [json.loads(x) for x in (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["skipped_shards"] for r in lines if r["type"] == "train"]
+    assert counts == [1, 1, 2], counts  # counted with data.sources, and over the run, not per epoch
+    assert read_state(tmp_path / "skips" / "checkpoints" / "last").skipped_shards == 2

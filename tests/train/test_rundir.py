@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from _train_support import DEMO, REPO, cli_env, error_lines, run_cli, tiny_overrides
 from mtlxray.errors import ConfigError
+from mtlxray.train.main import run_training
 
 
 def _weights(run):
@@ -70,3 +72,36 @@ def test_a_second_run_in_the_same_folder_fails_at_once_naming_the_holder(tiny_sh
         if holder.poll() is None:
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait()
+
+
+def _steps(run) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["type"] == "train"]
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys_and_keeps_the_record(tiny_cfg, tmp_path):
+    assert run_training(tiny_cfg("schedule.max_steps=2", name="cc"), "none") == 0
+    run = tmp_path / "cc"
+    record = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:  # a finished run: it used to say "nothing to do" and rewrite the record
+        run_training(tiny_cfg("schedule.max_steps=2", "optim.lr=5e-4", "run.seed=7", name="cc"), "auto")
+    message = str(err.value)
+    assert "optim.lr 0.002 -> 0.0005" in message and "run.seed 0 -> 7" in message and "\n" not in message
+    assert "--allow-config-change" in message and (run / "config.yaml").read_text() == record
+    # Deliberately: nothing is left to train, so the record keeps the values that were trained.
+    assert run_training(tiny_cfg("schedule.max_steps=2", "optim.lr=5e-4", name="cc"), "auto",
+                        allow_config_change=True) == 0
+    assert (run / "config.yaml").read_text() == record
+    # Extending the schedule and changing what is logged need no flag; the record follows.
+    assert run_training(tiny_cfg("schedule.max_steps=3", "run.log_every=2", "run.eval_every=3", name="cc"), "auto") == 0
+    assert _steps(run) == [1, 2, 3] and "max_steps: 3" in (run / "config.yaml").read_text()
+
+
+def test_resume_auto_without_a_complete_checkpoint_restarts_the_log_at_step_0(tiny_cfg, tmp_path, caplog):
+    assert run_training(tiny_cfg("schedule.max_steps=2", name="nc"), "none") == 0
+    run = tmp_path / "nc"
+    for rng in (run / "checkpoints").glob("step-*/random_states_0.pkl"):
+        rng.unlink()  # no checkpoint can resume exactly: --resume auto starts at step 0
+    assert run_training(tiny_cfg("schedule.max_steps=2", name="nc"), "auto") == 0
+    assert _steps(run) == [1, 2]  # not [1, 2, 1, 2]
+    assert any("starting at step 0, and dropped the" in r.getMessage() for r in caplog.records)
