@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "default: the checkpoint's phase.teacher_forcing gate, else always report)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="images per forward pass (default 8); lower it if memory is short")
+    p.add_argument("--input-range", choices=("auto", "full", "minmax"), default="auto",
+                   help="how a 16-bit image is scaled to 8 bits: auto (default) by its PNG sBIT chunk, else "
+                        "by the fewest of 8/10/12/14/16 bits that hold its largest value (a warning says "
+                        "so; 12-bit detector data stored in 16 bits would otherwise read near black); "
+                        "full: all 16 bits; minmax: the image's own min..max. DICOM: its VOI LUT/window "
+                        "and BitsStored (auto, full) or min..max")
     p.set_defaults(handler="mtlxray.report.predict:cli_main")
 
     # export ------------------------------------------------------------------------------
