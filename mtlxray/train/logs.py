@@ -28,9 +28,34 @@ import torch
 
 from mtlxray.io import json_safe, write_text_atomic
 
-__all__ = ["MetricsLog", "LossWindow", "Progress"]
+__all__ = ["MetricsLog", "LossWindow", "Progress", "run_info", "run_info_line"]
 
 logger = logging.getLogger(__name__)
+
+
+def run_info(cfg, accelerator, model, precision_source: str) -> dict:
+    """How this run trains, as decided at start-up, with what produced it (`mtlxray.provenance`):
+    device, precision (and what chose it), world size, backend, attention kernel and compile."""
+    import torch.distributed as dist
+
+    from mtlxray.provenance import provenance
+
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    kernel = getattr(model, "attention_kernel", None)
+    return {"device": f"{device.type} ({name})", "precision": cfg.run.precision, "precision_source": precision_source,
+            "world_size": accelerator.num_processes,
+            "backend": f"{cfg.run.backend}/{dist.get_backend() if dist.is_initialized() else 'single process'}",
+            "attention": kernel or "none (no window attention)", "compile": bool(cfg.run.compile),
+            **provenance(cfg)}
+
+
+def run_info_line(info: dict) -> str:
+    """The one start-up line: `device cpu (AVX512, 2 threads), precision fp32 (run.precision), ...`."""
+    return (f"device {info['device']}, precision {info['precision']} ({info['precision_source']}), "
+            f"world size {info['world_size']}, backend {info['backend']}, attention {info['attention']}, "
+            f"compile {'on' if info['compile'] else 'off'}")
 
 
 class MetricsLog:

@@ -22,10 +22,12 @@ from typing import Optional
 
 from mtlxray.errors import ConfigError, MtlxError
 
-__all__ = ["RunLock", "RunBusyError", "previous_run_files", "clear_previous_run"]
+__all__ = ["RUN_INFO_NAME", "RunLock", "RunBusyError", "previous_run_files", "clear_previous_run"]
 
 LOCK_NAME = ".lock"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml")
+RUN_INFO_NAME = "run.json"
+"""How the run trains (device, precision, world size, backend, attention, compile) and what produced it."""
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml", RUN_INFO_NAME)
 """What a training run writes into its folder (other files, such as submitit logs, are kept)."""
 
 
