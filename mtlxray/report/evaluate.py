@@ -35,8 +35,9 @@ from mtlxray.errors import ConfigError, DataError, unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.provenance import provenance
 from mtlxray.report import figures
-from mtlxray.report.markdown import evaluation_markdown
+from mtlxray.report.markdown import evaluation_markdown, infection_count
 
 __all__ = ["evaluate_checkpoint", "evaluate_config", "evaluate_model", "default_out_dir", "per_image_csv", "FIGURES", "cli_main"]
 
@@ -195,7 +196,7 @@ def write_outputs(summary: dict, records: Records, best: list[Case], worst: list
     write_json_atomic(out / "metrics.json", summary, indent=2)
     write_text_atomic(out / "per_image.csv", per_image_csv(summary, records))
     shown = {title: name for title, name in FIGURES.items() if (out / name).is_file()}
-    write_text_atomic(out / "report.md", evaluation_markdown(summary, shown))
+    write_text_atomic(out / "report.md", evaluation_markdown(summary, shown, base=out))
 
 
 def default_out_dir(checkpoint: str | Path, ckpt: Path, shards: str | Path, subset: str, split: str) -> Path:
@@ -369,6 +370,7 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
                         det_score_threshold=cfg.model.det_score_threshold, det_nms_iou=cfg.model.det_nms_iou,
                         det_max_boxes=cfg.model.det_max_boxes)
     summary.update(source)
+    summary.update(provenance(cfg))
     summary.update(model=cfg.model.name, tasks=sorted(model.tasks), shards=str(shards), subset=subset, split=split,
                    bootstrap=n_boot, world_size=accelerator.num_processes, phase=cfg.phase.name,
                    ranked_by="infection Dice" if by_infection else "lung Dice",
@@ -393,8 +395,8 @@ def headline(summary: dict) -> str:
     elif "lung" not in tasks:
         parts.append("no segmentation metrics (the model has no mask output)")
     if "inf_dice" in m:
-        parts.append(f"infection Dice {m['inf_dice']:.4f} ({int(m['inf_n'])} {'/'.join(summary['infection_classes'])} "
-                     f"images), infection on negatives {100 * m['inf_fp_share']:.1f}% of "
+        parts.append(f"infection Dice {m['inf_dice']:.4f} ({infection_count(m, '/'.join(summary['infection_classes']))}"
+                     f"), infection on negatives {100 * m['inf_fp_share']:.1f}% of "
                      f"{int(m['inf_negatives_n'])} images")
     elif "inf" in tasks:
         parts.append("no infection metrics (the model has no infection head in "
