@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the libraries' info lines (onnx export passes, COCO evaluation "
+                             "tables, open_clip's model loading), which are hidden by default")
     parser.add_argument("--version", action=_VersionAction,
                         help="show the version (and the git commit when run from a checkout) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -456,6 +458,16 @@ def _resolve(handler: str):
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def quiet_libraries(record: logging.LogRecord) -> bool:
+    """The log filter without -v: mtlxray's INFO lines; a library's from WARNING (onnx_ir and
+    onnxscript log ~95 INFO lines per ONNX export, faster_coco_eval its tables); the root logger's
+    from ERROR (open_clip logs there: "Model initialized randomly" is a warning, though mtlxray then
+    loads model.pretrained or the checkpoint)."""
+    if record.name == "mtlxray" or record.name.startswith("mtlxray."):
+        return True
+    return record.levelno >= (logging.ERROR if record.name == "root" else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -470,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(quiet_libraries)
     name = " ".join(filter(None, [args.command, getattr(args, "config_command", None),
                                   getattr(args, "shards_command", None)]))
     try:

@@ -69,3 +69,30 @@ def test_version_names_the_commit_when_run_from_a_checkout():
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert re.fullmatch(rf"mtlxray {re.escape(mtlxray.__version__)} \(git {head[:12]}(-dirty)?\)\n", r.stdout)
+
+
+LIBRARY_LINES = """
+import logging, sys
+from mtlxray import cli
+
+def handler(args):
+    logging.getLogger("onnx_ir.passes.common").info("Removed 1 unused nodes")  # ONNX export's passes
+    logging.getLogger("faster_coco_eval.core.cocoeval").info("Average Precision (AP) @[ IoU=0.50 ]")
+    logging.warning("No pretrained weights loaded for model 'RN50'. Model initialized randomly.")  # open_clip
+    logging.getLogger("accelerate.utils").warning("a library warning")
+    logging.getLogger("mtlxray.report.export").info("onnx export written")
+    return 0
+
+cli._resolve = lambda name: handler
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_info_lines_are_hidden_unless_verbose(verbose):
+    res = subprocess.run([sys.executable, "-c", LIBRARY_LINES, *(["-v"] if verbose else []), "config", "list"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "onnx export written" in res.stderr and "a library warning" in res.stderr
+    hidden = ["Removed 1 unused nodes", "Average Precision", "Model initialized randomly"]
+    assert [line in res.stderr for line in hidden] == [verbose] * 3
