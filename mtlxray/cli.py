@@ -363,16 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # bench -------------------------------------------------------------------------------
     p = sub.add_parser(
-        "bench", help="run benchmark suites (writes benchmarks/results/<suite>.json)",
+        "bench", help="run benchmark suites (writes runs/bench/<suite>.json)",
         description="Side-by-side performance suites: model, attention, checkpointing, memory, loader, ddp, "
                     "projection, shards, or all.")
     p.add_argument("suite", nargs="?", default="all",
                    help="model|attention|checkpointing|memory|loader|ddp|projection|shards|all (default all)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--out", default=None,
-                   help="results folder (default: benchmarks/results of the mtlxray checkout holding the working "
-                        "directory, whose benchmarks/README.md results section is then rewritten; required "
-                        "outside a checkout)")
+                   help="results folder (default runs/bench under the working directory)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write into the tracked benchmarks/results of the mtlxray checkout holding the working "
+                        "directory and rewrite the results section of its benchmarks/README.md")
     p.set_defaults(handler="mtlxray.bench.run:cli_main")
 
     # slurm-scripts -----------------------------------------------------------------------
