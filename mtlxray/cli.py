@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bootstrap 95% intervals, its parameters and GFLOPs per image (from its config) and its "
                     "measured training images/s (metrics.jsonl). Writes OUT/compare.md and OUT/compare.csv. "
                     "A run without an evaluation of the split is evaluated first when --shards is given "
-                    "(its best checkpoint), and is an error otherwise.")
+                    "(its best checkpoint, into OUT/evaluations/<run name>/, never into the run folder), and "
+                    "is an error otherwise.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<name>) or evaluation folders")
     p.add_argument("--out", default="compare", help="folder for compare.md and compare.csv (default ./compare)")
     p.add_argument("--split", default="test", help="the evaluated split to compare (default test)")
