@@ -131,12 +131,23 @@ class LossWindow:
         self.sums, self.counts, self.samples, self.t0 = {}, {}, 0, time.perf_counter()
 
 
-class Progress:
-    """A tqdm bar when stderr is a terminal; otherwise one log line per log step (batch logs stay clean)."""
+def _duration(seconds: float) -> str:
+    """`1:02:03` (h:mm:ss), `--` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool) -> None:
+
+class Progress:
+    """A tqdm bar (with its elapsed time and ETA) when stderr is a terminal; otherwise one log line
+    per log step with the elapsed time and an ETA from the steps done so far (batch logs stay clean)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, clock=time.monotonic) -> None:
         self.total, self.step, self.desc = total, initial, desc
         self.enabled = enabled
+        self.clock = clock
+        self.t0, self.step0 = clock(), initial  # a resumed run's rate counts only this process's steps
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -156,8 +167,11 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         else:
-            logger.info("%s: step %d/%d (%.0f%%), loss %.4f, %.1f img/s", self.desc, record["step"], self.total,
-                        100.0 * record["step"] / max(1, self.total), loss, record.get("img_per_s", math.nan))
+            elapsed, done = self.clock() - self.t0, record["step"] - self.step0
+            eta = elapsed / done * (self.total - record["step"]) if done > 0 else math.nan
+            logger.info("%s: step %d/%d (%.0f%%), loss %.4f, %.1f img/s, elapsed %s, ETA %s", self.desc,
+                        record["step"], self.total, 100.0 * record["step"] / max(1, self.total), loss,
+                        record.get("img_per_s", math.nan), _duration(elapsed), _duration(eta))
 
     def close(self) -> None:
         if self.bar is not None:
