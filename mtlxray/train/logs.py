@@ -58,6 +58,20 @@ def run_info_line(info: dict) -> str:
             f"compile {'on' if info['compile'] else 'off'}")
 
 
+TENSORBOARD_LEFT_OUT = ("type", "time", "step", "epoch", "world_size")
+"""Record fields that are not curves: the step is TensorBoard's x axis; epoch and world size are
+counters and constants (metrics.jsonl keeps them; the start-up text names the world size)."""
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as TensorBoard scalars: training values under `train/`, validation
+    values under their own `val/`; non-finite values left out."""
+    prefix = "" if record.get("type") == "eval" else "train/"
+    return {(k if k.startswith("val/") else prefix + k): v for k, v in record.items()
+            if k not in TENSORBOARD_LEFT_OUT and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
 class MetricsLog:
     """Append-only metrics.jsonl (and TensorBoard through the accelerator) written by rank 0."""
 
@@ -80,9 +94,14 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.tensorboard:
-            scalars = {k: v for k, v in record.items() if k not in ("type", "time") and isinstance(v, (int, float))
-                       and math.isfinite(v)}
-            self.accelerator.log(scalars, step=record["step"])
+            self.accelerator.log(tensorboard_scalars(record), step=record["step"])
+
+    def write_text(self, texts: dict[str, str], step: int = 0) -> None:
+        """Text panels in TensorBoard (the resolved config, the start-up line), shown as Markdown."""
+        if self.tensorboard:
+            # four spaces: a Markdown code block, so YAML keeps its indentation
+            self.accelerator.log({k: "\n".join("    " + line for line in v.splitlines()) for k, v in texts.items()},
+                                 step=step)
 
 
 class LossWindow:

@@ -197,6 +197,7 @@ class Trainer:
             write_json_atomic(self.run_dir / RUN_INFO_NAME, self.info, indent=1)
         if cfg.run.tensorboard:
             acc.init_trackers("tensorboard")
+            self.log.write_text({"config": dump_config(cfg), "run": run_info_line(self.info)}, step=self.state.step)
         self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
         self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
         self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)

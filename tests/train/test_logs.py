@@ -22,3 +22,27 @@ def test_the_start_up_line_names_device_precision_world_backend_attention_and_co
             "world_size": 1, "backend": "ddp/single process", "attention": "explicit", "compile": False}
     assert run_info_line(info) == ("device cpu (AVX512, 2 threads), precision bf16 (run.precision=auto), world size 1, "
                                    "backend ddp/single process, attention explicit, compile off")
+
+
+def test_tensorboard_gets_train_and_val_prefixes_no_counters_and_the_config_as_text(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.tracking import TensorBoardTracker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mtlxray.train.logs import MetricsLog
+
+    tracker = TensorBoardTracker("run", tmp_path)  # what accelerate's init_trackers("tensorboard") makes
+    tracker.start()
+    acc = SimpleNamespace(is_main_process=True, log=tracker.log)  # the accelerator's side of MetricsLog
+    log = MetricsLog(tmp_path / "metrics.jsonl", acc, tensorboard=True)
+    log.write_text({"config": "model:\n  name: mtl_swin_unet"})
+    log.write({"type": "train", "step": 5, "epoch": 1, "world_size": 2, "loss": 0.5, "loss/lung": 0.25,
+               "lr": 1e-3, "time": 1.0})
+    log.write({"type": "eval", "step": 5, "epoch": 1, "val/lung_dice": 0.75})
+    tracker.finish()
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0}).Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/loss/lung", "train/lr", "val/lung_dice"]
+    assert events.Scalars("val/lung_dice")[0].step == 5
+    (text,) = [t for t in events.Tags()["tensors"] if t.startswith("config")]
+    assert "    model:\n      name: mtl_swin_unet" in events.Tensors(text)[0].tensor_proto.string_val[0].decode()
