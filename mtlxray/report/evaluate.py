@@ -170,7 +170,7 @@ def _overlay_cases(cases: list[Case], label: str, what: str, with_infection: boo
         lung_true, inf_true, lung_pred, inf_pred = c.masks
         if not with_infection:
             inf_true = inf_pred = None
-        return figures.OverlayCase(f"{label}, {what} {c.score:.3f}\n{c.key}", c.image, lung_true, inf_true,
+        return figures.OverlayCase(f"{label}: {c.key}", c.image, lung_true, inf_true,
                                    lung_pred, inf_pred, score=c.score, score_name=what)
     return [row(c) for c in cases]
 
@@ -180,7 +180,9 @@ def write_outputs(summary: dict, records: Records, best: list[Case], worst: list
     out.mkdir(parents=True, exist_ok=True)
     fig = {title: out / name for title, name in FIGURES.items()}
     if summary["confusion"] is not None:
-        figures.plot_confusion(np.array(summary["confusion"]), summary["class_names"], fig["Confusion matrix"])
+        figures.plot_confusion(np.array(summary["confusion"]), summary["class_names"], fig["Confusion matrix"],
+                               f"Confusion matrix: {summary['subset']} subset, {summary['split']} split "
+                               f"({int(summary['metrics']['n_images'])} images)")
     hist = {}
     if "lung_dice" in summary["per_image"]:
         hist["lung"] = np.array(summary["per_image"]["lung_dice"])
