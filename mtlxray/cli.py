@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the libraries' info lines (onnx export passes, COCO evaluation "
+                             "tables, open_clip's model loading), which are hidden by default")
     parser.add_argument("--version", action=_VersionAction,
                         help="show the version (and the git commit when run from a checkout) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -252,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bootstrap 95% intervals, its parameters and GFLOPs per image (from its config) and its "
                     "measured training images/s (metrics.jsonl). Writes OUT/compare.md and OUT/compare.csv. "
                     "A run without an evaluation of the split is evaluated first when --shards is given "
-                    "(its best checkpoint), and is an error otherwise.")
+                    "(its best checkpoint, into OUT/evaluations/<run name>/, never into the run folder), and "
+                    "is an error otherwise.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<name>) or evaluation folders")
     p.add_argument("--out", default="compare", help="folder for compare.md and compare.csv (default ./compare)")
     p.add_argument("--split", default="test", help="the evaluated split to compare (default test)")
@@ -287,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "default: the checkpoint's phase.teacher_forcing gate, else always report)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="images per forward pass (default 8); lower it if memory is short")
+    p.add_argument("--input-range", choices=("auto", "full", "minmax"), default="auto",
+                   help="how a 16-bit image is scaled to 8 bits: auto (default) by its PNG sBIT chunk, else "
+                        "by the fewest of 8/10/12/14/16 bits that hold its largest value (a warning says "
+                        "so; 12-bit detector data stored in 16 bits would otherwise read near black); "
+                        "full: all 16 bits; minmax: the image's own min..max. DICOM: its VOI LUT/window "
+                        "and BitsStored (auto, full) or min..max")
     p.set_defaults(handler="mtlxray.report.predict:cli_main")
 
     # export ------------------------------------------------------------------------------
@@ -365,16 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # bench -------------------------------------------------------------------------------
     p = sub.add_parser(
-        "bench", help="run benchmark suites (writes benchmarks/results/<suite>.json)",
+        "bench", help="run benchmark suites (writes runs/bench/<suite>.json)",
         description="Side-by-side performance suites: model, attention, checkpointing, memory, loader, ddp, "
                     "projection, shards, or all.")
     p.add_argument("suite", nargs="?", default="all",
                    help="model|attention|checkpointing|memory|loader|ddp|projection|shards|all (default all)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--out", default=None,
-                   help="results folder (default: benchmarks/results of the mtlxray checkout holding the working "
-                        "directory, whose benchmarks/README.md results section is then rewritten; required "
-                        "outside a checkout)")
+                   help="results folder (default runs/bench under the working directory)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write into the tracked benchmarks/results of the mtlxray checkout holding the working "
+                        "directory and rewrite the results section of its benchmarks/README.md")
     p.set_defaults(handler="mtlxray.bench.run:cli_main")
 
     # slurm-scripts -----------------------------------------------------------------------
@@ -460,6 +470,16 @@ def _resolve(handler: str):
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def quiet_libraries(record: logging.LogRecord) -> bool:
+    """The log filter without -v: mtlxray's INFO lines; a library's from WARNING (onnx_ir and
+    onnxscript log ~95 INFO lines per ONNX export, faster_coco_eval its tables); the root logger's
+    from ERROR (open_clip logs there: "Model initialized randomly" is a warning, though mtlxray then
+    loads model.pretrained or the checkpoint)."""
+    if record.name == "mtlxray" or record.name.startswith("mtlxray."):
+        return True
+    return record.levelno >= (logging.ERROR if record.name == "root" else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -474,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(quiet_libraries)
     name = " ".join(filter(None, [args.command, getattr(args, "config_command", None),
                                   getattr(args, "shards_command", None)]))
     try:

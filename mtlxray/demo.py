@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -159,15 +160,18 @@ def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: dict) -
     return rows
 
 
-def _phase_rows(reports: list) -> list[list[object]]:
+def _phase_rows(reports: list, out: Path) -> list[list[object]]:
     from mtlxray.checkpoint import read_state
+    from mtlxray.report.markdown import rel_path
 
     rows = []
     for r in reports:
         state = read_state(Path(r.best_checkpoint))
         cfg = load_config(Path(r.run_dir) / "config.yaml")
-        rows.append([state.phase, r.state, state.step, cfg.run.best_metric, state.best_metric,
-                     f"`{Path(r.best_checkpoint).resolve()}`"])
+        trained = [json.loads(line)["step"] for line in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines()
+                   if line.strip()]
+        rows.append([state.phase, r.state, max(trained, default=state.step), state.step, cfg.run.best_metric,
+                     state.best_metric, f"`{rel_path(r.best_checkpoint, out)}`"])
     return rows
 
 
@@ -185,9 +189,12 @@ def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], man
                       evals: dict[str, dict], predictions: list[dict],
                       timings: list[tuple[str, float]]) -> Path:
     """<out>/report.md: data tables, what was scaled down, training curves, evaluations, predictions."""
-    from mtlxray.report.evaluate import FIGURES
     from mtlxray.io import write_text_atomic
-    from mtlxray.report.markdown import evaluation_markdown, fmt, fmt_ci, fmt_pct, manifest_tables, table
+    from mtlxray.provenance import provenance
+    from mtlxray.report.evaluate import FIGURES
+    from mtlxray.report.markdown import (evaluation_markdown, fmt, fmt_ci, fmt_pct, manifest_tables, provenance_line,
+                                         table)
+    from mtlxray.train.logs import run_info_line
 
     lung, inf = evals["lung"]["metrics"], evals["infection"]["metrics"]
     headline = (f"lung Dice **{fmt(lung['lung_dice'])}** (95% CI {fmt_ci(evals['lung']['ci95']['lung_dice'])}) "
@@ -202,7 +209,7 @@ def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], man
     parts = [
         "# mtlxray demo report\n",
         f"The whole pipeline on synthetic phantom chest X-rays, {training_platform(phases[0][1])}, in "
-        f"{total / 60:.1f} minutes. Phase 2's best checkpoint scores {headline}\n",
+        f"{total / 60:.1f} minutes, by {provenance_line(provenance())}. Phase 2's best checkpoint scores {headline}\n",
         "## Steps\n",
         table(["Step", "Seconds"], [[t, f"{s:.1f}"] for t, s in timings]),
         "## What the demo scales down\n",
@@ -213,12 +220,15 @@ def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], man
         "## Data (Table I / II layout)\n",
         manifest_tables(manifest),
         "## Training\n",
-        table(["Phase", "State", "Steps", "Best by", "Best value", "Best checkpoint"], _phase_rows(reports)),
+        table(["Phase", "State", "Steps trained", "Best step", "Best by", "Best value", "Best checkpoint"],
+              _phase_rows(reports, out)),
+        *(f"- {Path(r.run_dir).name}: {run_info_line(json.loads((Path(r.run_dir) / 'run.json').read_text()))}\n"
+          for r in reports if (Path(r.run_dir) / "run.json").is_file()),
         "\n![Training and validation loss](loss_curves.png)\n",
     ]
     for subset, summary in evals.items():
         figs = {title: f"eval-{subset}/{name}" for title, name in FIGURES.items()}
-        parts.append(evaluation_markdown(summary, figs, heading="##"))
+        parts.append(evaluation_markdown(summary, figs, heading="##", base=out))
     parts += [
         "## Predictions on test images\n",
         f"`mtlxray predict` on {len(predictions)} test images of the infection subset. Severity = "

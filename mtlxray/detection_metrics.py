@@ -65,7 +65,7 @@ def det_summary(det: Tensor, gt_boxes: Sequence[Sequence], annotated: Tensor, ne
     kept = kept_boxes(det, nms_iou, max_boxes)
     reported = [b[b[:, 4] >= score_threshold] for b in kept]
     idx = annotated.nonzero().flatten().tolist()
-    values: dict[str, float] = {"det_n": float(len(idx)), "det_negatives_n": float(negative.sum())}
+    values: dict[str, float] = {"det_n": len(idx), "det_negatives_n": int(negative.sum())}
 
     def add(suffix: str, boxes: list[Tensor], shown: list[Tensor]) -> None:
         m = mean_average_precision([boxes[i] for i in idx], [gt_boxes[i] for i in idx])

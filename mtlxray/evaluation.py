@@ -13,7 +13,9 @@ of names, which training logs as `val/<name>` and `evaluate` writes to metrics.j
   classes, COVID-19 by default) that carry an infection mask;
 - `inf_fp_share` and `inf_fp_area_pct` on negative images (labels outside the infection classes):
   the share with any predicted infection pixel, and the mean predicted infection area inside the
-  predicted lung as a percentage of the predicted lung; `inf_negatives_n`;
+  predicted lung as a percentage of the predicted lung; `inf_negatives_n`; `inf_positives_n`, the
+  positive images with or without an infection mask;
+- counts (`n_images` and every `*_n`) are ints;
 - `accuracy`, `<m>_macro` and `<m>/<class>` for m in precision, recall, specificity, f1, auc
   (the predicted class is the most probable one; AUC is one-vs-rest on each class's probability);
 - with a multi-label class head (`model.cls_loss: bce_multilabel`, probabilities are independent
@@ -185,7 +187,7 @@ def metric_names(tasks: Sequence[str], class_names: Sequence[str], multilabel: b
         if task in tasks:
             names += [f"{task}_{m}{s}" for m in SEG for s in ("", "_global")] + [f"{task}_n"]
     if "inf" in tasks:
-        names += ["inf_fp_share", "inf_fp_area_pct", "inf_negatives_n"]
+        names += ["inf_fp_share", "inf_fp_area_pct", "inf_negatives_n", "inf_positives_n"]
     if "cls" in tasks:
         names += ["accuracy", *(f"{m}_macro" for m in (*CLS, "auc"))]
         names += [f"{m}/{c}" for m in (*CLS, "auc") for c in class_names]
@@ -239,7 +241,7 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
     "confusion": C×C list or None, "class_names", "multilabel", "class_counts", "per_image": {name: list}}.
     """
     n = len(records)
-    values: dict[str, float] = {"n_images": float(n)}
+    values: dict[str, float] = {"n_images": n}
     per_image: dict[str, list] = {"key": list(records.keys), "label": records.labels.tolist()}
     boot: dict[str, Callable[[Tensor], float]] = {}
     positive = torch.isin(records.labels, torch.as_tensor(list(inf_classes), dtype=torch.long))
@@ -247,7 +249,7 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
     def seg(task: str, counts: Tensor) -> Tensor:
         summary = M.seg_summary(counts, f"{task}_")
         values.update(summary)
-        values[f"{task}_n"] = float(counts.shape[0])
+        values[f"{task}_n"] = int(counts.shape[0])
         return M.dice(counts)
 
     if records.lung is not None:
@@ -266,7 +268,8 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
         lung_area = records.lung_area.double() if records.lung_area is not None else None
         area_pct = (100.0 * records.inf_area.double() / lung_area.clamp_min(1)) if lung_area is not None \
             else torch.zeros(n, dtype=torch.float64)
-        values["inf_negatives_n"] = float(negative.sum())
+        values["inf_negatives_n"] = int(negative.sum())
+        values["inf_positives_n"] = int(positive.sum())
         values["inf_fp_share"] = records.inf_any[negative].double().mean().item() if negative.any() else math.nan
         values["inf_fp_area_pct"] = area_pct[negative].mean().item() if negative.any() else math.nan
     passed = records.gate >= gate_threshold if records.gate is not None else None

@@ -13,7 +13,7 @@ FORBIDDEN = {
     "train": {"launch", "report", "bench", "demo"},
     "launch": {"report", "bench", "demo"},
 }
-SHARED = {"config", "errors", "io", "dist", "paper", "metrics", "evaluation", "checkpoint", "gate",
+SHARED = {"config", "errors", "io", "dist", "paper", "metrics", "evaluation", "checkpoint", "gate", "provenance",
           "detection_metrics", "resources"}
 """Modules neither side owns; they import nothing from train, report or launch."""
 

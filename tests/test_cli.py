@@ -99,3 +99,30 @@ def test_a_shard_root_without_a_manifest_exits_2_from_every_command(tmp_path, ca
         errors = capsys.readouterr().err.splitlines()
         assert len(errors) == len(codes) - 1 and all(str(shards) in line for line in errors), errors
     assert not (tmp_path / "eval").exists()
+
+
+LIBRARY_LINES = """
+import logging, sys
+from mtlxray import cli
+
+def handler(args):
+    logging.getLogger("onnx_ir.passes.common").info("Removed 1 unused nodes")  # ONNX export's passes
+    logging.getLogger("faster_coco_eval.core.cocoeval").info("Average Precision (AP) @[ IoU=0.50 ]")
+    logging.warning("No pretrained weights loaded for model 'RN50'. Model initialized randomly.")  # open_clip
+    logging.getLogger("accelerate.utils").warning("a library warning")
+    logging.getLogger("mtlxray.report.export").info("onnx export written")
+    return 0
+
+cli._resolve = lambda name: handler
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_info_lines_are_hidden_unless_verbose(verbose):
+    res = subprocess.run([sys.executable, "-c", LIBRARY_LINES, *(["-v"] if verbose else []), "config", "list"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "onnx export written" in res.stderr and "a library warning" in res.stderr
+    hidden = ["Removed 1 unused nodes", "Average Precision", "Model initialized randomly"]
+    assert [line in res.stderr for line in hidden] == [verbose] * 3

@@ -60,3 +60,22 @@ def test_the_demo_decodes_its_batches_in_the_training_process():
     phase1 = shipped_config("demo")
     for path in (phase1, phase2_config_of(phase1)):
         assert load_config(path).data.workers == 0, path
+
+
+def test_the_training_table_shows_the_steps_trained_and_a_checkpoint_path_relative_to_the_report(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from mtlxray.checkpoint import TrainState
+    from mtlxray.config import dump_config, load_config
+    from mtlxray.demo import _phase_rows
+    run = tmp_path / "phase1"
+    best = run / "checkpoints" / "step-20"
+    best.mkdir(parents=True)
+    (best / "state.json").write_text(TrainState(step=20, phase="phase1", best_metric=0.5).to_json())
+    (run / "config.yaml").write_text(dump_config(load_config("demo")))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"type": "train", "step": s}) + "\n" for s in (10, 20, 30)))
+    report = SimpleNamespace(state="COMPLETED", run_dir=str(run), best_checkpoint=str(best))  # a PhaseReport
+    (row,) = _phase_rows([report], tmp_path)
+    assert row[2:4] == [30, 20]  # steps trained, then the best checkpoint's step
+    assert row[-1] == "`phase1/checkpoints/step-20`"

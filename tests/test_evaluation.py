@@ -41,6 +41,22 @@ def test_infection_metrics_cover_covid_images_with_masks_and_false_positives_the
     assert m["accuracy"] == pytest.approx(3 / 4)
 
 
+def test_counts_are_ints_and_positives_without_masks_are_counted():
+    import json
+
+    from mtlxray.report.markdown import evaluation_markdown
+
+    unmasked = [(k, COVID, COVID, r[3], (0, 0, 0, 16), False, 0, 4, False) for k, r in zip("xyz", ROWS)]
+    s = summarise(_records(ROWS[:2] + unmasked), CLASS_NAMES, [COVID])
+    m = s["metrics"]
+    assert json.dumps({k: m[k] for k in ("n_images", "lung_n", "inf_n", "inf_negatives_n", "inf_positives_n")}) == \
+        '{"n_images": 5, "lung_n": 5, "inf_n": 0, "inf_negatives_n": 2, "inf_positives_n": 3}'
+    s.update(subset="infection", split="test", checkpoint="/r/ckpt", shards="/r/shards", world_size=1, bootstrap=0)
+    report = evaluation_markdown(s, {}, base="/r/eval")
+    assert "(0 of 3 COVID-19 images have an infection mask)" in report  # not "(0 images)"
+    assert "Checkpoint `../ckpt`, shards `../shards`" in report
+
+
 def test_confusion_and_intervals():
     s = summarise(_records(ROWS * 8), CLASS_NAMES, [COVID], n_boot=200)
     assert s["confusion"] == [[8, 0, 0], [0, 8, 8], [0, 0, 8]]

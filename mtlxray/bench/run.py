@@ -1,10 +1,10 @@
 """Suite registry and the `mtlxray bench` entry point: run suites, write JSON, print tables.
 
-Results go to `--out`, or by default to `benchmarks/results` of the mtlxray checkout that holds the
-working directory (found by walking up to the folder with `pyproject.toml` and
-`benchmarks/README.md`); outside a checkout `--out` is required. Nothing is ever written inside
-the installed package. Only a run into the checkout's own results folder rewrites the results
-section of its `benchmarks/README.md`.
+Results go to `--out`, by default `runs/bench` under the working directory, like every other
+command's outputs. The tracked results of the mtlxray checkout (`benchmarks/results/*.json` and
+the results section of `benchmarks/README.md`) are rewritten only with `--update-results`, which
+needs the working directory inside a checkout (found by walking up to the folder with
+`pyproject.toml` and `benchmarks/README.md`). Nothing is ever written inside the installed package.
 """
 
 from __future__ import annotations
@@ -47,13 +47,18 @@ def find_checkout(start: Path | None = None) -> Path | None:
     return None
 
 
-def default_out() -> Path:
-    """`<checkout>/benchmarks/results`; ConfigError outside a checkout (results never go into the
-    installed package)."""
+DEFAULT_OUT = Path("runs") / "bench"
+
+
+def default_out(update_results: bool = False) -> Path:
+    """`runs/bench` (relative to the working directory), or with `update_results` the checkout's
+    tracked `benchmarks/results`; ConfigError for that outside a checkout."""
+    if not update_results:
+        return DEFAULT_OUT
     checkout = find_checkout()
     if checkout is None:
-        raise ConfigError(f"{Path.cwd()} is not inside an mtlxray checkout (no pyproject.toml with "
-                          "benchmarks/README.md above it): pass --out DIR for the results")
+        raise ConfigError(f"--update-results: {Path.cwd()} is not inside an mtlxray checkout (no pyproject.toml "
+                          "with benchmarks/README.md above it); without it results go to --out (default runs/bench)")
     return checkout / "benchmarks" / "results"
 
 
@@ -96,15 +101,19 @@ def cli_main(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise ConfigError(f"unknown benchmark suite {unknown[0]!r}; choose from {', '.join(SUITES)}, all")
-    ctx = Context(quick=args.quick, out=Path(args.out) if args.out else default_out())
+    update = getattr(args, "update_results", False)
+    if update and args.out:
+        raise ConfigError("--update-results writes the checkout's benchmarks/results; it takes no --out")
+    ctx = Context(quick=args.quick, out=Path(args.out) if args.out else default_out(update))
     for name in names:
         data = run_suite(name, ctx)
         print(render(data), flush=True)
         print(flush=True)
-    checkout = find_checkout()
-    if checkout is not None and ctx.out.resolve() == (checkout / "benchmarks" / "results").resolve():
+    if update:
         from mtlxray.bench.report import update_readme
 
-        update_readme(checkout / "benchmarks" / "README.md", ctx.out, list(SUITES))
-        log.info("updated the results section of %s", checkout / "benchmarks" / "README.md")
+        readme = ctx.out.parent / "README.md"
+        update_readme(readme, ctx.out, list(SUITES))
+        log.info("updated the results section of %s", readme)
+    log.info("results in %s", ctx.out)
     return 0

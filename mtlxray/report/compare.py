@@ -6,9 +6,10 @@ a folder holding only evaluations (a model evaluated with `evaluate --model-conf
 zero-shot CLIP), or an evaluation folder itself (holding metrics.json). For a run folder, the
 evaluation is its `eval-*/metrics.json` of the requested split (and subset, when given); with
 several, the newest is used and named in the log. A run without one is evaluated first when
-`--shards` is given (its `best` checkpoint, else `last`, on that split: the folder `evaluate`
-would write); otherwise compare stops and prints the `mtlxray evaluate` command to run. It never
-re-evaluates a run that has an evaluation, so a table is as reproducible as the folders it reads.
+`--shards` is given (its `best` checkpoint, else `last`, on that split) into compare's own output,
+`OUT/evaluations/<run name>/eval-*`, never into the run folders it reads (a later compare with the
+same OUT reuses it); otherwise compare stops and prints the `mtlxray evaluate` command to run. It
+never re-evaluates a run that has an evaluation, so a table is as reproducible as the folders it reads.
 
 Per run:
 - test metrics and their 95% percentile-bootstrap intervals from metrics.json (`metrics`,
@@ -103,15 +104,17 @@ def find_evaluation(run: Path, split: str, subset: Optional[str] = None) -> Opti
     return found[-1][0]
 
 
-def _evaluate_run(run: Path, shards: str, split: str, subset: Optional[str], n_boot: int) -> Path:
-    """Evaluate the run's best (else last) checkpoint into the folder `evaluate` writes by default."""
+def _evaluate_run(run: Path, shards: str, split: str, subset: Optional[str], n_boot: int, into: Path) -> Path:
+    """Evaluate the run's best (else last) checkpoint into `into`/eval-<checkpoint>-<shards>-<split>."""
     from mtlxray.report.evaluate import evaluate_checkpoint
 
     for link in ("best", "last"):
         ckpt = run / "checkpoints" / link
         if ckpt.exists():
-            logger.info("%s has no evaluation of the %s split: evaluating %s on %s", run, split, ckpt, shards)
-            return Path(evaluate_checkpoint(ckpt, shards, split=split, subset=subset, n_boot=n_boot)["out"])
+            out = into / f"eval-{link}-{Path(str(shards).rstrip('/')).name or 'shards'}-{subset or 'default'}-{split}"
+            logger.info("%s has no evaluation of the %s split: evaluating %s on %s into %s", run, split, ckpt, shards,
+                        out)
+            return Path(evaluate_checkpoint(ckpt, shards, split=split, subset=subset, n_boot=n_boot, out=out)["out"])
     raise ConfigError(f"{run}: no evaluation of the {split} split and no checkpoints/best or checkpoints/last "
                       "to evaluate")
 
@@ -164,20 +167,25 @@ def _model_cost(cfg) -> tuple[int, int, float, float]:
 
 
 def summarise_run(run: str | Path, *, split: str = "test", subset: Optional[str] = None,
-                  shards: Optional[str] = None, n_boot: int = 1000) -> RunSummary:
-    """Everything the comparison shows about one run (see the module docstring)."""
+                  shards: Optional[str] = None, n_boot: int = 1000,
+                  evaluations: str | Path = Path("compare") / "evaluations") -> RunSummary:
+    """Everything the comparison shows about one run (see the module docstring). `evaluations`: where
+    a run without an evaluation is evaluated (with `shards`), in a folder named after the run."""
     run = Path(run)
     if not run.is_dir():
         raise ConfigError(f"{run}: no such run folder")
+    own = Path(evaluations) / run.resolve().name
     eval_dir = find_evaluation(run, split, subset)
+    if eval_dir is None and shards is not None:
+        eval_dir = find_evaluation(own, split, subset) if own.is_dir() else None
+        if eval_dir is None:
+            eval_dir = _evaluate_run(run, shards, split, subset, n_boot, own)
     if eval_dir is None:
-        if shards is None:
-            ckpt = run / "checkpoints" / "best"
-            raise ConfigError(f"{run}: no evaluation of the {split} split; run `mtlxray evaluate --checkpoint {ckpt} "
-                              f"--shards SHARDS --split {split}` first, or give compare --shards SHARDS")
-        eval_dir = _evaluate_run(run, shards, split, subset, n_boot)
+        ckpt = run / "checkpoints" / "best"
+        raise ConfigError(f"{run}: no evaluation of the {split} split; run `mtlxray evaluate --checkpoint {ckpt} "
+                          f"--shards SHARDS --split {split}` first, or give compare --shards SHARDS")
     summary = json.loads((eval_dir / "metrics.json").read_text())
-    train_dir = run if (run / "metrics.jsonl").is_file() else eval_dir.parent
+    train_dir = run if (run / "metrics.jsonl").is_file() or eval_dir.parent == own else eval_dir.parent
     cfg = _config_of(train_dir, eval_dir, summary)
     from mtlxray.model.kinds import model_tasks
 
@@ -280,8 +288,9 @@ def csv_table(rows: list[RunSummary]) -> str:
 
 def cli_main(args: argparse.Namespace) -> int:
     """`mtlxray compare RUN_DIR... [--out DIR] [--split S] [--subset S] [--shards SHARDS]`."""
-    rows = compare_runs(args.runs, split=args.split, subset=args.subset, shards=args.shards, n_boot=args.bootstrap)
     out = Path(args.out)
+    rows = compare_runs(args.runs, split=args.split, subset=args.subset, shards=args.shards, n_boot=args.bootstrap,
+                        evaluations=out / "evaluations")
     md = markdown_table(rows)
     write_text_atomic(out / "compare.md", md)
     write_text_atomic(out / "compare.csv", csv_table(rows))

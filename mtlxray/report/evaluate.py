@@ -48,8 +48,9 @@ from mtlxray.errors import ConfigError, DataError, MtlxError, unwrap_worker_erro
 from mtlxray.evaluation import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_error, write_json_atomic, write_text_atomic
+from mtlxray.provenance import provenance
 from mtlxray.report import figures
-from mtlxray.report.markdown import evaluation_markdown
+from mtlxray.report.markdown import evaluation_markdown, infection_count
 from mtlxray.report.outdir import claim_output_dir
 
 __all__ = ["evaluate_checkpoint", "evaluate_config", "evaluate_model", "default_out_dir", "per_image_csv", "FIGURES",
@@ -187,17 +188,21 @@ def _overlay_cases(cases: list[Case], label: str, what: str, with_infection: boo
         lung_true, inf_true, lung_pred, inf_pred = c.masks
         if not with_infection:
             inf_true = inf_pred = None
-        return figures.OverlayCase(f"{label}, {what} {c.score:.3f}\n{c.key}", c.image, lung_true, inf_true,
+        return figures.OverlayCase(f"{label}: {c.key}", c.image, lung_true, inf_true,
                                    lung_pred, inf_pred, score=c.score, score_name=what)
     return [row(c) for c in cases]
 
 
-def write_outputs(summary: dict, records: Records, best: list[Case], worst: list[Case], out: Path) -> None:
-    """metrics.json, per_image.csv, report.md and the FIGURES under `out`."""
+def write_outputs(summary: dict, records: Records, best: list[Case], worst: list[Case], out: Path,
+                  report_dir: Optional[Path] = None) -> None:
+    """metrics.json, per_image.csv, report.md and the FIGURES under `out`; the report names paths
+    relative to `report_dir`, the folder it ends up in (`out` unless written into a staging folder)."""
     out.mkdir(parents=True, exist_ok=True)
     fig = {title: out / name for title, name in FIGURES.items()}
     if summary["confusion"] is not None:
-        figures.plot_confusion(np.array(summary["confusion"]), summary["class_names"], fig["Confusion matrix"])
+        figures.plot_confusion(np.array(summary["confusion"]), summary["class_names"], fig["Confusion matrix"],
+                               f"Confusion matrix: {summary['subset']} subset, {summary['split']} split "
+                               f"({int(summary['metrics']['n_images'])} images)")
     hist = {}
     if "lung_dice" in summary["per_image"]:
         hist["lung"] = np.array(summary["per_image"]["lung_dice"])
@@ -213,7 +218,7 @@ def write_outputs(summary: dict, records: Records, best: list[Case], worst: list
     write_json_atomic(out / "metrics.json", summary, indent=2)
     write_text_atomic(out / "per_image.csv", per_image_csv(summary, records))
     shown = {title: name for title, name in FIGURES.items() if (out / name).is_file()}
-    write_text_atomic(out / "report.md", evaluation_markdown(summary, shown))
+    write_text_atomic(out / "report.md", evaluation_markdown(summary, shown, base=report_dir or out))
 
 
 def publish_outputs(out: Path, write: Callable[[Path], None]) -> None:
@@ -467,6 +472,7 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
                         det_score_threshold=cfg.model.det_score_threshold, det_nms_iou=cfg.model.det_nms_iou,
                         det_max_boxes=cfg.model.det_max_boxes)
     summary.update(source)
+    summary.update(provenance(cfg))
     summary.update(model=cfg.model.name, tasks=sorted(model.tasks), shards=str(shards), subset=subset, split=split,
                    bootstrap=n_boot, world_size=accelerator.num_processes, phase=cfg.phase.name,
                    ranked_by="infection Dice" if by_infection else "lung Dice",
@@ -475,7 +481,7 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
     if accelerator.is_main_process:
         def write(folder: Path) -> None:
             write_text_atomic(folder / "config.yaml", dump_config(cfg))
-            write_outputs(summary, records, best, worst, folder)
+            write_outputs(summary, records, best, worst, folder, report_dir=out_dir)
 
         publish_outputs(out_dir, write)
         logger.info("evaluation of %s on %s/%s (%d images) -> %s", what, subset, split, len(records), out_dir)
@@ -494,8 +500,8 @@ def headline(summary: dict) -> str:
     elif "lung" not in tasks:
         parts.append("no segmentation metrics (the model has no mask output)")
     if "inf_dice" in m:
-        parts.append(f"infection Dice {m['inf_dice']:.4f} ({int(m['inf_n'])} {'/'.join(summary['infection_classes'])} "
-                     f"images), infection on negatives {100 * m['inf_fp_share']:.1f}% of "
+        parts.append(f"infection Dice {m['inf_dice']:.4f} ({infection_count(m, '/'.join(summary['infection_classes']))}"
+                     f"), infection on negatives {100 * m['inf_fp_share']:.1f}% of "
                      f"{int(m['inf_negatives_n'])} images")
     elif "inf" in tasks:
         parts.append("no infection metrics (the model has no infection head in "

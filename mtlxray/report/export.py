@@ -165,9 +165,30 @@ def export_torchscript(model: nn.Module, cfg: Config, out: Path) -> Path:
     return out
 
 
+def onnx_metadata(model: nn.Module, cfg: Config) -> dict[str, str]:
+    """What a user of the ONNX file needs besides the graph (its `metadata_props`, JSON values): the
+    class names in the order of the `cls` output, the input's size, channels and value range (the
+    scaling `predict` applies), the outputs, and what produced the file."""
+    import json
+
+    from mtlxray.data.loader import label_names
+    from mtlxray.provenance import provenance
+
+    size = cfg.model.img_size
+    meta = {"class_names": json.dumps(label_names(cfg.data)), "outputs": json.dumps(list(output_names(model))),
+            "input": json.dumps({"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32",
+                                 "range": [0.0, 1.0], "scaling": "8-bit grayscale / 255, resized bilinearly "
+                                 "(antialiased) to the model size"}),
+            "outputs_are": "lung and inf: mask logits (sigmoid > 0.5 is the mask); cls: class logits (softmax, "
+                           "or sigmoid with model.cls_loss bce_multilabel)",
+            "model": cfg.model.name}
+    meta.update({k: str(v) for k, v in provenance(cfg).items() if v is not None})
+    return meta
+
+
 def export_onnx(model: nn.Module, cfg: Config, out: Path) -> Path:
     """An ONNX graph (opset `ONNX_OPSET`) with a symbolic batch axis `batch` on the input and every
-    output, checked with onnx.checker. The model is traced on the `ONNX_KERNEL` attention path
+    output, checked with onnx.checker, and `onnx_metadata` in its metadata_props. The model is traced on the `ONNX_KERNEL` attention path
     (its own kernel is restored afterwards)."""
     onnx = _require_onnx()
     names = output_names(model)
@@ -183,6 +204,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: Path) -> Path:
                                     # model's file was 1.6× larger and onnxruntime warned about
                                     # CastLike nodes it could not fold.
                                     optimize=True)
+        program.model.metadata_props.update(onnx_metadata(model, cfg))
         with _written(out) as tmp:
             program.save(str(tmp), external_data=False)
             onnx.checker.check_model(str(tmp))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Optional
 
 SEG_ROWS = (("Dice", "dice"), ("IoU", "iou"), ("Pixel accuracy", "pixel_accuracy"),
             ("Sensitivity", "sensitivity"), ("Specificity", "specificity"))
@@ -16,6 +19,25 @@ def fmt(value: object, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def rel_path(path: object, base: Optional[str | Path]) -> str:
+    """`path` relative to the folder `base` (a report's own folder), so that the report moves with
+    the results; as given without a base."""
+    if base is None or path is None:
+        return str(path)
+    return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+
+
+def provenance_line(info: Mapping) -> str:
+    """`mtlxray 0.1.0 (commit 1a2b3c4d5e6f), torch 2.13.0, config hash 0123456789ab`; empty without them."""
+    if "mtlxray_version" not in info:
+        return ""
+    commit = info.get("git_commit")
+    if commit:
+        commit = f"commit {commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}"
+    line = f"mtlxray {info['mtlxray_version']} ({commit or 'no git commit'}), torch {info.get('torch_version')}"
+    return line + (f", config hash {info['config_hash']}" if info.get("config_hash") else "")
 
 
 def fmt_ci(ci: Sequence[float | None] | None) -> str:
@@ -128,22 +150,33 @@ def leakage_note(leakage: Mapping | None) -> str:
     return " ".join(parts) + "\n"
 
 
-def evaluation_markdown(summary: Mapping, figures: Mapping[str, str], heading: str = "#") -> str:
-    """The body of an evaluation report: what was evaluated, the tables, and the figures (relative paths)."""
+def infection_count(m: Mapping, positives: str) -> str:
+    """`12 COVID-19 images`, or `0 of 15 COVID-19 images have an infection mask` when some have none."""
+    scored, of = int(m["inf_n"]), m.get("inf_positives_n")
+    if of is None or int(of) == scored:
+        return f"{scored} {positives} images"
+    return f"{scored} of {int(of)} {positives} images have an infection mask"
+
+
+def evaluation_markdown(summary: Mapping, figures: Mapping[str, str], heading: str = "#",
+                        base: Optional[str | Path] = None) -> str:
+    """The body of an evaluation report: what was evaluated, the tables, and the figures (relative paths).
+    `base`: the report's folder; the checkpoint, weights and shards are named relative to it."""
     h, m = heading, summary["metrics"]
     positives = "/".join(summary.get("infection_classes", ["COVID-19"]))
     if "inf_n" in m:
         inf_note = (f"Infection metrics are computed on {positives} images that have an infection mask only "
-                    f"({int(m['inf_n'])} images); on the other classes the share of images with any predicted "
-                    "infection is reported instead. ")
+                    f"({infection_count(m, positives)}); on the other classes the share of images with any "
+                    "predicted infection is reported instead. ")
     else:
         inf_note = f"The model has no infection head in {summary.get('phase', 'this phase')}: no infection metrics. "
     lines = [
         f"{h} Evaluation: {summary['subset']} subset, {summary['split']} split\n",
-        (f"Checkpoint `{summary['checkpoint']}`" if summary.get("checkpoint") else
+        (f"Checkpoint `{rel_path(summary['checkpoint'], base)}`" if summary.get("checkpoint") else
          f"Model config `{summary.get('model_config')}` with its own weights `{summary.get('weights')}` (no training "
-         "run)") + f", shards `{summary['shards']}`, "
+         "run)") + f", shards `{rel_path(summary['shards'], base)}`, "
         f"{int(m['n_images'])} images, {summary['world_size']} process(es). "
+        + (f"Made by {provenance_line(summary)}. " if provenance_line(summary) else "") +
         f"Masks are thresholded at probability 0.5. {inf_note}A Dice of an empty prediction on an empty mask "
         f"counts as 1. Macro averages cover the classes present in the split. Intervals are 95% percentile "
         f"bootstrap intervals over images ({summary['bootstrap']} resamples).\n",

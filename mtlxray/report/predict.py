@@ -141,14 +141,14 @@ def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failu
     return files, failures
 
 
-def load_gray(path: Path, max_pixels: int | None = None) -> np.ndarray:
+def load_gray(path: Path, max_pixels: int | None = None, input_range: str = "auto") -> np.ndarray:
     """An image file as H×W uint8 grayscale; DataError naming the file if it cannot be used.
 
-    The shard builder's reader (`mtlxray.data.images.read_grayscale`): 16-bit images rescaled by
-    their range, DICOM through pydicom, and the same pixel limit (max_pixels, default
-    `mtlxray.data.images.MAX_PIXELS`), refused before decoding.
+    The shard builder's reader (`mtlxray.data.images.read_grayscale`): 16-bit images rescaled from
+    their stored bit depth (`input_range`: auto, full or minmax), DICOM through pydicom, and the same
+    pixel limit (max_pixels, default `mtlxray.data.images.MAX_PIXELS`), refused before decoding.
     """
-    return read_grayscale(path, max_pixels=max_pixels)
+    return read_grayscale(path, max_pixels=max_pixels, input_range=input_range)
 
 
 def to_model_input(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
@@ -280,14 +280,15 @@ def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p:
 
 def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, *, gate: float | None = None,
                   batch_size: int = 8, max_pixels: int | None = None,
-                  device: torch.device | str = "cpu", gating=None) -> tuple[list[dict], list[Failure]]:
+                  device: torch.device | str = "cpu", gating=None,
+                  input_range: str = "auto") -> tuple[list[dict], list[Failure]]:
     """Run `model` on image files, writing masks and overlays under `out`; (records, failures).
 
     The model runs as given (its device, dtype and attention kernel); `load_predictor` prepares
     one for CPU. `gate`: report infection and boxes only when P(COVID-19) under the class head is
     at least this; `gating` (a `mtlxray.gate.Gate`: the class head or a first-stage classifier, its
     positive classes and threshold) replaces it. ConfigError for a gate outside [0, 1] or a batch
-    size below 1."""
+    size below 1. `input_range`: how 16-bit images are scaled (`mtlxray.data.images`)."""
     check_gate(gate)
     if gating is None and gate is not None:
         from mtlxray.gate import Gate
@@ -311,7 +312,7 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
         loaded: list[tuple[Path, np.ndarray]] = []
         for path in paths[start : start + batch_size]:
             try:
-                loaded.append((path, load_gray(path, max_pixels)))
+                loaded.append((path, load_gray(path, max_pixels, input_range)))
             except DataError as e:
                 logger.warning("%s", e)
                 failures.append(Failure(str(path), str(e)))
@@ -401,7 +402,8 @@ def cli_main(args: argparse.Namespace) -> int:
     with claim_output_dir(args.out, PREDICT_OUTPUTS, overwrite=args.overwrite, command="predict") as out:
         try:
             records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
-                                         batch_size=args.batch_size, gating=gating)
+                                         batch_size=args.batch_size, gating=gating,
+                                         input_range=getattr(args, "input_range", "auto"))
             failures += bad
             write_predictions(out, records, failures)
         except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback

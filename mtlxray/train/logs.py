@@ -29,9 +29,48 @@ import torch
 
 from mtlxray.io import json_safe, write_text_atomic
 
-__all__ = ["MetricsLog", "LossWindow", "Progress"]
+__all__ = ["MetricsLog", "LossWindow", "Progress", "run_info", "run_info_line"]
 
 logger = logging.getLogger(__name__)
+
+
+def run_info(cfg, accelerator, model, precision_source: str) -> dict:
+    """How this run trains, as decided at start-up, with what produced it (`mtlxray.provenance`):
+    device, precision (and what chose it), world size, backend, attention kernel and compile."""
+    import torch.distributed as dist
+
+    from mtlxray.provenance import provenance
+
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    kernel = getattr(model, "attention_kernel", None)
+    return {"device": f"{device.type} ({name})", "precision": cfg.run.precision, "precision_source": precision_source,
+            "world_size": accelerator.num_processes,
+            "backend": f"{cfg.run.backend}/{dist.get_backend() if dist.is_initialized() else 'single process'}",
+            "attention": kernel or "none (no window attention)", "compile": bool(cfg.run.compile),
+            **provenance(cfg)}
+
+
+def run_info_line(info: dict) -> str:
+    """The one start-up line: `device cpu (AVX512, 2 threads), precision fp32 (run.precision), ...`."""
+    return (f"device {info['device']}, precision {info['precision']} ({info['precision_source']}), "
+            f"world size {info['world_size']}, backend {info['backend']}, attention {info['attention']}, "
+            f"compile {'on' if info['compile'] else 'off'}")
+
+
+TENSORBOARD_LEFT_OUT = ("type", "time", "step", "epoch", "world_size")
+"""Record fields that are not curves: the step is TensorBoard's x axis; epoch and world size are
+counters and constants (metrics.jsonl keeps them; the start-up text names the world size)."""
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as TensorBoard scalars: training values under `train/`, validation
+    values under their own `val/`; non-finite values left out."""
+    prefix = "" if record.get("type") == "eval" else "train/"
+    return {(k if k.startswith("val/") else prefix + k): v for k, v in record.items()
+            if k not in TENSORBOARD_LEFT_OUT and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
 
 
 class MetricsLog:
@@ -58,9 +97,14 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.tensorboard:
-            scalars = {k: v for k, v in record.items() if k not in ("type", "time") and isinstance(v, (int, float))
-                       and math.isfinite(v)}
-            self.accelerator.log(scalars, step=record["step"])
+            self.accelerator.log(tensorboard_scalars(record), step=record["step"])
+
+    def write_text(self, texts: dict[str, str], step: int = 0) -> None:
+        """Text panels in TensorBoard (the resolved config, the start-up line), shown as Markdown."""
+        if self.tensorboard:
+            # four spaces: a Markdown code block, so YAML keeps its indentation
+            self.accelerator.log({k: "\n".join("    " + line for line in v.splitlines()) for k, v in texts.items()},
+                                 step=step)
 
 
 class LossWindow:
@@ -109,12 +153,23 @@ class LossWindow:
         self.sums, self.counts, self.samples, self.t0 = {}, {}, 0, time.perf_counter()
 
 
-class Progress:
-    """A tqdm bar when stderr is a terminal; otherwise one log line per log step (batch logs stay clean)."""
+def _duration(seconds: float) -> str:
+    """`1:02:03` (h:mm:ss), `--` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool) -> None:
+
+class Progress:
+    """A tqdm bar (with its elapsed time and ETA) when stderr is a terminal; otherwise one log line
+    per log step with the elapsed time and an ETA from the steps done so far (batch logs stay clean)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, clock=time.monotonic) -> None:
         self.total, self.step, self.desc = total, initial, desc
         self.enabled = enabled
+        self.clock = clock
+        self.t0, self.step0 = clock(), initial  # a resumed run's rate counts only this process's steps
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -134,8 +189,11 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         else:
-            logger.info("%s: step %d/%d (%.0f%%), loss %.4f, %.1f img/s", self.desc, record["step"], self.total,
-                        100.0 * record["step"] / max(1, self.total), loss, record.get("img_per_s", math.nan))
+            elapsed, done = self.clock() - self.t0, record["step"] - self.step0
+            eta = elapsed / done * (self.total - record["step"]) if done > 0 else math.nan
+            logger.info("%s: step %d/%d (%.0f%%), loss %.4f, %.1f img/s, elapsed %s, ETA %s", self.desc,
+                        record["step"], self.total, 100.0 * record["step"] / max(1, self.total), loss,
+                        record.get("img_per_s", math.nan), _duration(elapsed), _duration(eta))
 
     def close(self) -> None:
         if self.bar is not None:

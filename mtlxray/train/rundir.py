@@ -28,11 +28,13 @@ import yaml
 from mtlxray.config import Config, config_to_dict
 from mtlxray.errors import ConfigError, MtlxError
 
-__all__ = ["RunLock", "RunBusyError", "previous_run_files", "clear_previous_run", "config_changes",
-           "RESUMABLE_CHANGES"]
+__all__ = ["RUN_INFO_NAME", "RunLock", "RunBusyError", "previous_run_files", "clear_previous_run",
+           "config_changes", "RESUMABLE_CHANGES"]
 
 LOCK_NAME = ".lock"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml")
+RUN_INFO_NAME = "run.json"
+"""How the run trains (device, precision, world size, backend, attention, compile) and what produced it."""
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.yaml", RUN_INFO_NAME)
 """What a training run writes into its folder (other files, such as submitit logs, are kept)."""
 
 

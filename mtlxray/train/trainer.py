@@ -10,7 +10,8 @@ log step (`run.log_every`), in one all-reduce and one copy; that is also where a
 signal is acted on. Validation and checkpoint saves synchronise as they must. DeepSpeed adds one
 read per micro-step (its engine steps inside backward, so a non-finite loss is caught before it).
 
-Outputs under runs/<name>/: `config.yaml`, `metrics.jsonl` and `tensorboard/` (see
+Outputs under runs/<name>/: `config.yaml` (headed by the start-up line), `run.json` (device, precision,
+world size, backend, attention, compile, versions, config hash), `metrics.jsonl` and `tensorboard/` (see
 `mtlxray.train.logs`), `checkpoints/` (see `mtlxray.checkpoint`).
 """
 
@@ -35,17 +36,17 @@ from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError
 from mtlxray.evaluation import metric_names
 from mtlxray.gate import Gate
 from mtlxray.hardware import resolve_attention, resolve_precision
-from mtlxray.io import write_text_atomic
+from mtlxray.io import write_json_atomic, write_text_atomic
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
 from mtlxray.train.gating import PositiveSelector
-from mtlxray.train.logs import LossWindow, MetricsLog, Progress
+from mtlxray.train.logs import LossWindow, MetricsLog, Progress, run_info, run_info_line
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.multisource import batches_per_epoch, check_sources, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
-from mtlxray.train.rundir import RunLock, clear_previous_run, config_changes, describe_changes
+from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
 from mtlxray.train.validation import Validator, eval_subset, iterate_keeping_rng
 
@@ -155,7 +156,8 @@ class Trainer:
 
         self.stop = StopFlag.install()  # before anything slow: a signal now is recorded, not fatal
         cfg = copy.deepcopy(cfg)  # the caller's config is left as it was
-        apply_launcher_flags(cfg)
+        requested = cfg.run.precision
+        precision_source = apply_launcher_flags(cfg) or f"run.precision={requested}"
         cfg.run.precision = resolve_precision(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
         resolve_global_batch(cfg, resolve_world().world_size)
         self.cfg = cfg
@@ -210,11 +212,15 @@ class Trainer:
             self._load(target)
         elif resume == "auto":
             self._restart_log()
-        # The record states what was trained: a finished run's config.yaml is left as it is.
+        self.info = run_info(cfg, acc, self.raw_model, precision_source)
+        logger.info("%s", run_info_line(self.info))
+        # The record states what was trained: a finished run's config.yaml and run.json are left as they are.
         if acc.is_main_process and self.state.step < self.total_steps:
-            write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+            write_text_atomic(self.run_dir / "config.yaml", f"# {run_info_line(self.info)}\n{dump_config(cfg)}")
+            write_json_atomic(self.run_dir / RUN_INFO_NAME, self.info, indent=1)
         if cfg.run.tensorboard:
             acc.init_trackers("tensorboard")
+            self.log.write_text({"config": dump_config(cfg), "run": run_info_line(self.info)}, step=self.state.step)
         self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
         self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
         self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)

@@ -201,17 +201,14 @@ def test_card_peaks_by_device_name():
 # where results go
 
 
-def test_results_default_to_the_checkout_and_need_out_elsewhere(tmp_path):
+def test_results_default_to_runs_bench_and_the_tracked_results_need_a_flag(tmp_path, monkeypatch):
     assert find_checkout(REPO / "mtlxray" / "bench") == REPO
-    cwd = os.getcwd()
-    try:
-        os.chdir(REPO / "tests")
-        assert default_out() == REPO / "benchmarks" / "results"
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(REPO / "tests")  # inside the checkout, the tracked results are still left alone
+    assert default_out() == Path("runs") / "bench"
+    assert default_out(update_results=True) == REPO / "benchmarks" / "results"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-m", "mtlxray.cli", "bench", "projection", "--quick"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "mtlxray.cli", "bench", "projection", "--quick", "--update-results"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
-    assert "not inside an mtlxray checkout" in res.stderr and "--out" in res.stderr
+    assert "--update-results" in res.stderr and "not inside an mtlxray checkout" in res.stderr
     assert not any(tmp_path.iterdir())

@@ -117,7 +117,9 @@ def test_compare_writes_one_table_of_metrics_with_intervals_size_and_speed(runs,
     res = _cli("compare", str(runs / "unet"), str(runs / "vit_b_cls"), str(runs / "clip_zeroshot"),
                "--shards", str(shards), "--bootstrap", "50", "--out", str(tmp_path / "cmp"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (runs / "vit_b_cls" / "eval-best-shards-lung-test" / "metrics.json").is_file()
+    vit_dir = tmp_path / "cmp" / "evaluations" / "vit_b_cls" / "eval-best-shards-default-test"
+    assert (vit_dir / "metrics.json").is_file()  # under compare's own output
+    assert not list((runs / "vit_b_cls").glob("eval-*"))  # the run folder it read is left as it was
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "cmp" / "compare.csv").open())}
     assert list(rows) == ["unet", "vit_b_cls", "clip_zeroshot"]
     unet, vit, clip = rows["unet"], rows["vit_b_cls"], rows["clip_zeroshot"]
@@ -125,7 +127,7 @@ def test_compare_writes_one_table_of_metrics_with_intervals_size_and_speed(runs,
     assert float(unet["lung_dice"]) == pytest.approx(m["lung_dice"], rel=1e-5)
     assert [float(unet["lung_dice_ci_lo"]), float(unet["lung_dice_ci_hi"])] == pytest.approx(ci["lung_dice"], rel=1e-5)
     assert unet["accuracy"] == "" and vit["lung_dice"] == "" and clip["f1_macro"] != ""
-    vit_eval = json.loads((runs / "vit_b_cls" / "eval-best-shards-lung-test" / "metrics.json").read_text())
+    vit_eval = json.loads((vit_dir / "metrics.json").read_text())
     assert float(vit["f1_macro_ci_hi"]) == pytest.approx(vit_eval["ci95"]["f1_macro"][1], rel=1e-5)
     assert float(vit["precision_macro"]) == pytest.approx(vit_eval["metrics"]["precision_macro"], rel=1e-5)
     # parameters of the model the config builds; speed: the median of the run's logged img/s

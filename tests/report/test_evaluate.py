@@ -56,6 +56,13 @@ def test_evaluate_checkpoint_writes_metrics_per_image_csv_report_and_figures(tin
     assert "COVID-19 images" in report and "Infection on negative images" in report
     for name in FIGURES.values():
         assert name in report and (tmp_path / name).stat().st_size > 1000
+    # paper-ready: counts are ints, paths relative to the report, and what produced the numbers
+    text = (tmp_path / "metrics.json").read_text()
+    assert f'"n_images": {m["n_images"]},' in text and '"lung_n": ' in text and '.0,' not in text.split('"lung_n": ')[1][:8]
+    assert f"| Images | {m['lung_n']} |" in report
+    assert str(tmp_path) not in report and f"`{os.path.relpath(tiny_ckpt, tmp_path)}`" in report
+    assert saved["mtlxray_version"] and saved["torch_version"] and len(saved["config_hash"]) == 12
+    assert f"config hash {saved['config_hash']}" in report
 
 
 def test_phase1_checkpoint_says_it_has_no_infection_head(tiny_ckpt_phase1, shards64, tmp_path):

@@ -100,6 +100,19 @@ def test_onnx_graph_has_a_symbolic_batch_axis_and_named_outputs(masked_onnx):
     assert [v.name for v in graph.output] == ["lung", "inf", "cls"]
 
 
+def test_onnx_file_names_its_classes_input_size_and_range(masked_onnx):
+    import json
+
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(masked_onnx[0])).metadata_props}
+    cfg = masked_onnx[2]
+    assert json.loads(meta["class_names"]) == ["Normal", "Non-COVID", "COVID-19"]  # the cls output's order
+    assert json.loads(meta["input"])["shape"] == ["batch", 1, cfg.model.img_size, cfg.model.img_size]
+    assert json.loads(meta["input"])["range"] == [0.0, 1.0] and json.loads(meta["outputs"]) == ["lung", "inf", "cls"]
+    assert meta["mtlxray_version"] and meta["torch_version"] and len(meta["config_hash"]) == 12
+
+
 def test_onnx_export_restores_the_models_kernel_and_mode(masked_onnx):
     _, model, _ = masked_onnx
     assert model.attention_kernel == "sdpa" and not model.training

@@ -160,3 +160,53 @@ def test_figures_keep_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}
+
+
+def test_prediction_overlay_draws_the_infection_severity_counts_and_names_the_rest(tmp_path):
+    img = np.full((64, 64), 90, np.uint8)
+    lung = np.zeros((64, 64), bool)
+    lung[10:50, 8:30] = True
+    inf = np.zeros((64, 64), bool)
+    inf[20:30, 20:40] = True  # half inside the lung, half outside
+    out = F.prediction_overlay(img, lung, inf, predicted_class="COVID-19", probability=0.9, severity=12.5)
+    inside, outside = out[25, 25].astype(int), out[25, 35].astype(int)
+    assert np.array_equal(out[25, 25], F.overlay_rgb(img, lung, inf)[25, 25])  # counted: full infection colour
+    assert inside[0] - inside[2] > 2 * abs(outside[0] - outside[2])  # outside the lung: faint, not red
+    band = out[64:].reshape(-1, 3)
+    assert (band == _rgb255(F.OUTSIDE_RGB)).all(1).any()  # and in the legend as not counted
+
+
+def test_figures_for_a_paper_loss_scale_colours_histograms_and_small_overlays(tmp_path, monkeypatch):
+    figs = []
+    real_save = F._save
+
+    def save(fig, out, **kw):
+        figs.append(fig)
+        return real_save(fig, out, **kw)
+
+    monkeypatch.setattr(F, "_save", save)
+    paths = {}
+    for phase, tasks in (("phase 1", ["lung"]), ("phase 2", ["inf", "lung"])):
+        rows = [{"type": "train", "step": s, "loss": (50.0 if s == 1 else 1 / s),
+                 **{f"loss/{t}": 0.5 / s for t in tasks}} for s in range(1, 20)]
+        paths[phase] = tmp_path / f"{phase}.jsonl"
+        paths[phase].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    F.plot_loss_curves(paths, tmp_path / "loss.png")
+    ax1, ax2 = figs[-1].axes
+    assert ax1.get_yscale() == "log"  # the early spike would squash the curves
+    colour = {ax: {line.get_label(): line.get_color() for line in ax.lines} for ax in (ax1, ax2)}
+    assert colour[ax1]["train lung"] == colour[ax2]["train lung"]  # one colour per task in every panel
+    F.plot_dice_histograms({"lung": np.array([0.9, 0.95, 0.97]), "infection": np.array([])}, tmp_path / "h.png")
+    (hist,) = figs[-1].axes  # no empty n=0 panel
+    assert all(float(t).is_integer() for t in hist.get_yticks())
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = (127 + 60 * np.sin(xx / 17.0) * np.cos(yy / 23.0) + yy / 8).astype(np.uint8)  # smooth, like an X-ray
+    m = np.zeros((256, 256), bool)
+    m[40:200, 30:120] = True
+    cases = [F.OverlayCase(f"case {i}", img, m, m, np.roll(m, i, 1), m) for i in range(6)]
+    F.plot_overlay_grid(cases, tmp_path / "ov.png", "best and worst")
+    with Image.open(tmp_path / "ov.png") as im:
+        assert im.mode == "P"  # a palette PNG
+        rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert (tmp_path / "ov.png").stat().st_size < 250_000  # 673 kB as the RGBA PNG it was
+    assert (rgb == _rgb255(F.FP_RGB)).all(1).any()  # the legend's colours survive the palette

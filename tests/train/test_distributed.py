@@ -46,10 +46,20 @@ def test_ddp_two_ranks_via_accelerate_launch(tiny_shards, tmp_path, grad_allredu
     env = {**cli_env(), "ACCELERATE_USE_CPU": "1"}
     launcher = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3", f"run.grad_allreduce={grad_allreduce}")
+    args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=3", f"run.grad_allreduce={grad_allreduce}",
+                          "run.precision=auto")
     ranks = _launch(launcher, tmp_path / "out", args, env)
     _assert_two_ranks_agree(ranks, tmp_path / "t", 3)
     assert [r["ddp_comm_hooks"] for r in ranks] == [hooks, hooks]
+    # --mixed_precision no is honoured over run.precision=auto, and the start-up line says how it trained
+    info = json.loads((tmp_path / "t" / "run.json").read_text())
+    assert info["precision"] == "fp32" and info["precision_source"] == "accelerate launch --mixed_precision no"
+    assert info["world_size"] == 2 and info["backend"] == "ddp/gloo" and info["compile"] is False
+    assert info["device"].startswith("cpu") and info["attention"] in ("sdpa", "explicit")
+    assert {"mtlxray_version", "torch_version", "git_commit", "config_hash"} <= info.keys()
+    header = (tmp_path / "t" / "config.yaml").read_text().splitlines()[0]
+    assert header.startswith("# device cpu") and "precision fp32 (accelerate launch --mixed_precision no)" in header
+    assert "world size 2, backend ddp/gloo" in header
 
 
 @pytest.mark.slow

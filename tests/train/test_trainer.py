@@ -177,6 +177,8 @@ def test_accelerate_launch_precision_flag_is_honoured_or_refused_in_one_line(mon
         apply_launcher_flags(load_config(DEMO))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
-    cfg = load_config(DEMO)
-    apply_launcher_flags(cfg)
-    assert cfg.run.compile and cfg.run.precision == "auto"
+    cfg = load_config(DEMO, ["run.precision=auto"])
+    assert apply_launcher_flags(cfg) == "accelerate launch --mixed_precision no"
+    assert cfg.run.compile and cfg.run.precision == "fp32"  # `no` is honoured over auto (it was bf16 here)
+    cfg = load_config(DEMO, ["run.precision=bf16"])
+    assert apply_launcher_flags(cfg) is None and cfg.run.precision == "bf16"  # an explicit bf16 is kept, warned
