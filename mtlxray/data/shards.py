@@ -291,7 +291,7 @@ def _select(keyed: dict[str, Record], root: Path, dedupe: str, exclude_from: Seq
             for (key, c, p), rec in zip(hashed, keyed.values()) if c is not None]
     dropped: dict[str, str] = {}
     for name, other in _other_test_images(exclude_from):
-        hits = audit_mod.find_pairs(refs, other, threshold)
+        hits = audit_mod.overlap_images(refs, other, threshold)
         n_before = len(dropped)
         for pair in hits:
             dropped.setdefault(pair.a.key, f"{pair.kind} duplicate of {pair.b.key} in the test split of {name} "
@@ -381,10 +381,7 @@ def build_shards(input: str | Path, output: str | Path, *, layout: str = "covid-
 
 
 def _duplicates_summary(rows: list[list[str]], threshold: int) -> dict:
-    refs = [audit_mod._ref("", row) for row in rows]
-    pairs = audit_mod.find_pairs(refs, threshold=threshold)
-    return {"threshold": threshold, "exact_pairs": sum(p.kind == "exact" for p in pairs),
-            "near_pairs": sum(p.kind == "near" for p in pairs), "leakage_pairs": sum(p.leakage for p in pairs)}
+    return audit_mod.summary([audit_mod._ref("", row) for row in rows], threshold)
 
 
 def _manifest(listing, results: list[dict], params: dict, fingerprint: str, root: Path, n_bad: int,
