@@ -294,6 +294,7 @@ def test_a_build_of_4002_copies_of_one_image_stays_in_bounded_memory_and_reports
                            "--workers", "2", "--shard-size", "1000"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     growth_mib = int(proc.stdout.split("GROWTH_KIB")[1].split()[0]) / 1024
+    print(f"the build grew by {growth_mib:.0f} MiB")
     assert growth_mib < 200, f"the build's resident memory grew by {growth_mib:.0f} MiB"
     dup = json.loads((tmp_path / "out" / "manifest.json").read_text())["duplicates"]
     assert dup["groups"] == 1 and dup["largest_group"] == n
