@@ -80,13 +80,23 @@ def perceptual_hash(pixels: np.ndarray) -> str:
     thumb = np.asarray(Image.fromarray(np.asarray(pixels, dtype=np.uint8)).resize(
         (_THUMB, _THUMB), Image.Resampling.BOX), dtype=np.float64)
     mass = thumb - thumb.min()
-    if mass.sum() > 0:
-        cy, cx = ndimage.center_of_mass(mass)
+    total = mass.sum()
+    if total > 0:
+        # The centroid by two weighted sums (what ndimage.center_of_mass computes, in a tenth of its time).
+        cy = mass.sum(axis=1) @ _AXIS / total
+        cx = mass.sum(axis=0) @ _AXIS / total
         c = (_THUMB - 1) / 2.0
         thumb = ndimage.shift(thumb, (c - cy, c - cx), order=1, mode="nearest")
-    coeffs = fft.dctn(thumb, norm="ortho")[:_HASH, :_HASH].ravel()[1:]
+    # Only the 16x16 lowest coefficients are kept: two products with the first 16 rows of the
+    # orthonormal DCT-II matrix instead of the whole 64x64 transform.
+    coeffs = (_DCT @ thumb @ _DCT.T).ravel()[1:]
     bits = np.append(coeffs > np.median(coeffs), False)
     return np.packbits(bits).tobytes().hex()
+
+
+_AXIS = np.arange(_THUMB, dtype=np.float64)
+_DCT = fft.dct(np.eye(_THUMB), norm="ortho", axis=0)[:_HASH]
+"""(16, 64): rows of the orthonormal DCT-II matrix, so `_DCT @ x @ _DCT.T` is dctn(x)[:16, :16]."""
 
 
 def _words(hexes: Sequence[str]) -> np.ndarray:
