@@ -323,7 +323,10 @@ def _select(keyed: dict[str, Record], root: Path, dedupe: str, exclude_from: Seq
             members = sorted((kept[i] for i in group), key=rank)
             first = members[0]
             for r in (members if dedupe == "drop" else members[1:]):
-                others = ", ".join(m.key for m in members if m is not r)
+                # A few names, not all: every drop naming every other copy is N^2 text for N copies.
+                named = [m.key for m in members[:4] if m is not r][:3]
+                more = len(members) - 1 - len(named)
+                others = ", ".join(named) + (f" and {more:,} more" if more else "")
                 dropped.setdefault(r.key, f"duplicate of {others if dedupe == 'drop' else first.key} "
                                           f"(--dedupe {dedupe})")
     info["dropped"] = [{"key": k, "path": str(keyed[k].image), "reason": why} for k, why in sorted(dropped.items())]
