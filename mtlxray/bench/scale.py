@@ -2,7 +2,10 @@
 
 - `paper`: the synthetic `paper` scale (39,746 images at 256 px, Tables I and II) is written once,
   then built (`shards build --format raw --workers 2`) and audited (`shards audit`), each in a child
-  process: wall time, images/s and peak resident memory.
+  process: wall time, images/s and peak resident memory. With `--quick` the paper-scale tree holds
+  hard links to the `small` scale's 350 rendered images instead (the same files per folder,
+  repeated up to the paper's counts: ~114 copies of each image, which the audit reports as groups);
+  rendering 39,746 phantoms takes longer than the build it feeds.
 - `hashes`: the audit alone (`audit._scan`, what `shards audit` runs after reading manifests) on
   1,000,000 synthetic 256-bit hashes with planted near pairs (distances 1 to the threshold) and one
   group of 50,000 equal hashes: time, peak memory and the recall of the planted pairs.
@@ -68,6 +71,27 @@ def planted_hashes(n: int, equal: int, planted: int, threshold: int, seed: int =
     return words, np.stack([src, dst], axis=1)
 
 
+def linked_tree(small: Path, out: Path, counts: dict) -> int:
+    """A COVID-QU-Ex tree with `counts` (subset -> split -> class -> n) images, each a hard link to
+    an image (and its masks) of the same folder of the tree `small`; returns the number of images."""
+    from mtlxray.data.sources import SPLIT_DIRS, SUBSET_DIRS
+
+    total = 0
+    for subset, splits in counts.items():
+        top = Path(SUBSET_DIRS[subset]) / SUBSET_DIRS[subset]
+        for split, classes in splits.items():
+            for cls, n in classes.items():
+                folder = top / SPLIT_DIRS[split] / cls
+                kinds = sorted(p.name for p in (small / folder).iterdir() if p.is_dir())
+                names = sorted(p.name for p in (small / folder / "images").glob("*.png"))
+                for kind in kinds:
+                    (out / folder / kind).mkdir(parents=True, exist_ok=True)
+                    for k in range(n):
+                        os.link(small / folder / kind / names[k % len(names)], out / folder / kind / f"copy_{k}.png")
+                total += n
+    return total
+
+
 def stage(name: str, args: dict) -> dict:
     """One measured stage, run inside the child (`_CHILD`)."""
     if name == "build":
@@ -117,6 +141,7 @@ def run(ctx):
     from mtlxray.data.synth import SCALE_COUNTS, synthesize
 
     scale = ctx.pick("paper", "paper", "tiny")
+    linked = ctx.quick and not ctx.smoke
     size = ctx.pick(256, 256, 64)
     n_hashes, equal, planted = ctx.pick((HASHES, EQUAL_GROUP, PLANTED), (HASHES, EQUAL_GROUP, PLANTED),
                                         (20_000, 2_000, 200))
@@ -125,9 +150,13 @@ def run(ctx):
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         tmp_path = Path(tmp)
         t0 = time.perf_counter()
-        synthesize(tmp_path / "src", scale=scale, size=size, workers=0, progress=False)
+        if linked:
+            synthesize(tmp_path / "small", scale="small", size=size, workers=0, progress=False)
+            n_images = linked_tree(tmp_path / "small", tmp_path / "src", SCALE_COUNTS[scale])
+        else:
+            synthesize(tmp_path / "src", scale=scale, size=size, workers=0, progress=False)
+            n_images = sum(n for splits in SCALE_COUNTS[scale].values() for c in splits.values() for n in c.values())
         synth_s = time.perf_counter() - t0
-        n_images = sum(n for splits in SCALE_COUNTS[scale].values() for c in splits.values() for n in c.values())
         common = {"src": str(tmp_path / "src"), "out": str(tmp_path / "out"), "audit_out": str(tmp_path / "audit"),
                   "workers": 2, "size": size}
         stages[f"build {scale} (workers 2)"] = _measure("build", common)
@@ -147,6 +176,7 @@ def run(ctx):
         Target("recall of the planted near pairs", hashes["planted_found"] / hashes["planted"], 1.0, "min"),
     ]
     result.details = {"scale": scale, "images": n_images, "synth_s": synth_s, "stages": stages,
+                      "tree": "hard links to the small scale's 350 images" if linked else "rendered phantoms",
                       "note": "peak_MiB: the stage process's own peak (imports excluded); workers_peak_MiB: the "
                               "largest pool worker; load: 1-minute load average before-after (2 cores)"}
     return result
