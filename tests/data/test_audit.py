@@ -304,3 +304,16 @@ def test_a_build_of_4002_copies_of_one_image_stays_in_bounded_memory_and_reports
     assert result.n_groups == 1 and result.groups[0].size == n and result.groups[0].exact
     assert "4,002 images are copies of one image" in audit.format_audit(result)
     assert len(result.pairs) == audit.SAMPLE_PAIRS and all(p.leakage for p in result.pairs)
+
+
+def test_audit_csv_holds_the_sample_and_every_pair_only_when_asked(clean, planted, tmp_path):
+    sets = [clean[1], planted[1]]
+    result = audit.audit(sets, tmp_path / "s", sample=5, sheet_pairs=0)
+    assert len(result.pairs) == 5 and result.total_pairs > 5
+    assert len(list(csv.DictReader((tmp_path / "s" / "audit.csv").open()))) == 5
+    full = audit.audit(sets, tmp_path / "f", sample=5, sheet_pairs=0, all_pairs=True)
+    rows = list(csv.DictReader((tmp_path / "f" / "audit.csv").open()))
+    assert len(rows) == full.total_pairs == len(audit.find_pairs(
+        [r for s in sets for r in audit.manifest_images(json.loads((s / "manifest.json").read_text()), str(s))]))
+    assert [(r["key_a"], r["key_b"]) for r in rows[:5]] == [(p.a.key, p.b.key) for p in full.pairs]
+    assert len({(r["set_a"], r["key_a"], r["set_b"], r["key_b"]) for r in rows}) == len(rows)
