@@ -134,6 +134,14 @@ def _measure(name: str, args: dict) -> dict:
             "load_after": round(os.getloadavg()[0], 2)}
 
 
+def stage_row(what: str, m: dict) -> dict:
+    """A table row of a measured stage."""
+    seconds = m.get("audit_seconds", m["seconds"])  # hashes: the audit, not drawing the hashes
+    return {"stage": what, "images": m["images"], "s": seconds, "img/s": m["images"] / seconds,
+            "peak_MiB": m["peak_mib"], "after_imports_MiB": m["base_mib"], "workers_peak_MiB": m["workers_peak_mib"],
+            "load": f"{m['load_before']}-{m['load_after']}"}
+
+
 def run(ctx):
     # Imported here, not at the top: the stage children import this module and need not load torch
     # (which bench.common imports) unless their stage does.
@@ -163,10 +171,7 @@ def run(ctx):
         stages[f"audit {scale}"] = _measure("audit", common)
     stages[f"audit {n_hashes:,} hashes"] = _measure("hashes", {"n": n_hashes, "equal": equal, "planted": planted})
     for what, m in stages.items():
-        seconds = m.get("audit_seconds", m["seconds"])  # hashes: the audit, not drawing the hashes
-        result.rows.append({"stage": what, "images": m["images"], "s": seconds, "img/s": m["images"] / seconds,
-                            "peak_MiB": m["peak_mib"], "workers_peak_MiB": m["workers_peak_mib"],
-                            "load": f"{m['load_before']}-{m['load_after']}"})
+        result.rows.append(stage_row(what, m))
     build, aud, hashes = stages.values()
     result.targets = [
         Target(f"{scale} build peak RSS", build["peak_mib"] / 1024, 2.0, "max", " GiB"),
@@ -177,6 +182,8 @@ def run(ctx):
     ]
     result.details = {"scale": scale, "images": n_images, "synth_s": synth_s, "stages": stages,
                       "tree": "hard links to the small scale's 350 images" if linked else "rendered phantoms",
-                      "note": "peak_MiB: the stage process's own peak (imports excluded); workers_peak_MiB: the "
-                              "largest pool worker; load: 1-minute load average before-after (2 cores)"}
+                      "note": "peak_MiB: the stage process's peak resident memory, counted from after its imports "
+                              "(their transient peak excluded, what they keep resident included: after_imports_MiB); "
+                              "workers_peak_MiB: the largest child process; load: 1-minute load average "
+                              "before-after (2 cores)"}
     return result

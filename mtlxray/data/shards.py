@@ -27,13 +27,13 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from mtlxray.data import audit as audit_mod
@@ -139,21 +139,40 @@ def _make_sample(key: str, rec: Record, root: Path, fmt: str, size: int, rescale
     return sample, facts
 
 
-class _HashingWriter:
-    """A write-only file that passes bytes through to `raw` and hashes them on the way."""
+class _ShardTar:
+    """A shard's tar written sample by sample, with the bytes webdataset's `TarWriter(encoder=False,
+    mtime=0, user="mtlxray", group="mtlxray", mode=0o444)` writes (fields sorted, `<key>.<field>`
+    members, tarfile's PAX-format headers, two end blocks, padding to tarfile's 10,240-byte records),
+    hashed as they are written.
 
-    def __init__(self, raw):
-        self.raw, self.digest = raw, hashlib.sha256()
+    Hand-written because going through tarfile's TarFile and stream (a copy of every header object,
+    buffered stream writes) cost 0.33 ms of CPU per five-member sample, where the headers themselves
+    (`TarInfo.tobuf`, kept) cost 0.09 ms.
+    """
 
-    def write(self, data) -> int:
+    def __init__(self, f):
+        self.f, self.digest, self.offset = f, hashlib.sha256(), 0
+
+    def _put(self, data: bytes) -> None:
         self.digest.update(data)
-        return self.raw.write(data)
+        self.f.write(data)
+        self.offset += len(data)
 
-    def tell(self) -> int:
-        return self.raw.tell()
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for field in sorted(k for k in sample if k != "__key__"):
+            data = sample[field]
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), _MTIME, 0o444, "mtlxray", "mtlxray"
+            self._put(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            self._put(data)
+            if len(data) % tarfile.BLOCKSIZE:
+                self._put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
 
-    def flush(self) -> None:
-        self.raw.flush()
+    def close(self) -> None:
+        self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if self.offset % tarfile.RECORDSIZE:
+            self._put(tarfile.NUL * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
 
 
 @dataclass(frozen=True)
@@ -177,8 +196,8 @@ def _write_shard(job: _ShardJob) -> dict:
     counts: dict[str, int] = {}
     empty = 0
     with atomic_path(Path(job.stage) / job.rel_path) as tmp:
-        with open(tmp, "wb") as raw, wds.TarWriter(hashed := _HashingWriter(raw), encoder=False, mtime=_MTIME,
-                                                   user="mtlxray", group="mtlxray", mode=0o444) as writer:
+        with open(tmp, "wb") as f:
+            writer = _ShardTar(f)
             for key, rec in job.items:
                 sample_notes: list[str] = []
                 try:
@@ -193,8 +212,9 @@ def _write_shard(job: _ShardJob) -> dict:
                              str(rec.image.relative_to(root)), facts["content"], facts["phash"]])
                 counts[rec.class_name] = counts.get(rec.class_name, 0) + 1
                 empty += bool(facts.get("empty_lung"))
+            writer.close()
         size = tmp.stat().st_size
-        digest = hashed.digest.hexdigest()  # of the bytes as written: no second read of the shard
+        digest = writer.digest.hexdigest()  # of the bytes as written: no second read of the shard
     return {"staged": str(Path(job.stage) / job.rel_path), "path": job.rel_path, "samples": len(rows),
             "bytes": size, "sha256": digest, "bad": bad, "notes": notes, "counts": counts, "rows": rows,
             "empty_lung": empty, "considered": len(job.items)}
