@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import logging
 import sys
 from dataclasses import dataclass, field
