@@ -321,8 +321,7 @@ def _scan(words: np.ndarray, content: np.ndarray, split: np.ndarray, n_splits: i
                     comps.add(np.array([a]), np.array([b]))
                     keep_best(np.array([a]), np.array([b]), np.array([d]))
                     if pair_sink is not None:
-                        pair_sink(*[x.ravel() for x in np.meshgrid(ia, ib)], np.ones(len(ia) * len(ib), bool),
-                                  np.full(len(ia) * len(ib), d))
+                        _sink_cross(pair_sink, ia, ib, content, d)
     group = comps.labels()[node]
     sizes = np.bincount(node, minlength=n_nodes)
     multi = np.flatnonzero(sizes > 1)
