@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser(
         "audit", help="find exact and near duplicate images across subsets, splits and shard sets",
         description="Compare the image hashes of one or more shard sets' manifests. Prints a table, writes "
-                    "OUT/audit.csv (every pair) and OUT/contact_sheet.png (the first pairs side by side). "
+                    "OUT/audit.csv (the first 200 pairs, leakage first; every pair with --all-pairs) and "
+                    "OUT/contact_sheet.png (the first pairs side by side); many copies of one image are "
+                    "reported once, as a group. "
                     "A pair whose images sit in different splits (train/val/test) is leakage. "
                     "Exit 0 when clean, 3 when leakage is found.")
     q.add_argument("shards", nargs="+", metavar="SHARDS", help="shard roots (folders or http(s)/s3 URLs)")
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest perceptual-hash distance (of 255 bits) of a near duplicate (default 16)")
     q.add_argument("--sheet-pairs", type=int, default=24, metavar="N",
                    help="pairs shown in the contact sheet, leakage first (default 24; 0: no sheet)")
+    q.add_argument("--all-pairs", action="store_true",
+                   help="write every pair to audit.csv, streamed (N copies of one image are N^2/2 rows)")
     q.set_defaults(handler="mtlxray.data.audit:cli_audit")
 
     # model-summary -----------------------------------------------------------------------
@@ -376,9 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="run benchmark suites (writes runs/bench/<suite>.json)",
         description="Side-by-side performance suites: model, attention, checkpointing, memory, loader, ddp, "
-                    "projection, shards, or all.")
+                    "projection, shards, scale (the paper's 39,746 images and a 1M-hash audit: time and peak memory), or all.")
     p.add_argument("suite", nargs="?", default="all",
-                   help="model|attention|checkpointing|memory|loader|ddp|projection|shards|all (default all)")
+                   help="model|attention|checkpointing|memory|loader|ddp|projection|shards|scale|all (default all)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--out", default=None,
                    help="results folder (default runs/bench under the working directory)")

@@ -31,6 +31,7 @@ SUITES: dict[str, str] = {
     "memory": "mtlxray.bench.memory",
     "loader": "mtlxray.bench.loader",
     "shards": "mtlxray.bench.shards",
+    "scale": "mtlxray.bench.scale",
     "ddp": "mtlxray.bench.ddp",
     "projection": "mtlxray.bench.projection",
 }

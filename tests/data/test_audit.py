@@ -188,3 +188,132 @@ def test_synth_refuses_more_duplicates_than_the_scale_holds(tmp_path):
     with pytest.raises(DataError, match="room for fewer than 500 planted duplicates"):
         synthesize(tmp_path, "tiny", size=32, workers=1, progress=False, duplicates=500)
     shutil.rmtree(tmp_path)
+
+
+def _reference_pairs(refs, threshold):
+    """The O(N^2) definition: every pair with the same pixels or hashes within the threshold."""
+    out = {}
+    for i in range(len(refs)):
+        for j in range(i + 1, len(refs)):
+            d = audit.hamming(refs[i].phash, refs[j].phash)
+            if d <= threshold or refs[i].content == refs[j].content:
+                out[(i, j)] = ("exact" if refs[i].content == refs[j].content else "near", d)
+    return out
+
+
+def _random_refs(seed: int, n: int = 160):
+    """Images in clusters: equal hashes with equal or other pixels, near hashes (some exactly at the
+    threshold), one image's pixels under a far hash (as another build may hash them), singletons."""
+    rng = np.random.default_rng(seed)
+    hashes = [rng.integers(0, 256, 32, dtype=np.uint8) for _ in range(n // 4)]
+    refs = []
+    for k in range(n):
+        h = hashes[rng.integers(len(hashes))].copy()
+        flips = rng.choice([0, 0, 1, 8, 16, 17])
+        bits = np.unpackbits(h)
+        bits[rng.choice(255, flips, replace=False)] ^= 1
+        h = np.packbits(bits)
+        content = h.tobytes().hex()[:32] if rng.random() < 0.7 else f"{k:032x}"
+        refs.append(audit.ImageRef("s", "lung", str(rng.choice(["train", "val", "test"])), "Normal", f"k{k:04d}",
+                                   "x.tar", f"src/{k}.png", content, h.tobytes().hex()))
+    far = np.packbits(1 - np.unpackbits(np.frombuffer(bytes.fromhex(refs[0].phash), np.uint8))).tobytes().hex()
+    refs.append(audit.ImageRef("s", "lung", "test", "Normal", "k_far", "x.tar", "src/far.png", refs[0].content, far))
+    return refs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_counts_groups_and_pairs_match_the_quadratic_reference(seed):
+    refs = _random_refs(seed)
+    ref = _reference_pairs(refs, audit.NEAR_THRESHOLD)
+    found = {(refs.index(p.a), refs.index(p.b)): (p.kind, p.distance) for p in audit.find_pairs(refs)}
+    assert {tuple(sorted(k)): v for k, v in found.items()} == ref
+    s = audit.summary(refs)
+    assert s["exact_pairs"] == sum(k == "exact" for k, _ in ref.values())
+    assert s["near_pairs"] == sum(k == "near" for k, _ in ref.values())
+    assert s["leakage_pairs"] == sum(refs[i].split != refs[j].split for i, j in ref)
+    parent = list(range(len(refs)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in ref:
+        parent[root(i)] = root(j)
+    want = {}
+    for i in range(len(refs)):
+        want.setdefault(root(i), []).append(i)
+    assert sorted(audit.duplicate_groups(refs)) == sorted(g for g in want.values() if len(g) > 1)
+    assert s["groups"] == sum(len(g) > 1 for g in want.values())
+
+
+# The child imports first (torch, through webdataset, peaks near 0.9 GiB while loading), then
+# resets its peak resident size (Linux: 5 > /proc/self/clear_refs), so VmHWM is the build's own peak.
+_MEASURED_BUILD = """
+import sys
+from pathlib import Path
+import mtlxray.data.shards
+from mtlxray.cli import main
+
+def status(field):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1])
+
+Path("/proc/self/clear_refs").write_text("5")
+base = status("VmRSS:")
+code = main(sys.argv[1:])
+print("GROWTH_KIB", status("VmHWM:") - base, flush=True)
+sys.exit(code)
+"""
+
+
+def test_a_build_of_4002_copies_of_one_image_stays_in_bounded_memory_and_reports_one_group(tmp_path):
+    """4,002 copies of one image are 8M pairs: the audit counts them from one hash and one group
+    instead of holding them (the build peaked at 3.6 GiB on such a set when it held every pair)."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny_data import write_png
+
+    n = 4002
+    top = tmp_path / "tree" / "Lung Segmentation Data" / "Lung Segmentation Data"
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:28, 6:26] = 255
+    write_png(tmp_path / "img.png", np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
+    write_png(tmp_path / "mask.png", mask)
+    for split, count in (("Train", 1000), ("Val", 167), ("Test", 167)):  # per class
+        for cls in ("Normal", "Non-COVID", "COVID-19"):
+            for kind, src in (("images", "img.png"), ("lung masks", "mask.png")):
+                folder = top / split / cls / kind
+                folder.mkdir(parents=True)
+                for k in range(count):
+                    os.link(tmp_path / src, folder / f"copy_{k}.png")
+    proc = subprocess.run([sys.executable, "-c", _MEASURED_BUILD, "shards", "build", "--input", str(tmp_path / "tree"),
+                           "--output", str(tmp_path / "out"), "--format", "raw", "--image-size", "16",
+                           "--workers", "2", "--shard-size", "1000"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    growth_mib = int(proc.stdout.split("GROWTH_KIB")[1].split()[0]) / 1024
+    print(f"the build grew by {growth_mib:.0f} MiB")
+    assert growth_mib < 200, f"the build's resident memory grew by {growth_mib:.0f} MiB"
+    dup = json.loads((tmp_path / "out" / "manifest.json").read_text())["duplicates"]
+    assert dup["groups"] == 1 and dup["largest_group"] == n
+    assert dup["exact_pairs"] == n * (n - 1) // 2 and dup["near_pairs"] == 0
+    assert dup["leakage_pairs"] == 3000 * 501 * 2 + 501 * 501
+    result = audit.audit([tmp_path / "out"], tmp_path / "audit")
+    assert result.n_groups == 1 and result.groups[0].size == n and result.groups[0].exact
+    assert "4,002 images are copies of one image" in audit.format_audit(result)
+    assert len(result.pairs) == audit.SAMPLE_PAIRS and all(p.leakage for p in result.pairs)
+
+
+def test_audit_csv_holds_the_sample_and_every_pair_only_when_asked(clean, planted, tmp_path):
+    sets = [clean[1], planted[1]]
+    result = audit.audit(sets, tmp_path / "s", sample=5, sheet_pairs=0)
+    assert len(result.pairs) == 5 and result.total_pairs > 5
+    assert len(list(csv.DictReader((tmp_path / "s" / "audit.csv").open()))) == 5
+    full = audit.audit(sets, tmp_path / "f", sample=5, sheet_pairs=0, all_pairs=True)
+    rows = list(csv.DictReader((tmp_path / "f" / "audit.csv").open()))
+    assert len(rows) == full.total_pairs == len(audit.find_pairs(
+        [r for s in sets for r in audit.manifest_images(json.loads((s / "manifest.json").read_text()), str(s))]))
+    assert [(r["key_a"], r["key_b"]) for r in rows[:5]] == [(p.a.key, p.b.key) for p in full.pairs]
+    assert len({(r["set_a"], r["key_a"], r["set_b"], r["key_b"]) for r in rows}) == len(rows)
