@@ -174,19 +174,19 @@ def test_shifted_padded_block_traces_and_exports_without_in_place_mask_ops():
                           (x,), io.BytesIO(), dynamo=False, opset_version=17)
 
 
-def test_shift_mask_cached_per_padded_size_and_dtype_in_activation_dtype():
-    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="sdpa")
+def test_window_layout_is_buffers_built_for_the_configured_size_and_rebuilt_for_another():
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="sdpa", input_size=(10, 10))
+    attn = block.attn
+    assert attn.input_size == (10, 10) and attn.attn_mask.shape == (9, 1, 16, 16)  # padded to 12×12
+    assert {"attn.window_gather", "attn.window_scatter", "attn.attn_mask"} <= dict(block.named_buffers()).keys()
+    assert not any("window" in k or "attn_mask" in k for k in block.state_dict())  # non-persistent
     with torch.no_grad():
-        block(torch.randn(1, 8, 8, 8))
-        block(torch.randn(2, 8, 8, 8))
-        block(torch.randn(1, 10, 10, 8))
+        block(torch.randn(1, 8, 8, 8))  # another size: rebuilt
+        assert attn.input_size == (8, 8) and attn.attn_mask.shape == (4, 1, 16, 16)
         with torch.autocast("cpu", torch.bfloat16):
             out = block(torch.randn(1, 8, 8, 8))
-    keys = set(block.attn._mask_cache)
-    assert {(k[0], k[1], k[2]) for k in keys} == {(8, 8, torch.float32), (10, 10, torch.float32),
-                                                  (8, 8, torch.bfloat16)}
-    assert block.attn._mask_cache[(8, 8, torch.bfloat16, torch.device("cpu"))].dtype == torch.bfloat16
     assert torch.isfinite(out).all()
+    assert SwinBlock(dim=8, num_heads=2, window_size=4, input_size=(8, 8)).attn.attn_mask is None  # nothing blocked
 
 
 @pytest.mark.parametrize("mode", ["attention", "block"])
