@@ -29,11 +29,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AttnImpl = Literal["auto", "sdpa", "explicit"]
+AttnImpl = Literal["auto", "sdpa", "explicit", "flex"]
 """`model.attention`: a kernel, or `auto` for the measured choice per device and precision."""
-AttnKernel = Literal["sdpa", "explicit"]
+AttnKernel = Literal["sdpa", "explicit", "flex"]
 """The kernel a `WindowAttention` runs."""
-ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit")
+ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit", "flex")
 DEFAULT_KERNEL: AttnKernel = "sdpa"
 """What `auto` runs until the code that places the model on a device and precision applies the
 measured choice (`model.set_attention(mtlxray.hardware.resolve_attention(...))`): SDPA is
@@ -122,12 +122,13 @@ class WindowAttention(nn.Module):
     qkv and the output projection run on the map's own tokens; one gather forms the padded,
     rolled windows and one gather reads the result back, so padding costs no Linear FLOPs and
     padding keys are masked out. `attention` is the kernel, fixed until `set_attention` (timm's
-    `fused_attn`): `sdpa` (F.scaled_dot_product_attention with bias+mask as attn_mask) or
-    `explicit` (softmax(q·kᵀ·scale + bias + mask)·v); both compute the same maths.
+    `fused_attn`): `sdpa` (F.scaled_dot_product_attention with bias+mask as attn_mask),
+    `explicit` (softmax(q·kᵀ·scale + bias + mask)·v) or `flex` (torch's flex_attention with the
+    bias and mask as its score_mod; fast only under torch.compile); all compute the same maths.
     """
 
-    fused_attn: bool
-    """True: the SDPA kernel; False: the explicit softmax."""
+    kernel: AttnKernel
+    """`sdpa`, `explicit` or `flex` (see `set_attention`)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
                  attention: AttnKernel = DEFAULT_KERNEL, input_size: Optional[tuple[int, int]] = None) -> None:
@@ -153,12 +154,12 @@ class WindowAttention(nn.Module):
             self.set_input_size(*input_size)
 
     def set_attention(self, kernel: AttnKernel) -> None:
-        """Run `kernel` (`sdpa` or `explicit`) from the next forward on."""
-        self.fused_attn = check_kernel(kernel) == "sdpa"
+        """Run `kernel` (`sdpa`, `explicit` or `flex`) from the next forward on."""
+        self.kernel = check_kernel(kernel)
 
     @property
     def attention(self) -> AttnKernel:
-        return "sdpa" if self.fused_attn else "explicit"
+        return self.kernel
 
     def set_input_size(self, H: int, W: int) -> None:
         """Build the window layout for an H×W map as buffers (timm's `set_input_size`): the gather
@@ -184,11 +185,15 @@ class WindowAttention(nn.Module):
         nW = gather.numel() // N
         win = qkv.index_select(1, gather).view(B, nW, N, 3, h, C // h)  # padded, rolled windows
         q, k, v = win.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, heads, N, d
+        if self.kernel == "flex":
+            out = self._flex(q, k, v)
+            out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
+            return self.proj(out.view(B, H, W, C))
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
         bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)  # heads, N, N
         if mask is not None:
             bias = bias + mask.to(q.dtype)  # nW, heads, N, N
-        if self.fused_attn:
+        if self.kernel == "sdpa":
             # SDPA's fused CUDA kernels take 4-D inputs only: fold the windows into the head axis,
             # (B, nW·heads, N, d), where the per-window mask broadcasts over the batch unchanged.
             bias = bias.expand(nW, h, N, N).reshape(1, nW * h, N, N)
@@ -199,6 +204,27 @@ class WindowAttention(nn.Module):
             out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # softmax in fp32 under autocast
         out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
         return self.proj(out.view(B, H, W, C))
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """flex_attention with the relative position bias read from its table in `score_mod`.
+        q, k, v: (B, nW, heads, N, d) -> (B, nW, heads, N, d).
+
+        The windows are folded into flex's head axis. The shift/padding mask is added in
+        `score_mod` too rather than given as a block mask: a block mask skips whole 128×128 tiles,
+        and a window of N ≤ 49 tokens is one partial tile, so it would skip nothing."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        B, nW, h, N, d = q.shape
+        table, index, mask = self.relative_position_bias_table, self.relative_position_index, self.attn_mask
+
+        def score_mod(score, b, head, q_idx, kv_idx):  # head = window * heads + head of the window
+            score = score + table[index[q_idx, kv_idx], head % h].to(score.dtype)
+            if mask is not None:
+                score = score + mask[head // h, 0, q_idx, kv_idx].to(score.dtype)
+            return score
+
+        fold = [t.reshape(B, nW * h, N, d) for t in (q, k, v)]
+        return flex_attention(*fold, score_mod=score_mod, scale=self.scale).view(B, nW, h, N, d)
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, shift_size={self.shift_size}, attention={self.attention}"
@@ -323,7 +349,7 @@ class SwinEncoder(nn.Module):
         log.debug("Swin encoder: attention=%s (kernel %s), grad_checkpoint=%s", attention, kernel, grad_checkpoint)
 
     def set_attention(self, kernel: AttnKernel) -> None:
-        """Run every window attention with `kernel` (`sdpa` or `explicit`)."""
+        """Run every window attention with `kernel` (`sdpa`, `explicit` or `flex`)."""
         check_kernel(kernel)
         for m in self.modules():
             if isinstance(m, WindowAttention):

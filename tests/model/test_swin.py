@@ -84,7 +84,7 @@ def test_window_layout_gathers_each_map_token_once_and_scatters_back():
     assert window_layout(8, 8, 4, 0, torch.device("cpu"))[2] is None  # no shift, no padding: no mask
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("attention", ["sdpa", "explicit", "flex"])
 @pytest.mark.parametrize("shift", [0, 2])
 def test_shifted_window_attention_matches_plain_reference_on_padded_map(attention, shift):
     torch.manual_seed(0)
@@ -99,18 +99,27 @@ def test_shifted_window_attention_matches_plain_reference_on_padded_map(attentio
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_and_explicit_attention_agree_forward_and_backward():
+def test_sdpa_and_explicit_attention_agree_forward_and_backward_and_flex_forward():
+    """flex has no backward on CPU (torch raises NotImplementedError); its backward is compared on
+    a GPU in tests/gpu/test_sdpa_gpu.py."""
     torch.manual_seed(0)
-    blocks = {a: SwinBlock(dim=16, num_heads=2, window_size=7, shift_size=3, attention=a) for a in ("sdpa", "explicit")}
-    blocks["explicit"].load_state_dict(blocks["sdpa"].state_dict())
-    x = torch.randn(2, 16, 16, 16)
+    kernels = ("sdpa", "explicit", "flex")
+    blocks = {a: SwinBlock(dim=16, num_heads=2, window_size=7, shift_size=3, attention=a) for a in kernels}
+    with torch.no_grad():
+        blocks["sdpa"].attn.relative_position_bias_table.normal_()
+    for a in kernels[1:]:
+        blocks[a].load_state_dict(blocks["sdpa"].state_dict())
+    x = torch.randn(2, 16, 16, 16)  # padded to 21×21, shifted: bias and mask both live
     outs, grads = {}, {}
-    for a, block in blocks.items():
+    for a in ("sdpa", "explicit"):
         xi = x.clone().requires_grad_(True)
-        outs[a] = block(xi)
+        outs[a] = blocks[a](xi)
         outs[a].square().sum().backward()
-        grads[a] = xi.grad
-    torch.testing.assert_close(outs["sdpa"], outs["explicit"], atol=1e-5, rtol=1e-5)
+        grads[a] = (xi.grad, blocks[a].attn.relative_position_bias_table.grad)
+    with torch.no_grad():
+        outs["flex"] = blocks["flex"](x)
+    for a in ("sdpa", "flex"):
+        torch.testing.assert_close(outs[a], outs["explicit"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads["sdpa"], grads["explicit"], atol=1e-4, rtol=1e-4)
 
 
