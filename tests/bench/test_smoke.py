@@ -215,3 +215,16 @@ def test_results_default_to_the_checkout_and_need_out_elsewhere(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "not inside an mtlxray checkout" in res.stderr and "--out" in res.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_gpu_suite_refuses_without_a_gpu_in_one_line_and_runs_its_paths_at_smoke_size(ctx, tmp_path):
+    refused = run_suite("gpu", Context(quick=False, out=tmp_path / "full", device="cpu"))
+    assert refused["status"] == "unavailable" and "no CUDA device" in refused["details"]["reason"]
+    assert "\n" not in refused["details"]["reason"]
+    data = _run("gpu", ctx)
+    measured = [r for r in data["rows"] if r.get("img/s")]
+    assert {(r["net"], r["phase"]) for r in measured} >= {("ours_full", "phase2"), ("ours_full", "phase1"),
+                                                          ("ours_encoder_64", "encoder"), ("monai_swin_t_64", "encoder")}
+    assert all(r["GFLOP/img"] > 0 and r["TFLOP/s"] > 0 for r in measured)
+    profile = data["details"]["profile"]
+    assert profile["kernels_per_step"] > 0 and 0 < len(profile["top_kernels"]) <= 15
