@@ -42,12 +42,14 @@ def _run(name: str, ctx: Context) -> dict:
 # every suite at minimal size
 
 
-def test_attention_suite_compares_sdpa_and_explicit(ctx):
+def test_attention_suite_compares_sdpa_explicit_and_flex_forward(ctx):
     data = _run("attention", ctx)
     assert {(r["dtype"], r["pass"]) for r in data["rows"]} == {
         (d, p) for d in ("fp32", "bf16") for p in ("fwd", "fwd+bwd")}
     assert all(r["sdpa_ms"] > 0 and r["explicit_ms"] > 0 for r in data["rows"])
     assert set(data["details"]["faster_fwd_bwd"].values()) <= {"sdpa", "explicit"}
+    per_stage = [r for r in data["rows"] if r["stage"] != "all (x depth)"]
+    assert all((r["flex_ms"] or 0) > 0 if r["pass"] == "fwd" else r["flex_ms"] is None for r in per_stage)
 
 
 def test_model_suite_compares_ours_monai_channels_last_and_compiled(ctx):
@@ -223,8 +225,7 @@ def test_gpu_suite_refuses_without_a_gpu_in_one_line_and_runs_its_paths_at_smoke
     assert "\n" not in refused["details"]["reason"]
     data = _run("gpu", ctx)
     measured = [r for r in data["rows"] if r.get("img/s")]
-    assert {(r["net"], r["phase"]) for r in measured} >= {("ours_full", "phase2"), ("ours_full", "phase1"),
-                                                          ("ours_encoder_64", "encoder"), ("monai_swin_t_64", "encoder")}
+    assert {(r["net"], r["phase"]) for r in measured} == {("ours_full", "phase2"), ("ours_encoder_64", "encoder")}
     assert all(r["GFLOP/img"] > 0 and r["TFLOP/s"] > 0 for r in measured)
     profile = data["details"]["profile"]
     assert profile["kernels_per_step"] > 0 and 0 < len(profile["top_kernels"]) <= 15
