@@ -42,14 +42,14 @@ def _run(name: str, ctx: Context) -> dict:
 # every suite at minimal size
 
 
-def test_attention_suite_compares_sdpa_explicit_and_flex_forward(ctx):
+def test_attention_suite_compares_sdpa_and_explicit(ctx):
     data = _run("attention", ctx)
     assert {(r["dtype"], r["pass"]) for r in data["rows"]} == {
         (d, p) for d in ("fp32", "bf16") for p in ("fwd", "fwd+bwd")}
     assert all(r["sdpa_ms"] > 0 and r["explicit_ms"] > 0 for r in data["rows"])
     assert set(data["details"]["faster_fwd_bwd"].values()) <= {"sdpa", "explicit"}
-    per_stage = [r for r in data["rows"] if r["stage"] != "all (x depth)"]
-    assert all((r["flex_ms"] or 0) > 0 if r["pass"] == "fwd" else r["flex_ms"] is None for r in per_stage)
+    # flex (forward only on CPU) is left out at smoke size: its eager first call takes seconds
+    assert all("flex_ms" in r for r in data["rows"] if r["stage"] != "all (x depth)")
 
 
 def test_model_suite_compares_ours_monai_channels_last_and_compiled(ctx):
