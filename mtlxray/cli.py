@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Side-by-side performance suites: model, attention, checkpointing, memory, loader, ddp, "
                     "projection, shards, scale (the paper's 39,746 images and a 1M-hash audit: time and peak memory), or all.")
     p.add_argument("suite", nargs="?", default="all",
-                   help="model|attention|checkpointing|memory|loader|ddp|projection|shards|scale|all (default all)")
+                   help="model|gpu|attention|checkpointing|memory|loader|ddp|projection|shards|scale|all (default all)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--out", default=None,
                    help="results folder (default runs/bench under the working directory)")

@@ -229,7 +229,7 @@ class ModelConfig:
     input_norm: bool = True
     """Standardise the [0, 1] image ((x - 0.5) / 0.25) before the encoder; the paper does not say."""
     grad_checkpoint: Literal["none", "attention", "block", "selective"] = "none"
-    attention: Literal["auto", "sdpa", "explicit"] = "auto"
+    attention: Literal["auto", "sdpa", "explicit", "flex"] = "auto"
     """Window-attention kernel; `auto` picks the measured-faster one per dtype."""
     # --- model zoo (README, "Baselines"); weights always come from local files, never a hub.
     pretrained: Optional[str] = None
@@ -516,7 +516,11 @@ class RunConfig:
     nan_skip_budget: int = 0
     """Non-finite losses tolerated (step skipped) before the run fails; 0 fails on the first."""
     compile: bool = False
-    """Compile the model with torch.compile (inductor), through accelerate's dynamo plugin."""
+    """Compile the model's forward (through accelerate's dynamo plugin, so DDP's graph is split at
+    its gradient buckets) and the loss with torch.compile (inductor). DeepSpeed runs eager."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode with run.compile: `reduce-overhead` replays CUDA graphs (fewer launches
+    for small batches), `max-autotune` also searches kernel configurations (a longer compile)."""
     tensorboard: bool = True
     progress: bool = True
     """A progress bar on a terminal; a progress log line every log step otherwise (Slurm logs)."""

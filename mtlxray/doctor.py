@@ -361,7 +361,7 @@ def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict
 
 def diagnose(cfg=None) -> Diagnosis:
     """Everything `doctor` reports, for `cfg` (a loaded Config) or for the node alone."""
-    from mtlxray.hardware import cpu_has_native_bf16, resolve_precision
+    from mtlxray.hardware import cpu_has_native_bf16, resolve_attention, resolve_precision
 
     diag = Diagnosis()
     diag.sections["versions"] = versions()
@@ -392,7 +392,10 @@ def diagnose(cfg=None) -> Diagnosis:
     plan_precision = precision if seen else ("fp32" if cfg.run.precision == "fp32" else "bf16")
     diag.sections["run"] = {"config_model": cfg.model.name, "precision_here": precision, "device": device.type,
                             "backend": cfg.run.backend, "grad_checkpoint": cfg.model.grad_checkpoint,
-                            "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size}
+                            "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size,
+                            "attention": resolve_attention(cfg.model.attention, precision, device.type),
+                            "attention_config": cfg.model.attention,
+                            "compile": _compile_verdict(cfg)}
 
     if cfg.run.backend == "deepspeed":
         try:
@@ -431,6 +434,16 @@ def diagnose(cfg=None) -> Diagnosis:
         except Exception as e:  # noqa: BLE001
             diag.warn(f"memory: projection unavailable: {_first_line(str(e))}")
     return diag
+
+
+def _compile_verdict(cfg) -> str:
+    from mtlxray.train.compiled import compiles
+
+    if not cfg.run.compile:
+        return "off (eager)"
+    if not compiles(cfg):
+        return "eager: DeepSpeed runs eager (run.compile applies to DDP)"
+    return f"torch.compile (inductor, mode {cfg.run.compile_mode}), forward and loss"
 
 
 def _sdpa_verdicts(cfg, rows: list[dict], precision: str, device: torch.device, diag: Diagnosis) -> None:
@@ -478,6 +491,8 @@ def render(diag: Diagnosis) -> str:
         lines.append(f"run: {r['config_model']}, {r['img_size']}², batch {r['batch_size']} per process, precision "
                      f"here {r['precision_here']} on {r['device']}, backend {r['backend']}, checkpointing "
                      f"{r['grad_checkpoint']}")
+        lines.append(f"window attention: {r['attention']} (model.attention={r.get('attention_config', 'auto')}); "
+                     f"compile: {r['compile']}")
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())
         lines.append(f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}")

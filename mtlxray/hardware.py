@@ -9,6 +9,8 @@ from typing import Literal, Union
 
 import torch
 
+from mtlxray.errors import ConfigError
+
 __all__ = ["cpu_has_native_bf16", "bf16_is_fast", "resolve_precision", "resolve_attention"]
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torc
 
 
 def resolve_attention(impl: str, dtype: Union[torch.dtype, str],
-                      device_type: str) -> Literal["sdpa", "explicit"]:
+                      device_type: str) -> Literal["sdpa", "explicit", "flex"]:
     """The window-attention kernel for a model that runs on `device_type` in `dtype`.
 
     impl: `model.attention` (`auto`, `sdpa` or `explicit`); a kernel named there is kept. `auto`
@@ -64,10 +66,13 @@ def resolve_attention(impl: str, dtype: Union[torch.dtype, str],
             raise ValueError(f"precision must be one of {'|'.join(_PRECISION_DTYPES)} (resolve `auto` first), "
                              f"got {dtype!r}")
         dtype = _PRECISION_DTYPES[dtype]
-    if impl in ("sdpa", "explicit"):
+    if impl == "flex" and device_type == "cpu":
+        raise ConfigError("model.attention=flex: torch's flex_attention has no backward on CPU; "
+                         "use auto, sdpa or explicit there")
+    if impl in ("sdpa", "explicit", "flex"):
         kernel, why = impl, "as configured"
     elif impl != "auto":
-        raise ValueError(f"model.attention must be auto|sdpa|explicit, got {impl!r}")
+        raise ValueError(f"model.attention must be auto|sdpa|explicit|flex, got {impl!r}")
     elif device_type != "cpu":
         kernel, why = "sdpa", f"auto on {device_type}: fused SDPA kernels"
     elif dtype == torch.bfloat16 and not cpu_has_native_bf16():

@@ -64,3 +64,12 @@ def test_model_applies_the_resolved_kernel_to_every_window_attention():
     model.set_attention(hw.resolve_attention(cfg.model.attention, "fp32", "cpu"))
     kernels = {m.attention for m in model.modules() if isinstance(m, WindowAttention)}
     assert kernels == {"explicit"} and model.attention_kernel == "explicit"
+
+
+def test_flex_attention_is_refused_on_cpu_in_one_named_line():
+    from mtlxray.errors import ConfigError
+    from mtlxray.hardware import resolve_attention
+
+    with pytest.raises(ConfigError, match="flex.*no backward on CPU"):
+        resolve_attention("flex", "fp32", "cpu")
+    assert resolve_attention("flex", "bf16", "cuda") == "flex"

@@ -1,6 +1,8 @@
 """`attention`: window attention as `F.scaled_dot_product_attention` versus the explicit
-`softmax(q k^T * scale + bias + mask) v`, fp32 and bf16 autocast, forward and forward+backward,
-at the window shapes of the Swin-T encoder on a 256² input (the evidence behind `model.attention`)."""
+`softmax(q k^T * scale + bias + mask) v` versus `flex_attention` (bias and mask in its score_mod),
+fp32 and bf16 autocast, forward and forward+backward, at the window shapes of the Swin-T encoder on
+a 256² input (the evidence behind `model.attention`). On a CPU flex has no backward (torch raises)
+and runs eagerly as its reference implementation: its forward is measured, its fwd+bwd is not."""
 
 from __future__ import annotations
 
@@ -35,6 +37,21 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same maths through torch's flex_attention, windows folded into its head axis and the
+    per-window, per-head bias+mask added by `score_mod` (as `WindowAttention` does)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    B, nW, H, N, d = q.shape
+    bias = mask.reshape(nW * H, N, N)
+
+    def score_mod(score, b, head, q_idx, kv_idx):
+        return score + bias[head, q_idx, kv_idx].to(score.dtype)
+
+    fold = [t.reshape(B, nW * H, N, d) for t in (q, k, v)]
+    return flex(*fold, score_mod=score_mod).view(B, nW, H, N, d)
+
+
 def _inputs(batch: int, windows: int, heads: int, dtype: torch.dtype):
     n = WINDOW * WINDOW
     qkv = [torch.randn(batch, windows, heads, n, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3)]
@@ -67,10 +84,13 @@ def run(ctx: Context) -> SuiteResult:
             qkv, mask = _inputs(batch, s["windows"], s["heads"], dtype)
             for mode in ("fwd", "fwd+bwd"):
                 bwd = mode == "fwd+bwd"
-                t = measure_side_by_side(
-                    {"sdpa": _step(sdpa_attention, qkv, mask, dtype, bwd),
-                     "explicit": _step(explicit_attention, qkv, mask, dtype, bwd)},
-                    warmup=1, repeats=repeats)
+                steps = {"sdpa": _step(sdpa_attention, qkv, mask, dtype, bwd),
+                         "explicit": _step(explicit_attention, qkv, mask, dtype, bwd)}
+                # flex has no backward on CPU and refuses inputs that require grad; its eager first
+                # call takes seconds, so smoke runs leave it out
+                if not bwd and not ctx.smoke:
+                    steps["flex"] = _step(flex_attention, [t.detach() for t in qkv], mask, dtype, False)
+                t = measure_side_by_side(steps, warmup=1, repeats=repeats)
                 for kname in ("sdpa", "explicit"):
                     key = (dname, mode, kname)
                     totals[key] = totals.get(key, 0.0) + s["depth"] * t[kname].median
@@ -79,6 +99,7 @@ def run(ctx: Context) -> SuiteResult:
                     "shape": f"{batch}x{s['windows']}x{s['heads']}x49x{HEAD_DIM}",
                     "sdpa_ms": 1e3 * t["sdpa"].median, "sdpa_iqr%": t["sdpa"].iqr_pct,
                     "explicit_ms": 1e3 * t["explicit"].median, "explicit_iqr%": t["explicit"].iqr_pct,
+                    "flex_ms": 1e3 * t["flex"].median if "flex" in t else None,
                     "sdpa/explicit": t["sdpa"].median / t["explicit"].median,
                 })
     choice = {}
@@ -90,5 +111,7 @@ def run(ctx: Context) -> SuiteResult:
             "sdpa_ms": 1e3 * sdpa, "explicit_ms": 1e3 * expl, "sdpa/explicit": sdpa / expl,
         })
     result.details = {"faster_fwd_bwd": choice, "batch": batch, "stages": shapes,
-                      "note": "time per encoder pass = sum over stages of depth x per-layer time"}
+                      "note": "time per encoder pass = sum over stages of depth x per-layer time; flex_ms: "
+                              "forward only, eager (flex has no CPU backward; compiled flex is measured "
+                              "in the gpu suite)"}
     return result

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SUITES: dict[str, str] = {
     "attention": "mtlxray.bench.attention",
     "model": "mtlxray.bench.model",
+    "gpu": "mtlxray.bench.gpu",
     "checkpointing": "mtlxray.bench.checkpointing",
     "memory": "mtlxray.bench.memory",
     "loader": "mtlxray.bench.loader",

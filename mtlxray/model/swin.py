@@ -4,7 +4,8 @@ Shifted-window attention pads each map to a multiple of the window and crops aft
 as 256 (maps 64/32/16/8 with window 7) work; padding tokens are masked as keys. Where a stage's map
 is not larger than the window at the configured image size, the window shrinks to the map and the
 shift is dropped. The relative position bias is gathered from its table on every call (it is
-learned); the window layout and the shift/padding mask are built once per (size, dtype, device).
+learned); the window layout and the shift/padding mask are non-persistent buffers built once for the
+configured image size (rebuilt, outside any compiled graph, when an eager caller passes another).
 The attention kernel (SDPA or an explicit softmax) is an attribute set at construction or by
 `set_attention`, never decided per forward: the choice per device and precision is made outside
 the model (`mtlxray.hardware.resolve_attention`) by the code that places it.
@@ -28,11 +29,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AttnImpl = Literal["auto", "sdpa", "explicit"]
+AttnImpl = Literal["auto", "sdpa", "explicit", "flex"]
 """`model.attention`: a kernel, or `auto` for the measured choice per device and precision."""
-AttnKernel = Literal["sdpa", "explicit"]
+AttnKernel = Literal["sdpa", "explicit", "flex"]
 """The kernel a `WindowAttention` runs."""
-ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit")
+ATTENTION_KERNELS: tuple[str, ...] = ("sdpa", "explicit", "flex")
 DEFAULT_KERNEL: AttnKernel = "sdpa"
 """What `auto` runs until the code that places the model on a device and precision applies the
 measured choice (`model.set_attention(mtlxray.hardware.resolve_attention(...))`): SDPA is
@@ -121,15 +122,16 @@ class WindowAttention(nn.Module):
     qkv and the output projection run on the map's own tokens; one gather forms the padded,
     rolled windows and one gather reads the result back, so padding costs no Linear FLOPs and
     padding keys are masked out. `attention` is the kernel, fixed until `set_attention` (timm's
-    `fused_attn`): `sdpa` (F.scaled_dot_product_attention with bias+mask as attn_mask) or
-    `explicit` (softmax(q·kᵀ·scale + bias + mask)·v); both compute the same maths.
+    `fused_attn`): `sdpa` (F.scaled_dot_product_attention with bias+mask as attn_mask),
+    `explicit` (softmax(q·kᵀ·scale + bias + mask)·v) or `flex` (torch's flex_attention with the
+    bias and mask as its score_mod; fast only under torch.compile); all compute the same maths.
     """
 
-    fused_attn: bool
-    """True: the SDPA kernel; False: the explicit softmax."""
+    kernel: AttnKernel
+    """`sdpa`, `explicit` or `flex` (see `set_attention`)."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
-                 attention: AttnKernel = DEFAULT_KERNEL) -> None:
+                 attention: AttnKernel = DEFAULT_KERNEL, input_size: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -143,44 +145,55 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=False)
-        self._layout_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
-        self._mask_cache: dict[tuple, Optional[torch.Tensor]] = {}
+        self.input_size: Optional[tuple[int, int]] = None
+        """The (H, W) the window layout buffers below are built for."""
+        self.register_buffer("window_gather", None, persistent=False)
+        self.register_buffer("window_scatter", None, persistent=False)
+        self.register_buffer("attn_mask", None, persistent=False)
+        if input_size is not None:
+            self.set_input_size(*input_size)
 
     def set_attention(self, kernel: AttnKernel) -> None:
-        """Run `kernel` (`sdpa` or `explicit`) from the next forward on."""
-        self.fused_attn = check_kernel(kernel) == "sdpa"
+        """Run `kernel` (`sdpa`, `explicit` or `flex`) from the next forward on."""
+        self.kernel = check_kernel(kernel)
 
     @property
     def attention(self) -> AttnKernel:
-        return "sdpa" if self.fused_attn else "explicit"
+        return self.kernel
 
-    def _layout(self, H: int, W: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(gather, scatter, additive mask (nW, 1, N, N) in `dtype` or None), cached per size/dtype/device."""
-        key = (H, W, device)
-        if key not in self._layout_cache:
-            self._layout_cache[key] = window_layout(H, W, self.window_size, self.shift_size, device)
-        gather, scatter, blocked = self._layout_cache[key]
-        mkey = (H, W, dtype, device)
-        if mkey not in self._mask_cache:
-            self._mask_cache[mkey] = None if blocked is None else torch.zeros(
-                blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, float("-inf")).unsqueeze(1)
-        return gather, scatter, self._mask_cache[mkey]
+    def set_input_size(self, H: int, W: int) -> None:
+        """Build the window layout for an H×W map as buffers (timm's `set_input_size`): the gather
+        and scatter indices, and the additive shift/padding mask (nW, 1, N, N; 0 or -inf), or None
+        where nothing is blocked. Built here, outside forward, so that a traced or compiled forward
+        holds no data-dependent Python; the buffers follow the module's device, and the mask is cast
+        to the activation dtype where it is used."""
+        device = self.relative_position_index.device
+        gather, scatter, blocked = window_layout(H, W, self.window_size, self.shift_size, device)
+        self.window_gather, self.window_scatter = gather, scatter
+        self.attn_mask = None if blocked is None else torch.zeros(
+            blocked.shape, device=device).masked_fill_(blocked, float("-inf")).unsqueeze(1)
+        self.input_size = (H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
+        if (H, W) != self.input_size:  # a size other than the one built for: rebuild (eager use)
+            self.set_input_size(H, W)
         N, h = self.window_size ** 2, self.num_heads
         qkv = self.qkv(x).reshape(B, H * W, 3 * C)
-        gather, scatter, mask = self._layout(H, W, qkv.dtype, qkv.device)
+        gather, scatter, mask = self.window_gather, self.window_scatter, self.attn_mask
         nW = gather.numel() // N
         win = qkv.index_select(1, gather).view(B, nW, N, 3, h, C // h)  # padded, rolled windows
         q, k, v = win.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, heads, N, d
+        if self.kernel == "flex":
+            out = self._flex(q, k, v)
+            out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
+            return self.proj(out.view(B, H, W, C))
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
         bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)  # heads, N, N
         if mask is not None:
-            bias = bias + mask  # nW, heads, N, N
-        if self.fused_attn:
+            bias = bias + mask.to(q.dtype)  # nW, heads, N, N
+        if self.kernel == "sdpa":
             # SDPA's fused CUDA kernels take 4-D inputs only: fold the windows into the head axis,
             # (B, nW·heads, N, d), where the per-window mask broadcasts over the batch unchanged.
             bias = bias.expand(nW, h, N, N).reshape(1, nW * h, N, N)
@@ -191,6 +204,27 @@ class WindowAttention(nn.Module):
             out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # softmax in fp32 under autocast
         out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
         return self.proj(out.view(B, H, W, C))
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """flex_attention with the relative position bias read from its table in `score_mod`.
+        q, k, v: (B, nW, heads, N, d) -> (B, nW, heads, N, d).
+
+        The windows are folded into flex's head axis. The shift/padding mask is added in
+        `score_mod` too rather than given as a block mask: a block mask skips whole 128×128 tiles,
+        and a window of N ≤ 49 tokens is one partial tile, so it would skip nothing."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        B, nW, h, N, d = q.shape
+        table, index, mask = self.relative_position_bias_table, self.relative_position_index, self.attn_mask
+
+        def score_mod(score, b, head, q_idx, kv_idx):  # head = window * heads + head of the window
+            score = score + table[index[q_idx, kv_idx], head % h].to(score.dtype)
+            if mask is not None:
+                score = score + mask[head // h, 0, q_idx, kv_idx].to(score.dtype)
+            return score
+
+        fold = [t.reshape(B, nW * h, N, d) for t in (q, k, v)]
+        return flex_attention(*fold, score_mod=score_mod, scale=self.scale).view(B, nW, h, N, d)
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, shift_size={self.shift_size}, attention={self.attention}"
@@ -207,12 +241,13 @@ class SwinBlock(nn.Module):
     """Pre-norm (shifted-)window attention + MLP, both residual with stochastic depth. NHWC in and out."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, attention: AttnKernel = DEFAULT_KERNEL) -> None:
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, attention: AttnKernel = DEFAULT_KERNEL,
+                 input_size: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, attention)
+        self.attn = WindowAttention(dim, num_heads, window_size, shift_size, attention, input_size)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -271,7 +306,8 @@ class SwinStage(nn.Module):
         ws = min(window_size, resolution)
         shift = 0 if resolution <= window_size else window_size // 2
         self.blocks = nn.Sequential(*[
-            SwinBlock(dim, num_heads, ws, 0 if i % 2 == 0 else shift, mlp_ratio, drop_path[i], attention)
+            SwinBlock(dim, num_heads, ws, 0 if i % 2 == 0 else shift, mlp_ratio, drop_path[i], attention,
+                      input_size=(resolution, resolution))
             for i in range(depth)
         ])
 
@@ -313,7 +349,7 @@ class SwinEncoder(nn.Module):
         log.debug("Swin encoder: attention=%s (kernel %s), grad_checkpoint=%s", attention, kernel, grad_checkpoint)
 
     def set_attention(self, kernel: AttnKernel) -> None:
-        """Run every window attention with `kernel` (`sdpa` or `explicit`)."""
+        """Run every window attention with `kernel` (`sdpa`, `explicit` or `flex`)."""
         check_kernel(kernel)
         for m in self.modules():
             if isinstance(m, WindowAttention):

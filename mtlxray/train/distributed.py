@@ -140,7 +140,9 @@ def build_accelerator(cfg: Config, run_dir: Path):
     """An Accelerator for cfg.run.backend/precision on this machine (GPU: nccl; CPU: gloo)."""
     from accelerate import Accelerator
     from accelerate.utils import (DDPCommunicationHookType, DeepSpeedPlugin, DistributedDataParallelKwargs,
-                                  ProjectConfiguration, TorchDynamoPlugin)
+                                  ProjectConfiguration)
+
+    from mtlxray.train.compiled import dynamo_plugin
 
     world = resolve_world()
     distributed = world.world_size > 1 or cfg.run.backend == "deepspeed"
@@ -158,7 +160,7 @@ def build_accelerator(cfg: Config, run_dir: Path):
         "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         "log_with": "tensorboard" if cfg.run.tensorboard else None,
         # accelerate compiles the model in prepare(); the launcher's flag was folded into the config.
-        "dynamo_plugin": TorchDynamoPlugin(backend="inductor" if cfg.run.compile else "no"),
+        "dynamo_plugin": dynamo_plugin(cfg),
     }
     launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if launched_ds and cfg.run.backend != "deepspeed":

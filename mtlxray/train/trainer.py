@@ -37,6 +37,7 @@ from mtlxray.evaluation import metric_names
 from mtlxray.gate import Gate
 from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.train.compiled import compile_loss
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
 from mtlxray.train.gating import PositiveSelector
@@ -170,6 +171,10 @@ class Trainer:
             _check_same_run(cfg, target, allow_config_change)
         preflight(cfg, target)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
+        if acc.device.type == "cuda":
+            # Every step has the same shapes, so cuDNN's per-shape search for the decoders'
+            # convolutions pays off after the first step.
+            torch.backends.cudnn.benchmark = True
         if not acc.is_main_process:
             logging.getLogger("mtlxray").setLevel(logging.WARNING)
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -202,6 +207,7 @@ class Trainer:
         if cfg.run.backend == "ddp":
             keep_grads_in_parameter_layout(model)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.loss_fn = compile_loss(phase_loss, cfg)
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
 
         self.state = TrainState(phase=cfg.phase.name)
@@ -393,7 +399,7 @@ class Trainer:
                 self.guard.begin_window()
             out = self.model(batch["img"])
             include = self.positives.select(out, batch, step=self.state.step, batch_index=self.state.batch_in_epoch)
-            loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss, include=include)
+            loss, parts = self.loss_fn(out, batch, cfg.phase, cfg.model.cls_loss, include=include)
             self.window.add({"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}})
             if deepspeed:
                 if agree(acc, not bool(torch.isfinite(loss.detach())))[0]:

@@ -86,3 +86,19 @@ def test_folded_window_layout_takes_the_memory_efficient_kernel():
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_flex_attention_matches_explicit_forward_and_backward_on_the_stage1_shape():
+    attn, shape = _shifted_stage1_attention()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(*shape, device="cuda")
+    results = {}
+    for kernel in ("explicit", "flex"):
+        attn.set_attention(kernel)
+        attn.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = attn(xi)
+        out.square().sum().backward()
+        results[kernel] = (out, xi.grad, attn.relative_position_bias_table.grad)
+    torch.testing.assert_close(results["flex"], results["explicit"], atol=1e-4, rtol=1e-4)

@@ -84,7 +84,7 @@ def test_window_layout_gathers_each_map_token_once_and_scatters_back():
     assert window_layout(8, 8, 4, 0, torch.device("cpu"))[2] is None  # no shift, no padding: no mask
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("attention", ["sdpa", "explicit", "flex"])
 @pytest.mark.parametrize("shift", [0, 2])
 def test_shifted_window_attention_matches_plain_reference_on_padded_map(attention, shift):
     torch.manual_seed(0)
@@ -99,18 +99,27 @@ def test_shifted_window_attention_matches_plain_reference_on_padded_map(attentio
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_and_explicit_attention_agree_forward_and_backward():
+def test_sdpa_and_explicit_attention_agree_forward_and_backward_and_flex_forward():
+    """flex has no backward on CPU (torch raises NotImplementedError); its backward is compared on
+    a GPU in tests/gpu/test_sdpa_gpu.py."""
     torch.manual_seed(0)
-    blocks = {a: SwinBlock(dim=16, num_heads=2, window_size=7, shift_size=3, attention=a) for a in ("sdpa", "explicit")}
-    blocks["explicit"].load_state_dict(blocks["sdpa"].state_dict())
-    x = torch.randn(2, 16, 16, 16)
+    kernels = ("sdpa", "explicit", "flex")
+    blocks = {a: SwinBlock(dim=16, num_heads=2, window_size=7, shift_size=3, attention=a) for a in kernels}
+    with torch.no_grad():
+        blocks["sdpa"].attn.relative_position_bias_table.normal_()
+    for a in kernels[1:]:
+        blocks[a].load_state_dict(blocks["sdpa"].state_dict())
+    x = torch.randn(2, 16, 16, 16)  # padded to 21×21, shifted: bias and mask both live
     outs, grads = {}, {}
-    for a, block in blocks.items():
+    for a in ("sdpa", "explicit"):
         xi = x.clone().requires_grad_(True)
-        outs[a] = block(xi)
+        outs[a] = blocks[a](xi)
         outs[a].square().sum().backward()
-        grads[a] = xi.grad
-    torch.testing.assert_close(outs["sdpa"], outs["explicit"], atol=1e-5, rtol=1e-5)
+        grads[a] = (xi.grad, blocks[a].attn.relative_position_bias_table.grad)
+    with torch.no_grad():
+        outs["flex"] = blocks["flex"](x)
+    for a in ("sdpa", "flex"):
+        torch.testing.assert_close(outs[a], outs["explicit"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads["sdpa"], grads["explicit"], atol=1e-4, rtol=1e-4)
 
 
@@ -174,19 +183,19 @@ def test_shifted_padded_block_traces_and_exports_without_in_place_mask_ops():
                           (x,), io.BytesIO(), dynamo=False, opset_version=17)
 
 
-def test_shift_mask_cached_per_padded_size_and_dtype_in_activation_dtype():
-    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="sdpa")
+def test_window_layout_is_buffers_built_for_the_configured_size_and_rebuilt_for_another():
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shift_size=2, attention="sdpa", input_size=(10, 10))
+    attn = block.attn
+    assert attn.input_size == (10, 10) and attn.attn_mask.shape == (9, 1, 16, 16)  # padded to 12×12
+    assert {"attn.window_gather", "attn.window_scatter", "attn.attn_mask"} <= dict(block.named_buffers()).keys()
+    assert not any("window" in k or "attn_mask" in k for k in block.state_dict())  # non-persistent
     with torch.no_grad():
-        block(torch.randn(1, 8, 8, 8))
-        block(torch.randn(2, 8, 8, 8))
-        block(torch.randn(1, 10, 10, 8))
+        block(torch.randn(1, 8, 8, 8))  # another size: rebuilt
+        assert attn.input_size == (8, 8) and attn.attn_mask.shape == (4, 1, 16, 16)
         with torch.autocast("cpu", torch.bfloat16):
             out = block(torch.randn(1, 8, 8, 8))
-    keys = set(block.attn._mask_cache)
-    assert {(k[0], k[1], k[2]) for k in keys} == {(8, 8, torch.float32), (10, 10, torch.float32),
-                                                  (8, 8, torch.bfloat16)}
-    assert block.attn._mask_cache[(8, 8, torch.bfloat16, torch.device("cpu"))].dtype == torch.bfloat16
     assert torch.isfinite(out).all()
+    assert SwinBlock(dim=8, num_heads=2, window_size=4, input_size=(8, 8)).attn.attn_mask is None  # nothing blocked
 
 
 @pytest.mark.parametrize("mode", ["attention", "block"])

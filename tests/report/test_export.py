@@ -53,8 +53,7 @@ def test_masked_model_really_has_a_shift_and_padding_mask(masked_ckpt):
         model(E.example_input(cfg))
     padded_shifted = [
         m for m in model.modules() if isinstance(m, WindowAttention) and m.shift_size
-        and any(h % m.window_size for h, _w, _dev in m._layout_cache)
-        and any(mask is not None for mask in m._mask_cache.values())
+        and m.input_size[0] % m.window_size and m.attn_mask is not None
     ]
     assert padded_shifted
 
