@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
-	$(BIN)/pip install -q -e '.[dev,bench,export,zoo]'
+	$(BIN)/pip install -q -e '.[dev,bench,export,zoo,track]'
 	touch $@
 
 install: $(STAMP)

@@ -39,7 +39,7 @@ from mtlxray.io import write_text_atomic
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
 from mtlxray.train.gating import PositiveSelector
-from mtlxray.train.logs import LossWindow, MetricsLog, Progress
+from mtlxray.train.logs import LossWindow, MetricsLog, Progress, start_trackers
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.multisource import batches_per_epoch, check_sources, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
@@ -184,14 +184,13 @@ class Trainer:
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
 
         self.state = TrainState(phase=cfg.phase.name)
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, cfg.run.tensorboard)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, bool(acc.log_with))
         self.window = LossWindow(acc.device)
         if target is not None:
             self._load(target)
         if acc.is_main_process:
             write_text_atomic(self.run_dir / "config.yaml", dump_config(cfg))
-        if cfg.run.tensorboard:
-            acc.init_trackers("tensorboard")
+        start_trackers(acc, cfg)
         self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
         self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
         self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)
