@@ -22,7 +22,7 @@ Per run:
   held a validation pass), with the world size and precision it ran at.
 
 Writes OUT/compare.md and OUT/compare.csv (one row per run; CI bounds in their own columns) and
-prints the Markdown table.
+prints the Markdown table. `--sweep DIR` aggregates a sweep instead (`mtlxray.report.sweep`).
 """
 
 from __future__ import annotations
@@ -279,9 +279,17 @@ def csv_table(rows: list[RunSummary]) -> str:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray compare RUN_DIR... [--out DIR] [--split S] [--subset S] [--shards SHARDS]`."""
+    """`mtlxray compare RUN_DIR... [--out DIR] [--split S] [--subset S] [--shards SHARDS]`, or `--sweep DIR`."""
+    if args.sweep is not None:
+        if args.runs:
+            raise ConfigError("give run folders or --sweep DIR, not both")
+        from mtlxray.report.sweep import cli_main as sweep_main
+
+        return sweep_main(args)
+    if not args.runs:
+        raise ConfigError("no runs to compare: give RUN_DIR... or --sweep DIR")
     rows = compare_runs(args.runs, split=args.split, subset=args.subset, shards=args.shards, n_boot=args.bootstrap)
-    out = Path(args.out)
+    out = Path(args.out or "compare")
     md = markdown_table(rows)
     write_text_atomic(out / "compare.md", md)
     write_text_atomic(out / "compare.csv", csv_table(rows))
