@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-subset", action="append", default=[], choices=["lung", "infection"],
                    help="subset(s) to evaluate each element on (repeatable; default: the last phase's subset)")
     p.add_argument("--eval-split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--eval-bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of each evaluation's own intervals (default 1000; `compare --sweep` "
+                        "draws its own)")
     p.add_argument("--nodes", type=int, default=None, help="Slurm: nodes per job (default: launch.nodes)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="Slurm: GPUs per node (default: launch.gpus_per_node)")
     p.add_argument("--cpus-per-task", type=int, default=None, help="Slurm: CPUs per task (default: launch.cpus_per_task)")

@@ -120,6 +120,7 @@ class Element:
     plans: list[PhasePlan]
     eval_subsets: list[str]
     eval_split: str
+    eval_bootstrap: int = 1000
     state: str = PENDING
     job_ids: Optional[list[Optional[str]]] = None
 
@@ -134,7 +135,8 @@ class Element:
         """`mtlxray evaluate` arguments for the last phase's best checkpoint on one subset."""
         last = self.plans[-1]
         return ["evaluate", "--checkpoint", str(last.best_checkpoint), "--shards", str(last.cfg.data.shards),
-                "--split", self.eval_split, "--subset", subset, "--out", str(self.eval_dir(subset))]
+                "--split", self.eval_split, "--subset", subset, "--out", str(self.eval_dir(subset)),
+                "--bootstrap", str(self.eval_bootstrap)]
 
     def finished(self) -> bool:
         return (all(p.best_checkpoint.exists() for p in self.plans)
@@ -211,7 +213,7 @@ def _phase_params(plan: PhasePlan, slurm_params: dict[str, Any], name: str, k: i
 
 def plan_sweep(configs: Sequence[str | Path], out: str | Path, seeds: Sequence[int], grid: Sequence[str] = (),
                overrides: Sequence[str] = (), executor: Optional[str] = None,
-               eval_subsets: Sequence[str] = (), eval_split: str = "test",
+               eval_subsets: Sequence[str] = (), eval_split: str = "test", eval_bootstrap: int = 1000,
                slurm_params: Optional[dict[str, Any]] = None) -> Sweep:
     """Every element's chain, checked (`validate_chain`); each element's state read from its folder."""
     if not seeds:
@@ -243,7 +245,7 @@ def plan_sweep(configs: Sequence[str | Path], out: str | Path, seeds: Sequence[i
             except MtlxError as e:
                 raise type(e)(f"point {point.name}, seed {seed}: {e}") from None
             subsets = list(eval_subsets) or [_default_subset(plans[-1])]
-            elements.append(Element(point, int(seed), edir, plans, subsets, eval_split))
+            elements.append(Element(point, int(seed), edir, plans, subsets, eval_split, eval_bootstrap))
     sweep = Sweep(name, out, [str(Path(c).resolve()) for c in configs], [int(s) for s in seeds], list(grid),
                   overrides, kind, points, elements, elements[0].eval_subsets, eval_split, dict(slurm_params or {}))
     _read_states(sweep)
@@ -298,29 +300,39 @@ def core_slots(jobs: int, cores: Optional[Sequence[int]] = None) -> list[list[in
     return [[cores[i % len(cores)]] for i in range(jobs)]
 
 
-def _run_cli(args: list[str], cores: list[int], log: Path, cwd: Path) -> int:
-    """`mtlxray ARGS` in a child process pinned to `cores` (OMP threads = their number); output to `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores)), "PYTHONUNBUFFERED": "1"}
-    with open(log, "a") as f:
-        f.write(f"$ mtlxray {' '.join(args)}  # cores {cores}\n")
-        f.flush()
-        return subprocess.run([sys.executable, "-m", "mtlxray", *args], env=env, cwd=cwd, stdout=f,
-                              stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cores)).returncode
+def run_commands(commands: Sequence[Sequence[str]]) -> int:
+    """Run `mtlxray` commands one after another in this process; the first non-zero exit stops them.
+
+    One interpreter per element (its phases, then its evaluations) pays the start-up once."""
+    from mtlxray.cli import main
+
+    print(f"# pid {os.getpid()} on cores {sorted(os.sched_getaffinity(0))}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    for args in commands:
+        print(f"$ mtlxray {' '.join(args)}", flush=True)
+        rc = main(list(args))
+        if rc != 0:
+            print(f"mtlxray {args[0]} exited {rc}", flush=True)
+            return rc
+    return 0
 
 
 def _run_element_local(element: Element, cores: list[int], cwd: Path) -> str:
+    """The element's phases and evaluations in a child process pinned to `cores` (OMP threads = their number)."""
     log = element.dir / "sweep.log"
     element.dir.mkdir(parents=True, exist_ok=True)
-    for plan in element.plans:
-        rc = _run_cli(["train", "--config", plan.config, *plan.overrides], cores, log, cwd)
-        if rc != 0:
-            logger.error("%s: %s exited %d (log %s)", element.key, plan.label, rc, log)
-            return FAILED
-    for subset in element.eval_subsets:
-        rc = _run_cli(element.evaluate_args(subset), cores, log, cwd)
-        if rc != 0:
-            logger.error("%s: evaluation of %s exited %d (log %s)", element.key, subset, rc, log)
-            return FAILED
+    commands = [["train", "--config", plan.config, *plan.overrides] for plan in element.plans]
+    commands += [element.evaluate_args(subset) for subset in element.eval_subsets]
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores)), "PYTHONUNBUFFERED": "1"}
+    with open(log, "a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        rc = subprocess.run([sys.executable, "-m", "mtlxray.launch.sweep", json.dumps(commands)], env=env, cwd=cwd,
+                            stdout=f, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores)).returncode
+    if rc != 0:
+        logger.error("%s: exited %d (log %s)", element.key, rc, log)
+        return FAILED
     return FINISHED
 
 
@@ -348,20 +360,25 @@ def _run_local(sweep: Sweep, todo: list[Element], jobs: int) -> None:
 # Slurm
 
 
-def _submit_arrays(sweep: Sweep, todo: list[Element], array_parallelism: Optional[int]) -> list:
+def _checked_array_params(sweep: Sweep, todo: list[Element], array_parallelism: Optional[int]) -> list[dict]:
+    """Each phase's submitit parameters, put to `sbatch --test-only` (a request Slurm can never run fails now)."""
+    params_by_phase = []
+    for k, plan in enumerate(todo[0].plans, start=1):
+        params = _phase_params(plan, sweep.slurm_params, sweep.name, k)
+        if array_parallelism:
+            params["slurm_array_parallelism"] = array_parallelism
+        _sbatch_test_only(Phase(plan, _without_array(params)))
+        params_by_phase.append(params)
+    return params_by_phase
+
+
+def _submit_arrays(sweep: Sweep, todo: list[Element], params_by_phase: list[dict]) -> list:
     """One job array per phase over `todo`, phase k+1 `aftercorr` on phase k; returns the jobs per phase."""
     import submitit
     from submitit.core.utils import FailedJobError
 
     folder = sweep.out / "submitit"
-    n_phases = len(todo[0].plans)
-    params_by_phase = []
-    for k in range(n_phases):
-        params = _phase_params(todo[0].plans[k], sweep.slurm_params, sweep.name, k + 1)
-        if array_parallelism:
-            params["slurm_array_parallelism"] = array_parallelism
-        _sbatch_test_only(Phase(todo[0].plans[k], _without_array(params)))
-        params_by_phase.append(params)
+    n_phases = len(params_by_phase)
     arrays: list[list] = []
     sweep.arrays = []
     try:
@@ -459,6 +476,23 @@ def _prepare_tracker_store(sweep: Sweep) -> None:
         mlflow.create_experiment(sweep.name)
 
 
+def reset_for_rerun(element: Element) -> None:
+    """Before an element runs again: from its first phase with no checkpoint to resume, the phases start
+    afresh (a later phase must start from the redone one's new best), and its evaluations are redone.
+
+    Earlier phases resume (`--resume auto`): a finished one ends at once."""
+    from mtlxray.checkpoint import find_resume
+    from mtlxray.train.rundir import clear_previous_run
+
+    redo = False
+    for plan in element.plans:
+        redo = redo or find_resume(plan.run_dir / "checkpoints") is None
+        if redo:
+            clear_previous_run(plan.run_dir, overwrite=True)  # no half of an old run mixed into the new one
+    for subset in element.eval_subsets:
+        shutil.rmtree(element.eval_dir(subset), ignore_errors=True)
+
+
 def run_sweep(sweep: Sweep, *, jobs: int = 1, array_parallelism: Optional[int] = None, wait: bool = True) -> Sweep:
     """Run (local) or submit (Slurm) the elements that are neither finished nor queued; update sweep.json."""
     todo = [e for e in sweep.elements if e.state == PENDING]
@@ -471,12 +505,15 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, array_parallelism: Optional[int] =
         return sweep
     if sweep.executor == "slurm" and shutil.which("sbatch") is None:
         raise ConfigError("executor=slurm: `sbatch` is not on PATH (not a Slurm login node?); use --executor local")
+    params_by_phase = _checked_array_params(sweep, todo, array_parallelism) if sweep.executor == "slurm" else []
     _prepare_tracker_store(sweep)
+    for element in todo:
+        reset_for_rerun(element)
     sweep.save()
     if sweep.executor == "local":
         _run_local(sweep, todo, jobs)
     else:
-        arrays = _submit_arrays(sweep, todo, array_parallelism)
+        arrays = _submit_arrays(sweep, todo, params_by_phase)
         sweep.save()
         if wait:
             _wait_slurm(sweep, todo, arrays)
@@ -498,7 +535,7 @@ def cli_main(args: argparse.Namespace) -> int:
         params["slurm_partition"] = args.partition
     t0 = time.perf_counter()
     sweep = plan_sweep([args.config, *args.then], args.out, args.seeds, args.grid, args.overrides, args.executor,
-                       args.eval_subset, args.eval_split, params)
+                       args.eval_subset, args.eval_split, args.eval_bootstrap, params)
     if args.dry_run:
         sys.stdout.write(sweep.describe())
         return 0
@@ -513,3 +550,7 @@ def cli_main(args: argparse.Namespace) -> int:
         sys.stdout.write(f"aggregate: mtlxray compare --sweep {sweep.out}\n")
     failed = any(e.state == FAILED for e in sweep.elements)
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_commands(json.loads(sys.argv[1])))
