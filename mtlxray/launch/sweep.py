@@ -360,13 +360,11 @@ def _run_local(sweep: Sweep, todo: list[Element], jobs: int) -> None:
 # Slurm
 
 
-def _checked_array_params(sweep: Sweep, todo: list[Element], array_parallelism: Optional[int]) -> list[dict]:
+def _checked_array_params(sweep: Sweep, todo: list[Element]) -> list[dict]:
     """Each phase's submitit parameters, put to `sbatch --test-only` (a request Slurm can never run fails now)."""
     params_by_phase = []
     for k, plan in enumerate(todo[0].plans, start=1):
         params = _phase_params(plan, sweep.slurm_params, sweep.name, k)
-        if array_parallelism:
-            params["slurm_array_parallelism"] = array_parallelism
         _sbatch_test_only(Phase(plan, _without_array(params)))
         params_by_phase.append(params)
     return params_by_phase
@@ -493,7 +491,7 @@ def reset_for_rerun(element: Element) -> None:
         shutil.rmtree(element.eval_dir(subset), ignore_errors=True)
 
 
-def run_sweep(sweep: Sweep, *, jobs: int = 1, array_parallelism: Optional[int] = None, wait: bool = True) -> Sweep:
+def run_sweep(sweep: Sweep, *, jobs: int = 1, wait: bool = True) -> Sweep:
     """Run (local) or submit (Slurm) the elements that are neither finished nor queued; update sweep.json."""
     todo = [e for e in sweep.elements if e.state == PENDING]
     skipped = [e for e in sweep.elements if e.state != PENDING]
@@ -505,7 +503,7 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, array_parallelism: Optional[int] =
         return sweep
     if sweep.executor == "slurm" and shutil.which("sbatch") is None:
         raise ConfigError("executor=slurm: `sbatch` is not on PATH (not a Slurm login node?); use --executor local")
-    params_by_phase = _checked_array_params(sweep, todo, array_parallelism) if sweep.executor == "slurm" else []
+    params_by_phase = _checked_array_params(sweep, todo) if sweep.executor == "slurm" else []
     _prepare_tracker_store(sweep)
     for element in todo:
         reset_for_rerun(element)
@@ -533,14 +531,15 @@ def cli_main(args: argparse.Namespace) -> int:
             params[key] = getattr(args, key)
     if args.partition is not None:
         params["slurm_partition"] = args.partition
+    if args.array_parallelism is not None:
+        params["slurm_array_parallelism"] = args.array_parallelism
     t0 = time.perf_counter()
     sweep = plan_sweep([args.config, *args.then], args.out, args.seeds, args.grid, args.overrides, args.executor,
                        args.eval_subset, args.eval_split, args.eval_bootstrap, params)
     if args.dry_run:
         sys.stdout.write(sweep.describe())
         return 0
-    run_sweep(sweep, jobs=args.jobs, array_parallelism=args.array_parallelism,
-              wait=sweep.executor == "local" or args.wait)
+    run_sweep(sweep, jobs=args.jobs, wait=sweep.executor == "local" or args.wait)
     for e in sweep.elements:
         sys.stdout.write(f"{e.key}\t{e.state}\t{' '.join(j or '-' for j in e.job_ids or []) or '-'}\t{e.dir}\n")
     done = sum(e.state == FINISHED for e in sweep.elements)
