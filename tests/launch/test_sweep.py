@@ -143,3 +143,16 @@ def test_slurm_sweep_is_one_job_array_per_phase_chained_element_by_element(slurm
     for key in ELEMENTS:
         assert (out / key / "phase2" / "checkpoints" / "best").exists()
         assert json.loads((out / key / "eval-infection" / "metrics.json").read_text())["subset"] == "infection"
+
+
+def test_make_demo_study_is_one_valid_sweep_over_three_seeds_and_both_precisions(tiny_shards, tmp_path, capsys):
+    """The Makefile's demo study (the demo over seeds 0-2, fp32 and bf16) checks as a sweep of 6 chains."""
+    recipe = (ROOT / "Makefile").read_text().split("\ndemo-study:")[1].split("\n\n")[0]
+    command = recipe.replace("\\\n", " ").split("$(BIN)/mtlxray sweep")[1].split("\n")[0].split()
+    command[command.index("--out") + 1] = str(tmp_path / "demo_study")  # not a study of this checkout
+    assert cli(["sweep", *command, "--dry-run", f"data.shards={tiny_shards}"]) == 0
+    out = capsys.readouterr().out
+    elements = [line.split("\t")[0] for line in out.splitlines() if "\t" in line]
+    assert elements == [f"precision-{p}/seed{s}" for p in ("fp32", "bf16") for s in (0, 1, 2)]
+    assert "# phase 2 (demo_phase2.yaml): 6 element(s)" in out
+    assert "evaluates lung, infection (test)" in out
