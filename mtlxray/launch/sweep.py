@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mtlxray.config import load_config
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.io import write_json_atomic
 from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
@@ -70,7 +69,10 @@ def _split_values(text: str) -> list[str]:
     """`a,b,[1,2]` -> ['a', 'b', '[1,2]']: commas inside brackets belong to the value."""
     values, depth, current = [], 0, ""
     for ch in text:
-        depth += ch in "[{" and 1 or (-1 if ch in "]}" else 0)
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
         if ch == "," and depth == 0:
             values.append(current)
             current = ""
@@ -236,11 +238,10 @@ def plan_sweep(configs: Sequence[str | Path], out: str | Path, seeds: Sequence[i
         for seed in seeds:
             edir = out / point.name / f"seed{seed}"
             over = [*overrides, *point.overrides, f"run.seed={seed}", f"run.output_dir={edir}", *common]
-            names = [p.cfg.run.name for p in plan_chain(configs, over)]
-            suffix = (lambda n: f"-{n}") if len(names) > 1 else (lambda n: "")
-            per_phase = {k: [f"run.tracker_run_name={point.name}-seed{seed}{suffix(n)}"]
-                         for k, n in enumerate(names, start=1)}
             try:
+                names = [p.cfg.run.name for p in plan_chain(configs, over)]
+                run_names = [f"{point.name}-seed{seed}" + (f"-{n}" if len(names) > 1 else "") for n in names]
+                per_phase = {k: [f"run.tracker_run_name={n}"] for k, n in enumerate(run_names, start=1)}
                 plans = validate_chain(configs, over, per_phase)
             except MtlxError as e:
                 raise type(e)(f"point {point.name}, seed {seed}: {e}") from None

@@ -312,7 +312,9 @@ def _csv(summaries: Sequence[PointSummary]) -> str:
     writer = csv.writer(buf)
     writer.writerow(["point", "subset", "metric", "n_seeds", "mean", "sd", "seed_ci_lo", "seed_ci_hi",
                      "image_ci_lo", "image_ci_hi", "seeds", "values"])
-    num = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
+    def num(v: Optional[float]) -> str:
+        return "" if v is None else f"{v:.6g}"
+
     for s in summaries:
         for m in s.metrics.values():
             writer.writerow([s.point, s.subset, m.metric, len(m.values), num(m.mean), num(m.sd),
