@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "phase k (aftercorr). Local: --jobs worker slots, each pinned to its share of the cores. The "
                     "whole sweep is checked before anything runs; OUT/sweep.json records points, job ids and "
                     "states. Running the same command again skips finished elements and reruns failed or missing "
-                    "ones. Aggregate with `mtlxray compare --sweep OUT` (docs/sweeps.md).",
+                    "ones. Aggregate with `mtlxray compare --sweep OUT` (docs/sweeps.md). KEY=VALUE overrides apply to every "
+                    "element; write them last (after --out DIR), not right after --seeds.",
         epilog=EPILOG)
     _config_args(p)
     p.add_argument("--then", action="append", default=[], metavar="YAML",
