@@ -137,7 +137,8 @@ class MetricSummary:
     seeds: list[int]
     values: list[float]
     mean: float
-    sd: float
+    sd: Optional[float]
+    """Sample standard deviation over seeds; None with one seed."""
     seed_ci95: list[Optional[float]]
     image_ci95: list[Optional[float]] = field(default_factory=lambda: [None, None])
 
@@ -162,7 +163,7 @@ def summarise_point(evaluations: Sequence[Evaluation], n_boot: int = 1000) -> Po
             continue
         values = [v for _, v in got]
         summary = MetricSummary(name, [s for s, _ in got], values, statistics.mean(values),
-                                statistics.stdev(values) if len(values) > 1 else 0.0, list(seed_interval(values)))
+                                statistics.stdev(values) if len(values) > 1 else None, list(seed_interval(values)))
         if name in PER_IMAGE and n_boot > 0:
             per_seed = [np.array(list(per_image_values(e.summary, name).values())) for e in evaluations]
             per_seed = [v for v in per_seed if len(v)]
@@ -219,10 +220,6 @@ def paired_comparison(a: Sequence[Evaluation], b: Sequence[Evaluation], metric: 
     p = None if not np.any(diffs) else float(stats.wilcoxon(diffs).pvalue)
     lo, hi = mean_bootstrap_ci(diffs, n_boot, seed)
     return Paired(a[0].point, b[0].point, a[0].subset, metric, len(diffs), seeds, float(diffs.mean()), [lo, hi], p)
-
-
-def _fmt(v: Optional[float]) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def _interval(ci: Sequence[Optional[float]]) -> str:
@@ -343,7 +340,8 @@ def _markdown(sweep: dict, summaries: Sequence[PointSummary], comparisons: Seque
                 if name in s.metrics:
                     m = s.metrics[name]
                     values = ", ".join(f"{v:.3f} (s{k})" for k, v in zip(m.seeds, m.values))
-                    lines.append(f"| {s.point} | {title} | {m.mean:.3f} ± {m.sd:.3f} | {values} | "
+                    spread = f"{m.mean:.3f} ± {m.sd:.3f}" if m.sd is not None else f"{m.mean:.3f} (one seed)"
+                    lines.append(f"| {s.point} | {title} | {spread} | {values} | "
                                  f"{_interval(m.seed_ci95)} | {_interval(m.image_ci95)} |")
         lines.append("")
     lines += ["95% over seeds: mean ± t(0.975, n−1)·sd/√n over the seeds. 95% over images: percentile "
