@@ -260,15 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "A run without an evaluation of the split is evaluated first when --shards is given "
                     "(its best checkpoint, into OUT/evaluations/<run name>/, never into the run folder), and "
                     "is an error otherwise.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<name>) or evaluation folders")
-    p.add_argument("--out", default="compare", help="folder for compare.md and compare.csv (default ./compare)")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (runs/<name>) or evaluation folders")
+    p.add_argument("--sweep", default=None, metavar="DIR",
+                   help="instead of runs: a folder written by `mtlxray sweep`; per point and metric the seeds' "
+                        "values, mean ± sd and 95%% intervals (over seeds, and bootstrapped over images within "
+                        "seeds), paired comparisons of points (bootstrap interval and Wilcoxon p), one figure per "
+                        "metric; writes DIR/report.md, summary.csv, summary.json and figures/ (docs/sweeps.md)")
+    p.add_argument("--pair", nargs=2, action="append", default=None, metavar=("A", "B"),
+                   help="with --sweep: compare point A with point B on the same seeds and images (repeatable; "
+                        "default: every point against the first)")
+    p.add_argument("--out", default=None,
+                   help="folder for compare.md and compare.csv (default ./compare); with --sweep, for the report "
+                        "(default the sweep's folder)")
     p.add_argument("--split", default="test", help="the evaluated split to compare (default test)")
     p.add_argument("--subset", default=None, help="lung or infection (default: whichever the evaluation used)")
     p.add_argument("--shards", default=None,
                    help="evaluate runs that have no evaluation of the split on these shards first (default: "
                         "such a run is an error naming the `mtlxray evaluate` command)")
     p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples of the evaluations compare runs itself (default 1000)")
+                   help="bootstrap resamples of the evaluations compare runs itself, and of --sweep's intervals "
+                        "(default 1000)")
     p.set_defaults(handler="mtlxray.report.compare:cli_main")
 
     # predict -----------------------------------------------------------------------------
@@ -357,6 +368,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for the chain (every task of multi-node jobs) and report each phase's state; "
                         "exit 1 unless all completed")
     p.set_defaults(handler="mtlxray.launch.submit:cli_main")
+
+    # sweep -------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "sweep", help="a chain of phases over seeds x a grid of settings (Slurm job arrays or local workers)",
+        description="Run the chain --config [--then ...] once per point of the grid and seed, each in "
+                    "OUT/<point>/seed<k>/, then evaluate each one's best checkpoint on the test split (per-image "
+                    "records kept). Slurm: one job array per phase, phase k+1 depending element by element on "
+                    "phase k (aftercorr). Local: --jobs worker slots, each pinned to its share of the cores. The "
+                    "whole sweep is checked before anything runs; OUT/sweep.json records points, job ids and "
+                    "states. Running the same command again skips finished elements and reruns failed or missing "
+                    "ones. Aggregate with `mtlxray compare --sweep OUT` (docs/sweeps.md). KEY=VALUE overrides apply to every "
+                    "element; write them last (after --out DIR), not right after --seeds.",
+        epilog=EPILOG)
+    _config_args(p)
+    p.add_argument("--then", action="append", default=[], metavar="YAML",
+                   help="a later phase, started from the previous one's best checkpoint (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, metavar="SEED", help="training seeds (run.seed)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one axis of settings, e.g. run.precision=fp32,bf16 (repeatable: the points are the "
+                        "product of the axes; commas inside [...] belong to a value)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder; its name names the sweep")
+    p.add_argument("--executor", choices=["slurm", "local"], default=None,
+                   help="default: launch.executor from the config")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="local: elements run at once, each pinned to 1/N of the cores (default 1)")
+    p.add_argument("--array-parallelism", type=_positive_int, default=None, metavar="N",
+                   help="Slurm: elements of one array running at once (--array=...%%N; default 256)")
+    p.add_argument("--eval-subset", action="append", default=[], choices=["lung", "infection"],
+                   help="subset(s) to evaluate each element on (repeatable; default: the last phase's subset)")
+    p.add_argument("--eval-split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--eval-bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples of each evaluation's own intervals (default 1000; `compare --sweep` "
+                        "draws its own)")
+    p.add_argument("--nodes", type=int, default=None, help="Slurm: nodes per job (default: launch.nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="Slurm: GPUs per node (default: launch.gpus_per_node)")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="Slurm: CPUs per task (default: launch.cpus_per_task)")
+    p.add_argument("--time", default=None, metavar="TIME", help="Slurm: time limit per job (default: launch.timeout_min)")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: launch.partition)")
+    p.add_argument("--wait", action="store_true",
+                   help="Slurm: wait for every element and record its final state (local always waits)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the whole sweep, print the points, the elements' states and the jobs; run nothing")
+    p.set_defaults(handler="mtlxray.launch.sweep:cli_main")
 
     # demo --------------------------------------------------------------------------------
     p = sub.add_parser(

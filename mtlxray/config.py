@@ -522,6 +522,17 @@ class RunConfig:
     """torch.compile mode with run.compile: `reduce-overhead` replays CUDA graphs (fewer launches
     for small batches), `max-autotune` also searches kernel configurations (a longer compile)."""
     tensorboard: bool = True
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers, through accelerate's tracker API (`log_with`), beside metrics.jsonl and with
+    its metric names; the resolved config is logged as the run's parameters. `mlflow` writes to
+    `run.mlflow_uri`, `wandb` runs offline (`WANDB_MODE=offline` unless set). `run.tensorboard: true`
+    adds tensorboard. Needs `pip install 'mtlxray[track]'` for mlflow."""
+    experiment: Optional[str] = None
+    """The trackers' experiment (MLflow) or project (W&B); default run.name. `mtlxray sweep` sets the sweep's name."""
+    tracker_run_name: Optional[str] = None
+    """The run's name in the trackers; default run.name."""
+    mlflow_uri: Optional[str] = None
+    """MLflow tracking store; default `sqlite:///<run.output_dir>/mlflow.db`, a local file that needs no server."""
     progress: bool = True
     """A progress bar on a terminal; a progress log line every log step otherwise (Slurm logs)."""
 

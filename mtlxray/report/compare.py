@@ -23,7 +23,7 @@ Per run:
   held a validation pass), with the world size and precision it ran at.
 
 Writes OUT/compare.md and OUT/compare.csv (one row per run; CI bounds in their own columns) and
-prints the Markdown table.
+prints the Markdown table. `--sweep DIR` aggregates a sweep instead (`mtlxray.report.sweep`).
 """
 
 from __future__ import annotations
@@ -287,8 +287,16 @@ def csv_table(rows: list[RunSummary]) -> str:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray compare RUN_DIR... [--out DIR] [--split S] [--subset S] [--shards SHARDS]`."""
-    out = Path(args.out)
+    """`mtlxray compare RUN_DIR... [--out DIR] [--split S] [--subset S] [--shards SHARDS]`, or `--sweep DIR`."""
+    if args.sweep is not None:
+        if args.runs:
+            raise ConfigError("give run folders or --sweep DIR, not both")
+        from mtlxray.report.sweep import cli_main as sweep_main
+
+        return sweep_main(args)
+    if not args.runs:
+        raise ConfigError("no runs to compare: give RUN_DIR... or --sweep DIR")
+    out = Path(args.out or "compare")
     rows = compare_runs(args.runs, split=args.split, subset=args.subset, shards=args.shards, n_boot=args.bootstrap,
                         evaluations=out / "evaluations")
     md = markdown_table(rows)

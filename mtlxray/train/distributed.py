@@ -17,6 +17,7 @@ from mtlxray.config import Config
 from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
 from mtlxray.errors import ConfigError
 from mtlxray.resources import find_config
+from mtlxray.train.logs import build_trackers
 
 __all__ = ["apply_launcher_flags", "build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
            "keep_grads_in_parameter_layout"]
@@ -158,7 +159,7 @@ def build_accelerator(cfg: Config, run_dir: Path):
         # step it once per process.
         "step_scheduler_with_optimizer": False,
         "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
-        "log_with": "tensorboard" if cfg.run.tensorboard else None,
+        "log_with": build_trackers(cfg, run_dir) or None,
         # accelerate compiles the model in prepare(); the launcher's flag was folded into the config.
         "dynamo_plugin": dynamo_plugin(cfg),
     }

@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl and TensorBoard lines, device-side loss sums, and progress.
+"""What a run reports: metrics.jsonl and tracker lines, device-side loss sums, and progress.
 
 metrics.jsonl holds one strict-JSON object per line (a nan is written as null), rank 0 only:
 
@@ -13,13 +13,19 @@ metrics.jsonl holds one strict-JSON object per line (a nan is written as null), 
 
 On resume, lines after the checkpoint's step are dropped and the interval in progress is
 restored from the checkpoint, so a resumed run's lines equal an uninterrupted run's.
+
+Trackers (`run.tensorboard`, `run.trackers`: tensorboard, mlflow, wandb) are accelerate's own
+(`log_with`); they get the same numbers under the same names as metrics.jsonl, and MLflow and
+W&B get the resolved config, flattened to dotted keys, as the run's parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +35,8 @@ import torch
 
 from mtlxray.io import json_safe, write_text_atomic
 
-__all__ = ["MetricsLog", "LossWindow", "Progress", "run_info", "run_info_line"]
+__all__ = ["MetricsLog", "LossWindow", "Progress", "run_info", "run_info_line", "tracker_names", "build_trackers",
+           "start_trackers", "mlflow_uri", "config_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +80,20 @@ def tensorboard_scalars(record: dict) -> dict[str, float]:
             and math.isfinite(v)}
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl (and TensorBoard through the accelerator) written by rank 0."""
+def tracker_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record's finite numbers, under their metrics.jsonl names (MLflow, W&B)."""
+    return {k: v for k, v in record.items() if k not in ("type", "time") and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)}
 
-    def __init__(self, path: Path, accelerator, tensorboard: bool) -> None:
+
+class MetricsLog:
+    """Append-only metrics.jsonl, and the run's trackers (TensorBoard, MLflow, W&B), written by rank 0."""
+
+    def __init__(self, path: Path, accelerator, trackers: bool) -> None:
         self.path = path
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.tensorboard = tensorboard
+        self.trackers = trackers
 
     def truncate_after(self, step: int) -> int:
         """Drop lines logged after `step` (the resumed run logs them again); returns how many."""
@@ -96,15 +109,96 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        if self.tensorboard:
-            self.accelerator.log(tensorboard_scalars(record), step=record["step"])
+        if self.enabled and self.trackers:
+            # TensorBoard groups its panels by prefix (train/, val/); MLflow and W&B get the names of
+            # metrics.jsonl, so a run's numbers read the same in every tool.
+            for tracker in self.accelerator.trackers:
+                scalars = tensorboard_scalars(record) if tracker.name == "tensorboard" else tracker_scalars(record)
+                tracker.log(scalars, step=record["step"])
 
     def write_text(self, texts: dict[str, str], step: int = 0) -> None:
         """Text panels in TensorBoard (the resolved config, the start-up line), shown as Markdown."""
-        if self.tensorboard:
-            # four spaces: a Markdown code block, so YAML keeps its indentation
-            self.accelerator.log({k: "\n".join("    " + line for line in v.splitlines()) for k, v in texts.items()},
-                                 step=step)
+        if not (self.enabled and self.trackers):
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                # four spaces: a Markdown code block, so YAML keeps its indentation
+                tracker.log({k: "\n".join("    " + line for line in v.splitlines()) for k, v in texts.items()},
+                            step=step)
+
+
+def tracker_names(run) -> list[str]:
+    """The trackers a run logs to (`run.trackers`, plus tensorboard when `run.tensorboard`), in order."""
+    names = list(dict.fromkeys([*(["tensorboard"] if run.tensorboard else []), *run.trackers]))
+    return names
+
+
+def mlflow_uri(run) -> str:
+    """`run.mlflow_uri`, else a SQLite file in run.output_dir (no server needed)."""
+    return run.mlflow_uri or f"sqlite:///{(Path(run.output_dir) / 'mlflow.db').resolve()}"
+
+
+def build_trackers(cfg, run_dir: Path) -> list:
+    """accelerate trackers for `log_with`: TensorBoard in <run>/tensorboard, MLflow, W&B offline.
+
+    Built here rather than named, so that TensorBoard keeps its folder and MLflow and W&B get the
+    experiment and run names of `run.experiment` and `run.tracker_run_name`.
+    """
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    run = cfg.run
+    name = run.tracker_run_name or run.name
+    trackers = []
+    for kind in tracker_names(run):
+        if kind == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", run_dir))
+        elif kind == "mlflow":
+            _require("mlflow", "mlflow")
+            trackers.append(MLflowTracker(experiment_name=run.experiment or run.name, run_name=name))
+        else:
+            _require("wandb", "wandb")
+            os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` later
+            trackers.append(WandBTracker(run.experiment or run.name, name=name, dir=str(run_dir)))
+    return trackers
+
+
+def _require(module: str, tracker: str) -> None:
+    import importlib.util
+
+    from mtlxray.errors import ConfigError
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"run.trackers: {tracker} needs the `{module}` package: pip install 'mtlxray[track]'")
+
+
+def config_params(cfg) -> dict[str, object]:
+    """The resolved config as flat `section.key` parameters (lists and dicts as text)."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+
+    walk("", dataclasses.asdict(cfg))
+    return out
+
+
+def start_trackers(accelerator, cfg) -> None:
+    """Start the accelerator's trackers; MLflow and W&B get the config as parameters (main process)."""
+    if not accelerator.log_with:
+        return
+    if accelerator.is_main_process and "mlflow" in tracker_names(cfg.run):
+        import mlflow
+
+        mlflow.set_tracking_uri(mlflow_uri(cfg.run))
+    accelerator.init_trackers(cfg.run.experiment or cfg.run.name)
+    params = config_params(cfg)
+    for tracker in accelerator.trackers:
+        if tracker.name != "tensorboard":  # TensorBoard's hparams refuse list values; it never had them
+            tracker.store_init_configuration(params)
 
 
 class LossWindow:

@@ -41,7 +41,7 @@ from mtlxray.train.compiled import compile_loss
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
 from mtlxray.train.gating import PositiveSelector
-from mtlxray.train.logs import LossWindow, MetricsLog, Progress, run_info, run_info_line
+from mtlxray.train.logs import LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.multisource import batches_per_epoch, check_sources, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
@@ -212,7 +212,7 @@ class Trainer:
 
         self.state = TrainState(phase=cfg.phase.name)
         self._skipped_resumed = 0  # skipped shards the resumed checkpoint counted
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, cfg.run.tensorboard)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, bool(acc.log_with))
         self.window = LossWindow(acc.device)
         if target is not None:
             self._load(target)
@@ -224,9 +224,8 @@ class Trainer:
         if acc.is_main_process and self.state.step < self.total_steps:
             write_text_atomic(self.run_dir / "config.yaml", f"# {run_info_line(self.info)}\n{dump_config(cfg)}")
             write_json_atomic(self.run_dir / RUN_INFO_NAME, self.info, indent=1)
-        if cfg.run.tensorboard:
-            acc.init_trackers("tensorboard")
-            self.log.write_text({"config": dump_config(cfg), "run": run_info_line(self.info)}, step=self.state.step)
+        start_trackers(acc, cfg)
+        self.log.write_text({"config": dump_config(cfg), "run": run_info_line(self.info)}, step=self.state.step)
         self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
         self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
         self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)
