@@ -1,8 +1,9 @@
-"""Every command in README.md's shell blocks parses: its subcommand and flags exist, its config files
-exist and its KEY=VALUE overrides are valid config keys, its make targets and scripts exist.
+"""README.md's commands: every command in its shell blocks parses (its subcommand and flags exist, its config
+files exist and its KEY=VALUE overrides are valid config keys, its make targets and scripts exist), and the quick
+start's blocks and the python snippets run, in README order, at a tiny scale.
 
-The commands are parsed, not run: the long ones (training a paper model, a Slurm chain) are run by
-their own tests.
+The reference's long commands (training a paper model, a Slurm chain) are parsed, not run: their own tests run
+them.
 """
 
 from __future__ import annotations
