@@ -19,12 +19,14 @@ from mtlxray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+# the README's topic pages (docs/) hold the commands it links to: they are parsed the same way
+DOCS = "\n".join(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))
 
 
 def _commands() -> list[str]:
-    """Each command line of the README's bash blocks, continuation lines joined, comments dropped."""
+    """Each command line of the bash blocks of the README and docs/, continuation lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README, re.S):
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README + DOCS, re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
