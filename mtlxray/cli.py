@@ -14,7 +14,11 @@ import sys
 
 from mtlxray.errors import MtlxError
 
-EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error, 75 saved and wants requeue."
+EPILOG = "Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error."
+TRAIN_EPILOG = ("Exit codes: 0 finished, 1 bad input or failed run, 2 usage or config error, 75 saved `last` "
+                "after SIGUSR1/SIGUSR2/SIGTERM and wants a requeue (run again with --resume auto).")
+MAIN_EPILOG = ("Exit codes: 0 ok, 1 bad input or failed run, 2 usage or config error; train: 75 saved and "
+               "wants a requeue; shards audit: 3 leakage found. Each command's --help gives its own.")
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtlxray",
         description="Multi-task Swin-UNet for chest X-rays: synthetic data, WebDataset shards, "
                     "two-phase training on Accelerate/DeepSpeed, Slurm/submitit launchers, reports.",
-        epilog=EPILOG,
+        epilog=MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -200,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one phase as configured. Run it plainly for one process, or under "
                     "`accelerate launch`, `torchrun` or `srun` for many. On SIGUSR1/SIGTERM it saves "
                     "`last` and exits 75 so a launcher can requeue it.",
-        epilog=EPILOG)
+        epilog=TRAIN_EPILOG)
     _config_args(p)
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto (default): continue from the run's newest complete checkpoint if any; "
@@ -220,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="metrics, confidence intervals and figures on a shard split",
         description="Evaluate a checkpoint, or a model without a training run (--model-config), on a split: "
                     "segmentation and classification metrics with bootstrap intervals, gathered across ranks; "
-                    "writes metrics.json, report.md and figures. A model reports the metrics of the outputs it has.")
+                    "writes metrics.json, report.md and figures. A model reports the metrics of the outputs it has.",
+        epilog=EPILOG)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint folder (runs/<name>/checkpoints/best)")
     which.add_argument("--model-config", metavar="YAML",
@@ -239,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="evaluate into a non-empty --out: first delete what an earlier evaluate wrote there "
                         "(metrics.json, per_image.csv, report.md, config.yaml, the figures); other files are kept")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="images per forward pass on each process (default 16); lower it if memory is short")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default 1000)")
     p.add_argument("--allow-leakage", action="store_true",
                    help="evaluate even when the split shares images with the checkpoint's training data, or "
@@ -463,8 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report torch/CUDA/cuDNN/NCCL versions, the GPUs, which SDPA kernels run the model's window "
                     "attention, DeepSpeed's ops (backend deepspeed), the Slurm variables, the shards, free disk "
                     "and a per-GPU memory projection; then one verdict line per problem. Exit 0 when the config "
-                    "can run here, 1 when it cannot, 2 for a config error.",
-        epilog=EPILOG)
+                    "can run here, 1 when it cannot, 2 for a config error.")
     _config_args(p, required=False)
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.set_defaults(handler="mtlxray.doctor:cli_main")

@@ -70,7 +70,7 @@ SOURCE_TASKS = ("lung", "inf", "det", "cls")
 
 @dataclass(kw_only=True)
 class SourceConfig:
-    """One shard set of `data.sources` (alternating disjoint datasets; README "MultiCheXNet training modes")."""
+    """One shard set of `data.sources` (alternating disjoint datasets; docs/multichexnet.md)."""
 
     name: str
     """A short name for logs and errors."""
@@ -109,7 +109,7 @@ class DataConfig:
 
     shards: str = "shards/synthetic"
     """Shard root holding manifest.json and <subset>/<split>-NNNNNN.tar: a folder, or an
-    `http(s)://host/prefix` or `s3://bucket/prefix` URL (streamed; see README "Shards on remote storage")."""
+    `http(s)://host/prefix` or `s3://bucket/prefix` URL (streamed; see docs/data.md)."""
     subset: Literal["lung", "infection", "mixed", "alternate"] = "lung"
     """Training subset; `mixed` interleaves lung and infection samples, `alternate` whole batches."""
     train_split: str = "train"
@@ -157,7 +157,7 @@ class DataConfig:
     """Names of the model's labels in label order when `label_map` is set (what reports show)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Alternating disjoint datasets: shard sets that take turns, batch by batch, each training only
-    the heads it has labels for (README "MultiCheXNet training modes"). Empty: train on
+    the heads it has labels for (docs/multichexnet.md). Empty: train on
     `shards`/`subset`. Validation always uses `shards`, `subset` and `val_split`."""
     source_schedule: Literal["alternate", "weighted"] = "alternate"
     """With `sources`: `alternate` takes one batch from each source in turn; `weighted` draws the
@@ -231,7 +231,7 @@ class ModelConfig:
     grad_checkpoint: Literal["none", "attention", "block", "selective"] = "none"
     attention: Literal["auto", "sdpa", "explicit", "flex"] = "auto"
     """Window-attention kernel; `auto` picks the measured-faster one per dtype."""
-    # --- model zoo (README, "Baselines"); weights always come from local files, never a hub.
+    # --- model zoo (docs/baselines.md); weights always come from local files, never a hub.
     pretrained: Optional[str] = None
     """Local checkpoint of the whole library model, loaded when the model is built: a timm
     classifier checkpoint (`swin_t_cls`, `vit_b_cls`, `dinov2_cls`, `beitv2_cls`; RGB weights are
@@ -255,7 +255,7 @@ class ModelConfig:
     """`clip_zeroshot`: text prompts per class, in label order (their embeddings are averaged);
     empty: built-in prompts for the 3 classes Normal, Non-COVID, COVID-19."""
 
-    # --- detection and the first-stage classifier (README, "MultiCheXNet training modes")
+    # --- detection and the first-stage classifier (docs/multichexnet.md)
     det_head: Literal["none", "fcos", "kbox"] = "none"
     """Infection-box head (`model.det_head`, output `det`): `fcos`, an anchor-free FCOS-style head
     on one feature map (per location an objectness, a centre-ness and the distances to the four

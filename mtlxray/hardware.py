@@ -52,7 +52,7 @@ def resolve_attention(impl: str, dtype: Union[torch.dtype, str],
     """The window-attention kernel for a model that runs on `device_type` in `dtype`.
 
     impl: `model.attention` (`auto`, `sdpa` or `explicit`); a kernel named there is kept. `auto`
-    gives the measured choice (README, "Window attention"; the `attention` benchmark): with an
+    gives the measured choice (docs/model.md, "Window attention"; the `attention` benchmark): with an
     additive mask CPU SDPA takes its math path, slower than the explicit softmax by 1.1-1.8× in
     fp32 and about 2× in bf16 on AVX-512 CPUs (native bf16 dot products), so those run `explicit`;
     on AVX2-only CPUs the explicit form's bf16 batched matmuls take a slow path and SDPA was 8×

@@ -45,6 +45,30 @@ def test_every_subcommand_has_help(words, capsys):
     assert len(out.splitlines()) > 4  # a description beyond the usage line
 
 
+def _parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """(words, parser) of every subcommand, nested ones and groups included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _parsers(sub, (*prefix, name))
+
+
+def test_every_option_of_every_subcommand_says_what_it_does():
+    bare = [f"{' '.join(words)} {a.option_strings[-1]}" for words, sub in _parsers(cli.build_parser())
+            for a in sub._actions if a.option_strings and not a.help]
+    assert not bare, f"options without a help text: {bare}"
+
+
+def test_only_commands_that_can_exit_75_say_so_in_their_help():
+    for words, sub in _parsers(cli.build_parser()):
+        text = sub.format_help()
+        if words == ("train",):
+            assert "75" in text and "requeue" in text
+        else:
+            assert "75 saved" not in text and "wants a requeue" not in text, " ".join(words)
+
+
 @pytest.mark.parametrize("handler", sorted({h for _, h in SUBCOMMANDS}))
 def test_every_handler_resolves_to_a_function(handler):
     assert callable(cli._resolve(handler))

@@ -52,7 +52,7 @@ def test_the_report_lists_the_phase2_settings_the_demo_changes_once():
 
 
 def test_the_demo_decodes_its_batches_in_the_training_process():
-    # On the demo's 2 cores a loader process competes with the compute threads (README "make demo").
+    # On the demo's 2 cores a loader process competes with the compute threads (docs/demo.md).
     from mtlxray.config import load_config
     from mtlxray.demo import phase2_config_of
     from mtlxray.resources import shipped_config

@@ -1,8 +1,9 @@
-"""Every command in README.md's shell blocks parses: its subcommand and flags exist, its config files
-exist and its KEY=VALUE overrides are valid config keys, its make targets and scripts exist.
+"""README.md's commands: every command in its shell blocks parses (its subcommand and flags exist, its config
+files exist and its KEY=VALUE overrides are valid config keys, its make targets and scripts exist), and the quick
+start's blocks and the python snippets run, in README order, at a tiny scale.
 
-The commands are parsed, not run: the long ones (training a paper model, a Slurm chain) are run by
-their own tests.
+The reference's long commands (training a paper model, a Slurm chain) are parsed, not run: their own tests run
+them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from mtlxray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+# the README's topic pages (docs/) hold the commands it links to: they are parsed the same way
+DOCS = "\n".join(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))
 
 
 def _commands() -> list[str]:
-    """Each command line of the README's bash blocks, continuation lines joined, comments dropped."""
+    """Each command line of the bash blocks of the README and docs/, continuation lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README, re.S):
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", README + DOCS, re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
@@ -113,3 +116,118 @@ def test_slurm_scripts_exist_and_are_executable(command):
     for word in _words(command):
         if word.startswith("slurm/"):
             assert (REPO / word).is_file() and (REPO / word).stat().st_mode & 0o111, word
+
+
+def test_no_example_but_the_demo_uses_the_demos_folders():
+    """configs/demo.yaml reads runs/demo/shards and writes runs/demo/<phase>: an example on it names its own
+    shards and run folder, and no other example reads or writes runs/demo (the demo's own, reused by the next
+    `mtlxray demo`)."""
+    for command in MTLXRAY:
+        args = _mtlxray_args(_words(command))
+        if args[:1] == ["demo"] or _placeholder(args):
+            continue
+        assert "runs/demo/" not in command and not command.rstrip().endswith("runs/demo"), command
+        if any(re.search(r"configs/demo(_phase2)?\.yaml", a) for a in args):
+            assert any(a.startswith("data.shards=") for a in args), f"no data.shards= in `{command}`"
+            assert any(a.startswith(("run.name=", "run.output_dir=")) for a in args), f"no own run in `{command}`"
+
+
+# The quick start, run ------------------------------------------------------------------------------------------
+# Every bash block under a "Quick start" heading and every python block runs, in README order, in one temporary
+# folder: a tiny synthetic COVID-QU-Ex tree stands in for the Kaggle download, and the commands get a tiny model
+# and schedule appended (TINY below). The commands this test cannot run, and why:
+NOT_RUN = {
+    r"^make demo\b": "minutes on 2 cores; `mtlxray demo --scale tiny` runs in tests/test_packaging.py",
+    r"\bmtlxray demo\b": "the tiny demo runs in tests/test_packaging.py",
+    r"--num_processes 8\b": "needs 8 GPUs (DDP over NCCL runs in tests/gpu)",
+    r"slurm/pipeline\.sh|\bsbatch\b": "needs a Slurm cluster (the scripts run on one in tests/launch, marker slurm)",
+    r"\bmtlxray submit\b(?!.*--dry-run)": "submits to a Slurm cluster (tests/launch, marker slurm)",
+    r"runs/qu-ex-slurm/phase2/checkpoints": "reads what the Slurm jobs above trained",
+}
+TINY_IMAGE_SIZE = 64
+
+
+def _tiny_overrides() -> tuple[str, ...]:
+    from mtlxray.demo import TINY_SCALE_OVERRIDES
+
+    return (*TINY_SCALE_OVERRIDES, "data.global_batch_size=null", "data.workers=0", "run.precision=fp32")
+
+
+def _blocks() -> list[tuple[str, str, str]]:
+    """(level-2 heading, language, text) of every fenced block, in README order."""
+    heading, blocks = "", []
+    for m in re.finditer(r"^(## [^\n]*)$|^```(\w*)\n(.*?)^```", README, re.M | re.S):
+        if m.group(1):
+            heading = m.group(1)
+        else:
+            blocks.append((heading, m.group(2), m.group(3)))
+    return blocks
+
+
+RUN_IN_ORDER = [(h, lang, text) for h, lang, text in _blocks()
+                if lang == "python" or (lang == "bash" and h.startswith("## Quick start"))]
+
+
+def _block_commands(text: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", text)
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _tiny(args: list[str]) -> list[str]:
+    """The command at the test's scale: tiny images, model, schedule and bootstrap."""
+    if args[:2] == ["shards", "build"]:
+        return [*args, "--image-size", str(TINY_IMAGE_SIZE), "--workers", "1"]
+    if args[0] == "evaluate":
+        return [*args, "--bootstrap", "20"]
+    if args[0] in ("train", "doctor", "submit") or args[:2] == ["config", "show"]:
+        last = max((i for i, a in enumerate(args) if re.match(r"^[\w.]+=", a)), default=len(args) - 1)
+        return [*args[:last + 1], *_tiny_overrides(), *args[last + 1:]]
+    return args
+
+
+def test_the_quick_start_has_blocks_to_run_and_says_why_it_skips_the_others():
+    commands = [c for _, lang, text in RUN_IN_ORDER if lang == "bash" for c in _block_commands(text)]
+    run = [c for c in commands if not any(re.search(p, c) for p in NOT_RUN)]
+    assert {_mtlxray_args(_words(c))[0] for c in run} >= {"shards", "train", "evaluate", "predict", "export"}
+    assert all(_mtlxray_args(_words(c)) is not None for c in run), "only mtlxray commands run in-process"
+
+
+def test_the_quick_start_runs_in_readme_order(tmp_path, monkeypatch, capsys):
+    import contextlib
+    import io
+    import time
+
+    from mtlxray.data.synth import synthesize
+    from mtlxray.train.signals import StopFlag
+
+    monkeypatch.chdir(tmp_path)
+    # the stand-in for the unzipped Kaggle folder the quick start starts from
+    synthesize(tmp_path / "data" / "COVID-QU-Ex", "tiny", seed=0, size=TINY_IMAGE_SIZE, workers=1, progress=False)
+    timings = []
+    for heading, lang, text in RUN_IN_ORDER:
+        t0 = time.perf_counter()
+        if lang == "python":
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(text, f"README.md python block under {heading!r}", "exec"), {"__name__": "readme"})
+            timings.append((f"python: {text.splitlines()[0]}", 0, time.perf_counter() - t0))
+            continue
+        for command in _block_commands(text):
+            if any(re.search(p, command) for p in NOT_RUN):
+                timings.append((command, "not run", 0.0))
+                continue
+            t0 = time.perf_counter()
+            args = _tiny(_mtlxray_args(_words(command)))
+            try:
+                code = cli.main(args)
+            finally:
+                if StopFlag._installed is not None:  # train's signal handlers, installed per process
+                    StopFlag._installed.close()
+            timings.append((command, code, time.perf_counter() - t0))
+            assert code == 0, f"`{command}` exited {code}:\n{capsys.readouterr().err[-3000:]}"
+    with capsys.disabled():
+        print("\nREADME quick start, in order (exit code, seconds):")
+        for command, code, seconds in timings:
+            print(f"  {code!s:>7} {seconds:6.1f}  {command[:110]}")
+    assert (tmp_path / "runs/qu-ex/phase2/checkpoints/best/model.safetensors").is_file()

@@ -288,7 +288,7 @@ def _training_data(cfg, ckpt: Path, seen: frozenset = frozenset()) -> tuple[list
 
 
 def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool, ckpt: Path) -> dict:
-    """The audit of the evaluated split against the training data of checkpoint `ckpt` (README
+    """The audit of the evaluated split against the training data of checkpoint `ckpt` (docs/data.md,
     "Duplicates and leakage"): DataError when they share an image, or when a training source
     cannot be found (the check would be silently weaker), unless `allow`. Relative paths of the
     checkpoint's config are taken from the run's training directory when the checkpoint sits in
