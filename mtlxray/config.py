@@ -426,8 +426,11 @@ class PhaseConfig:
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     init_from: Optional[str] = None
     """Checkpoint (a run's checkpoint folder or model.safetensors) to start from."""
+    seg_loss: Literal["bce_dice", "bce", "dice"] = "bce_dice"
+    """Each mask's loss: `bce_dice`, w·BCE + soft Dice (the Swin-UNet paper's); `bce`, BCE alone
+    (MultiCheXNet's); `dice`, soft Dice alone."""
     bce_weight: float = 0.5
-    """Weight of the BCE term of each mask loss (w·BCE + soft Dice); the paper does not state it."""
+    """Weight w of the BCE term of `seg_loss: bce_dice` (0.5, the Swin-UNet paper's equation 1)."""
     inf_loss_mean: Literal["positives", "batch"] = "positives"
     """Average the infection loss over the batch's positive samples (COVID-19 with a mask), or
     over the whole batch (negatives then count as zero loss)."""
