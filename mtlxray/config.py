@@ -350,6 +350,10 @@ class ScheduleConfig:
     """`relative`: one cosine factor for every parameter group, which ends at min_lr / optim.lr, so
     a group with multiplier m ends at m·min_lr and the groups keep their ratios; `absolute`: every
     group ends at min_lr itself, as torch's CosineAnnealingLR(eta_min=min_lr) would."""
+    interval: Literal["step", "epoch"] = "step"
+    """`step`: the rate follows the cosine at every optimizer step; `epoch`: it changes once per
+    epoch and holds within it, as `CosineAnnealingLR` stepped per epoch (the papers' form; late in
+    training the two differ by up to a fourth of the rate). The warmup stays per step."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

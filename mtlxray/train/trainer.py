@@ -176,7 +176,7 @@ class Trainer:
             raise ConfigError(f"data: {batches} batches per rank per epoch is fewer than "
                               f"optim.grad_accum={cfg.optim.grad_accum}")
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
-        scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        scheduler = build_scheduler(optimizer, cfg, self.total_steps, self.steps_per_epoch)
         self.raw_model = model
         if cfg.run.backend == "ddp":
             keep_grads_in_parameter_layout(model)
