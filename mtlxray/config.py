@@ -249,9 +249,11 @@ class ModelConfig:
     det_head: Literal["none", "fcos", "kbox"] = "none"
     """Infection-box head (`model.det_head`, output `det`): `fcos`, an anchor-free FCOS-style head
     on one feature map (per location an objectness, a centre-ness and the distances to the four
-    box sides; GIoU + focal loss); `kbox`, MultiCheXNet's K boxes regressed from pooled features
-    with an L2 loss; `none`: no detection head. For models with a spatial encoder (the Swin-UNet
-    and the smp baselines)."""
+    box sides; GIoU + focal loss; the default choice: infection opacities are small, many and
+    irregular, and a dense head needs no anchors and no cap on their number); `kbox`,
+    MultiCheXNet's K boxes (ReLU outputs) regressed from pooled features with an L2 loss against
+    the ground-truth boxes matched by overlap; `none`: no detection head. For models with a
+    spatial encoder (the Swin-UNet and the smp baselines)."""
     det_features: Literal["encoder", "decoder"] = "encoder"
     """What the detection head reads: the encoder's map at stride `det_stride`, or the (infection)
     decoder's last features average-pooled to that stride."""
@@ -261,6 +263,9 @@ class ModelConfig:
     """Width of the detection head's convolutions (`fcos`) or hidden layer (`kbox`)."""
     det_max_boxes: int = 10
     """K of `kbox`, and the most boxes kept per image after NMS (both heads)."""
+    det_kbox_confidence: bool = False
+    """`kbox` also predicts a confidence per box, trained with BCE (matched or not) and used as
+    the box's score; off (MultiCheXNet's head): boxes only, each scored 0.5."""
     det_score_threshold: float = 0.3
     """A box is reported (predict, the report's boxes, the false-positive share on negatives) when
     its score is at least this; mAP uses every box kept after NMS."""

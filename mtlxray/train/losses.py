@@ -80,7 +80,8 @@ def _zero_term(output: Tensor) -> Tensor:
 def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str, float],
                    positive_classes: list[int], *, bce_weight: float = 0.5, seg_loss: str = "bce_dice",
                    inf_mean_over: str = "positives", cls_loss: str = "ce", include: Optional[Tensor] = None,
-                   carried: Optional[Sequence[str]] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   carried: Optional[Sequence[str]] = None, kbox_confidence: bool = False
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum of the lung, infection, class and detection losses; returns (total, per-task losses).
 
     Positive-case training: the infection and detection losses count only the samples in
@@ -118,7 +119,7 @@ def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str
         parts["cls"] = class_loss(out["cls"], batch["label"], cls_loss)
     if wanted("det"):
         parts["det"] = detection_loss(out["det"], out.get("det_points"), batch["boxes"], include,
-                                      tuple(batch["img"].shape[-2:]))
+                                      tuple(batch["img"].shape[-2:]), kbox_confidence=kbox_confidence)
     total = sum(weights.get(k, 0.0) * v for k, v in parts.items())
     for output in idle:
         total = total + _zero_term(output)
@@ -126,9 +127,10 @@ def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str
 
 
 def phase_loss(out: dict[str, Tensor | None], batch: dict, phase, cls_loss: str = "ce", *,
-               include: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """`multitask_loss` with every setting taken from a `PhaseConfig` (and `model.cls_loss`); the
+               include: Optional[Tensor] = None, kbox_confidence: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """`multitask_loss` with every setting taken from a `PhaseConfig` (and `model.cls_loss`,
+    `model.det_kbox_confidence`); the
     labels a batch carries come from its `tasks` entry (`data.sources`), all when it has none."""
     return multitask_loss(out, batch, phase.loss_weights, phase.positive_classes, bce_weight=phase.bce_weight,
                           seg_loss=phase.seg_loss, inf_mean_over=phase.inf_loss_mean, cls_loss=cls_loss, include=include,
-                          carried=batch.get("tasks"))
+                          carried=batch.get("tasks"), kbox_confidence=kbox_confidence)

@@ -345,7 +345,8 @@ class Trainer:
                 self.guard.begin_window()
             out = self.model(batch["img"])
             include = self.positives.select(out, batch, step=self.state.step, batch_index=self.state.batch_in_epoch)
-            loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss, include=include)
+            loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss, include=include,
+                                     kbox_confidence=cfg.model.det_kbox_confidence)
             self.window.add({"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}})
             if deepspeed:
                 if agree(acc, not bool(torch.isfinite(loss.detach())))[0]:
