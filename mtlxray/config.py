@@ -389,7 +389,8 @@ class TeacherForcingConfig:
     p: float = 0.9
     """Probability that the ground truth, not the gate, selects (0.9 in MultiCheXNet)."""
     per: Literal["sample", "batch"] = "sample"
-    """One coin per sample, or one per batch (per rank)."""
+    """One coin per sample, or one per batch (MultiCheXNet's "every batch"; the same coin on every
+    rank, so the global batch goes one way)."""
     threshold: float = 0.5
     """The gate passes a sample when its probability of a positive class is at least this."""
 
