@@ -123,11 +123,14 @@ def test_absolute_floor_ends_every_group_at_min_lr(tiny_cfg):
     assert all(g["lr"] == pytest.approx(1e-6) for g in opt.param_groups)
 
 
-def test_epoch_interval_equals_cosine_annealing_lr_stepped_once_per_epoch(tiny_cfg):
+def test_epoch_interval_equals_cosine_annealing_lr_stepped_once_per_epoch():
     import torch
 
-    cfg = tiny_cfg("schedule.interval=epoch", "schedule.min_lr_mode=absolute", "schedule.min_lr=1e-6",
-                   "schedule.warmup_steps=0", "optim.lr=1e-3")
+    from mtlxray.config import load_config
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["schedule.interval=epoch", "schedule.min_lr_mode=absolute",
+                                                       "schedule.min_lr=1e-6", "schedule.warmup_steps=0",
+                                                       "optim.lr=1e-3"])
     epochs, per_epoch = 4, 3
     param = torch.nn.Parameter(torch.zeros(1))
     ours = torch.optim.SGD([param], lr=cfg.optim.lr)
