@@ -259,9 +259,11 @@ class ModelConfig:
     det_head: Literal["none", "fcos", "kbox"] = "none"
     """Infection-box head (`model.det_head`, output `det`): `fcos`, an anchor-free FCOS-style head
     on one feature map (per location an objectness, a centre-ness and the distances to the four
-    box sides; GIoU + focal loss); `kbox`, MultiCheXNet's K boxes regressed from pooled features
-    with an L2 loss; `none`: no detection head. For models with a spatial encoder (the Swin-UNet
-    and the smp baselines)."""
+    box sides; GIoU + focal loss; the default choice: infection opacities are small, many and
+    irregular, and a dense head needs no anchors and no cap on their number); `kbox`,
+    MultiCheXNet's K boxes (ReLU outputs) regressed from pooled features with an L2 loss against
+    the ground-truth boxes matched by overlap; `none`: no detection head. For models with a
+    spatial encoder (the Swin-UNet and the smp baselines)."""
     det_features: Literal["encoder", "decoder"] = "encoder"
     """What the detection head reads: the encoder's map at stride `det_stride`, or the (infection)
     decoder's last features average-pooled to that stride."""
@@ -271,6 +273,9 @@ class ModelConfig:
     """Width of the detection head's convolutions (`fcos`) or hidden layer (`kbox`)."""
     det_max_boxes: int = 10
     """K of `kbox`, and the most boxes kept per image after NMS (both heads)."""
+    det_kbox_confidence: bool = False
+    """`kbox` also predicts a confidence per box, trained with BCE (matched or not) and used as
+    the box's score; off (MultiCheXNet's head): boxes only, each scored 0.5."""
     det_score_threshold: float = 0.3
     """A box is reported (predict, the report's boxes, the false-positive share on negatives) when
     its score is at least this; mAP uses every box kept after NMS."""
@@ -386,6 +391,10 @@ class ScheduleConfig:
     """`relative`: one cosine factor for every parameter group, which ends at min_lr / optim.lr, so
     a group with multiplier m ends at m·min_lr and the groups keep their ratios; `absolute`: every
     group ends at min_lr itself, as torch's CosineAnnealingLR(eta_min=min_lr) would."""
+    interval: Literal["step", "epoch"] = "step"
+    """`step`: the rate follows the cosine at every optimizer step; `epoch`: it changes once per
+    epoch and holds within it, as `CosineAnnealingLR` stepped per epoch (the papers' form; late in
+    training the two differ by up to a fourth of the rate). The warmup stays per step."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -416,7 +425,8 @@ class TeacherForcingConfig:
     p: float = 0.9
     """Probability that the ground truth, not the gate, selects (0.9 in MultiCheXNet)."""
     per: Literal["sample", "batch"] = "sample"
-    """One coin per sample, or one per batch (per rank)."""
+    """One coin per sample, or one per batch (MultiCheXNet's "every batch"; the same coin on every
+    rank, so the global batch goes one way)."""
     threshold: float = 0.5
     """The gate passes a sample when its probability of a positive class is at least this."""
 
@@ -462,8 +472,11 @@ class PhaseConfig:
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     init_from: Optional[str] = None
     """Checkpoint (a run's checkpoint folder or model.safetensors) to start from."""
+    seg_loss: Literal["bce_dice", "bce", "dice"] = "bce_dice"
+    """Each mask's loss: `bce_dice`, w·BCE + soft Dice (the Swin-UNet paper's); `bce`, BCE alone
+    (MultiCheXNet's); `dice`, soft Dice alone."""
     bce_weight: float = 0.5
-    """Weight of the BCE term of each mask loss (w·BCE + soft Dice); the paper does not state it."""
+    """Weight w of the BCE term of `seg_loss: bce_dice` (0.5, the Swin-UNet paper's equation 1)."""
     inf_loss_mean: Literal["positives", "batch"] = "positives"
     """Average the infection loss over the batch's positive samples (COVID-19 with a mask), or
     over the whole batch (negatives then count as zero loss)."""

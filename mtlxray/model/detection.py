@@ -12,21 +12,26 @@ Two heads read one feature map of the model (`model.det_features`: the encoder's
   locations (torchvision's `sigmoid_focal_loss`), GIoU loss on the decoded boxes (`giou_loss`)
   and BCE on the centre-ness at the positives.
 - `kbox` (`KBoxHead`), MultiCheXNet's regression of K boxes from pooled features: K slots of
-  (cx, cy, w, h) in [0, 1] and a confidence; the ground-truth boxes fill the slots from left to
-  right (sorted by centre), with an L2 loss on the parameters of the filled slots and BCE on the
-  confidences. For a faithful comparison; it cannot place more than K boxes.
+  (cx, cy, w, h) as fractions of the image, through a ReLU (a slot at w = h = 0 holds no box, and
+  postprocessing drops it). Each included sample's ground-truth boxes are matched to the slots by
+  overlap (`match_by_overlap`: the assignment of greatest total IoU, scipy's
+  `linear_sum_assignment`); the loss is the squared L2 distance of every slot to its matched box,
+  or to zero for a slot without one. Optionally (`model.det_kbox_confidence`) a confidence logit
+  per slot with BCE against matched / unmatched, which then scores the boxes; without it every
+  box scores 0.5. It cannot place more than K boxes; FCOS stays the default for that reason.
 
 Both add `{"det": B×N×6, "det_points": N×3 or None}` to the model's output dict (a model without a
 head adds nothing: `out.get("det")` is None): per prediction the box x0, y0, x1, y1
 in input pixels (decoded, differentiable), an objectness logit and a quality logit (FCOS's
-centre-ness; for `kbox` the objectness again), so that every consumer scores a box the same way:
+centre-ness; for `kbox` the confidence again, or 0 without one), so that every consumer scores a box the same way:
 `box_scores` = sqrt(sigmoid(obj) · sigmoid(quality)). `det_points` holds FCOS's location
 (x, y, stride) per prediction, which the loss needs to assign targets; None marks `kbox`.
 
-Nothing here reads a device value back on the host: targets are built from the batch's box
-lists (host data) and copied to the device; excluded samples are selected away with
-`torch.where`, so a step costs no synchronisation. NMS (`postprocess`) runs where evaluation
-already works on the host.
+FCOS's loss reads no device value back on the host: targets are built from the batch's box lists
+(host data) and copied to the device; excluded samples are selected away with `torch.where`, so a
+step costs no synchronisation. `kbox`'s matching reads its B×K predicted boxes back once per step
+(an assignment problem is solved on the host, as DETR's matcher does). NMS (`postprocess`) runs
+where evaluation already works on the host.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch import Tensor
 from mtlxray.errors import ConfigError
 
 __all__ = ["FCOSHead", "KBoxHead", "attach_det_head", "detect", "detection_loss", "giou_loss", "box_targets",
-           "box_scores", "det_candidates", "postprocess", "CANDIDATES"]
+           "match_by_overlap", "box_scores", "det_candidates", "postprocess", "CANDIDATES"]
 
 CANDIDATES = 100
 """Highest-scored predictions per image kept for NMS at evaluation (COCO's 100 detections)."""
@@ -94,27 +99,32 @@ class FCOSHead(nn.Module):
 
 
 class KBoxHead(nn.Module):
-    """K boxes regressed from a 4×4 pooling of one map (MultiCheXNet's L2 box regression)."""
+    """K boxes regressed from a 4×4 pooling of one map (MultiCheXNet's L2 box regression): ReLU
+    outputs (cx, cy, w, h) as fractions of the image, and with `confidence` a logit per box."""
 
     GRID = 4
 
-    def __init__(self, in_chs: int, channels: int, k: int, features: str, stride: int) -> None:
+    def __init__(self, in_chs: int, channels: int, k: int, features: str, stride: int,
+                 confidence: bool = False) -> None:
         super().__init__()
-        self.features, self.stride, self.k = features, stride, k
+        self.features, self.stride, self.k, self.confidence = features, stride, k, confidence
+        self.per_box = 5 if confidence else 4
         self.pool = nn.AdaptiveAvgPool2d(self.GRID)
         self.mlp = nn.Sequential(nn.Linear(in_chs * self.GRID ** 2, channels), nn.ReLU(inplace=True),
-                                 nn.Linear(channels, k * 5))
+                                 nn.Linear(channels, k * self.per_box))
         nn.init.zeros_(self.mlp[2].bias)
-        with torch.no_grad():
-            self.mlp[2].bias.view(k, 5)[:, 4] = -math.log((1 - _PRIOR) / _PRIOR)
+        if confidence:
+            with torch.no_grad():
+                self.mlp[2].bias.view(k, 5)[:, 4] = -math.log((1 - _PRIOR) / _PRIOR)
 
     def forward(self, feat: Tensor, size: tuple[int, int]) -> dict[str, Optional[Tensor]]:
-        z = self.mlp(self.pool(feat).flatten(1)).float().view(feat.shape[0], self.k, 5)  # B, K, 5
-        c = torch.sigmoid(z[..., :4])  # B, K, 4: cx, cy, w, h in [0, 1]
+        z = self.mlp(self.pool(feat).flatten(1)).float().view(feat.shape[0], self.k, self.per_box)  # B, K, 4|5
+        c = F.relu(z[..., :4])  # B, K, 4: cx, cy, w, h as fractions of the image
         h, w = size
         boxes = torch.stack([(c[..., 0] - c[..., 2] / 2) * w, (c[..., 1] - c[..., 3] / 2) * h,
                              (c[..., 0] + c[..., 2] / 2) * w, (c[..., 1] + c[..., 3] / 2) * h], dim=-1)  # B, K, 4
-        return {"det": torch.cat([boxes, z[..., 4:5], z[..., 4:5]], dim=-1), "det_points": None}
+        conf = z[..., 4:5] if self.confidence else torch.zeros_like(z[..., :1])  # B, K, 1
+        return {"det": torch.cat([boxes, conf, conf], dim=-1), "det_points": None}
 
 
 class _Probed(Exception):
@@ -181,7 +191,8 @@ def attach_det_head(model: nn.Module, cfg) -> nn.Module:
     if cfg.det_head == "fcos":
         head = FCOSHead(channels, cfg.det_channels, cfg.det_features, cfg.det_stride)
     elif cfg.det_head == "kbox":
-        head = KBoxHead(channels, cfg.det_channels, cfg.det_max_boxes, cfg.det_features, cfg.det_stride)
+        head = KBoxHead(channels, cfg.det_channels, cfg.det_max_boxes, cfg.det_features, cfg.det_stride,
+                        confidence=cfg.det_kbox_confidence)
     else:
         raise ConfigError(f"model.det_head: unknown head {cfg.det_head!r} (none, fcos or kbox)")
     model.det_head = head
@@ -193,13 +204,10 @@ def attach_det_head(model: nn.Module, cfg) -> nn.Module:
 # targets and loss
 
 
-def box_targets(boxes: Sequence[Sequence[Sequence[float]]], device: torch.device | str,
-                order: str = "area") -> tuple[Tensor, Tensor]:
+def box_targets(boxes: Sequence[Sequence[Sequence[float]]], device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Per-sample box lists (x0, y0, x1, y1; host data) -> (B×G×4 float32, B×G bool valid) on
-    `device`, G >= 1. order `centre`: each sample's boxes sorted by centre x, then y (kbox slots)."""
+    `device`, G >= 1."""
     rows = [list(map(list, b)) for b in boxes]
-    if order == "centre":
-        rows = [sorted(r, key=lambda x: (x[0] + x[2], x[1] + x[3])) for r in rows]
     g = max(1, max((len(r) for r in rows), default=0))
     data = [[[float(v) for v in box] for box in r] + [[0.0, 0.0, 1.0, 1.0]] * (g - len(r)) for r in rows]
     valid = [[True] * len(r) + [False] * (g - len(r)) for r in rows]
@@ -259,40 +267,66 @@ def _fcos_loss(det: Tensor, points: Tensor, gt: Tensor, valid: Tensor, include: 
     return obj_loss + box_loss + ctr_loss
 
 
-def _kbox_loss(det: Tensor, gt: Tensor, valid: Tensor, include: Tensor, size: tuple[int, int]) -> Tensor:
-    b, k = det.shape[:2]
-    g = gt.shape[1]
-    if g < k:  # pad the targets to K slots
-        gt = torch.cat([gt, gt.new_tensor([0.0, 0.0, 1.0, 1.0]).expand(b, k - g, 4)], dim=1)
-        valid = torch.cat([valid, valid.new_zeros(b, k - g)], dim=1)
-    gt, valid = gt[:, :k], valid[:, :k] & include[:, None]  # B×K×4, B×K
+def match_by_overlap(pred: Tensor, gt: Tensor) -> tuple[list[int], list[int]]:
+    """Slots of K predicted boxes matched to G ground-truth boxes (xyxy each, on the host): the
+    one-to-one assignment of min(K, G) pairs with the greatest total IoU (scipy's
+    `linear_sum_assignment`, the Hungarian method). Returns (slot indices, box indices)."""
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_iou
+
+    if not len(gt) or not len(pred):
+        return [], []
+    rows, cols = linear_sum_assignment(box_iou(pred.double(), gt.double()).numpy(), maximize=True)
+    return rows.tolist(), cols.tolist()
+
+
+def _cxcywh(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """…×4 xyxy in pixels -> …×4 (cx, cy, w, h) as fractions of the image."""
     h, w = size
-    norm = gt.new_tensor([w, h, w, h])
+    x = x / x.new_tensor([w, h, w, h])
+    return torch.stack([(x[..., 0] + x[..., 2]) / 2, (x[..., 1] + x[..., 3]) / 2,
+                        x[..., 2] - x[..., 0], x[..., 3] - x[..., 1]], dim=-1)
 
-    def cxcywh(x: Tensor) -> Tensor:
-        x = x / norm
-        return torch.stack([(x[..., 0] + x[..., 2]) / 2, (x[..., 1] + x[..., 3]) / 2,
-                            x[..., 2] - x[..., 0], x[..., 3] - x[..., 1]], dim=-1)
 
-    l2 = ((cxcywh(det[..., :4]) - cxcywh(gt)) ** 2).sum(-1)  # B×K
-    box_loss = torch.where(valid, l2, 0.0).sum() / valid.sum().float().clamp_min(1.0)
-    keep = include[:, None].expand(b, k)
-    bce = F.binary_cross_entropy_with_logits(torch.where(keep, det[..., 4], 0.0), valid.float(), reduction="none")
-    conf_loss = torch.where(keep, bce, 0.0).sum() / (include.sum().float() * k).clamp_min(1.0)
-    return box_loss + conf_loss
+def _kbox_loss(det: Tensor, boxes: Sequence, include: Tensor, size: tuple[int, int], confidence: bool) -> Tensor:
+    b, k = det.shape[:2]
+    pred = det[..., :4]  # B×K×4 xyxy pixels
+    # The assignment needs the predicted boxes on the host: the one device read of a kbox step.
+    keep_rows = include.tolist()
+    host = pred.detach().float().cpu()
+    target = torch.zeros(b, k, 4)  # (cx, cy, w, h) fractions; 0 for a slot without a box
+    matched = torch.zeros(b, k, dtype=torch.bool)
+    for i in range(b):
+        if not keep_rows[i] or not boxes[i]:
+            continue
+        gt = torch.tensor([[float(v) for v in box] for box in boxes[i]], dtype=torch.float32)  # G×4
+        slots, idx = match_by_overlap(host[i], gt)
+        target[i, slots] = _cxcywh(gt[idx], size)
+        matched[i, slots] = True
+    target, matched = target.to(det.device), matched.to(det.device)
+    keep = include[:, None].expand(b, k)  # B×K
+    l2 = ((_cxcywh(torch.where(keep[..., None], pred, 0.0), size) - target) ** 2).sum(-1)  # B×K
+    n = (include.sum().float() * k).clamp_min(1.0)
+    loss = torch.where(keep, l2, 0.0).sum() / n
+    if confidence:
+        bce = F.binary_cross_entropy_with_logits(torch.where(keep, det[..., 4], 0.0), matched.float(),
+                                                 reduction="none")
+        loss = loss + torch.where(keep, bce, 0.0).sum() / n
+    return loss
 
 
 def detection_loss(det: Tensor, points: Optional[Tensor], boxes: Sequence, include: Tensor,
-                   size: tuple[int, int]) -> Tensor:
+                   size: tuple[int, int], *, kbox_confidence: bool = False) -> Tensor:
     """The detection loss of a batch: `det`, `det_points` from the model, `boxes` the batch's
     per-sample box lists, `include` (B bool) the samples whose boxes train the head (see
-    `mtlxray.train.gating`). An excluded sample contributes an exact zero, and with no sample
-    included the loss is an exact 0 with an exactly zero gradient."""
+    `mtlxray.train.gating`), `kbox_confidence` whether a `kbox` head has confidences
+    (`model.det_kbox_confidence`). An excluded sample contributes an exact zero, and with no
+    sample included the loss is an exact 0 with an exactly zero gradient."""
     det = det.float()
-    gt, valid = box_targets(boxes, det.device, order="area" if points is not None else "centre")
     if points is not None:
+        gt, valid = box_targets(boxes, det.device)
         return _fcos_loss(det, points.float(), gt, valid, include)
-    return _kbox_loss(det, gt, valid, include, size)
+    return _kbox_loss(det, boxes, include, size, kbox_confidence)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 MultiCheXNet trains its segmentation and detection heads on positive cases only (here: labels in
 `phase.positive_classes`). Because the heads then never see a negative, while at inference a gate
-(`mtlxray.gate.Gate`) decides what reaches them, `PositiveSelector` tosses a coin per sample (or
-per batch): with probability p the ground truth decides whether the sample reaches the infection
+(`mtlxray.gate.Gate`) decides what reaches them, `PositiveSelector` tosses a coin per sample (or,
+as the paper does, per batch: `phase.teacher_forcing.per`): with probability p the ground truth decides whether the sample reaches the infection
 and detection losses, with 1 - p the gate's prediction does - so some negatives that the gate
 would pass train the heads to predict nothing on them.
 
@@ -33,10 +33,11 @@ def _coin_seed(*parts: int) -> int:
 def coin_flips(p: float, n: int, per: str, *, seed: int, step: int, batch: int, rank: int,
                device: torch.device | str) -> Tensor:
     """n bools on `device`, True with probability p (the ground truth decides): one coin per
-    sample, or one for the whole batch (`per="batch"`). Drawn on the host from a generator seeded
-    by (seed, step, batch, rank) and copied to the device: the same coins after a resume, no read
-    from the device, and the global RNG untouched."""
-    g = torch.Generator().manual_seed(_coin_seed(seed, step, batch, rank))
+    sample, or one for the whole batch (`per="batch"`, MultiCheXNet's: the same coin on every rank,
+    so the global batch is decided as one). Drawn on the host from a generator seeded by (seed,
+    step, batch, and per sample the rank) and copied to the device: the same coins after a resume,
+    no read from the device, and the global RNG untouched."""
+    g = torch.Generator().manual_seed(_coin_seed(seed, step, batch, rank if per == "sample" else 0))
     u = torch.rand(n if per == "sample" else 1, generator=g)
     return (u < p).expand(n).to(device, non_blocking=True)
 

@@ -14,23 +14,30 @@ run sees the batches an uninterrupted one would.
 
 An epoch is `data.samples_per_epoch` samples, or by default the sum of the sources' training
 splits; each source's loader is sized to the batches the order asks of it.
+
+`IdleParameters` keeps the heads a batch has no labels for still: their exactly zero gradient
+would still move them under Adam (its moments) and AdamW (its decay), so after the backward pass
+their gradients are set to None, which the optimizer skips.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Optional
 
 import numpy as np
+import torch
+from torch import nn
 
 from mtlxray.config import DataConfig, SourceConfig
 from mtlxray.data.loader import build_train_loader, label_names, read_manifest, shard_urls, train_batches_per_epoch
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.errors import ConfigError, ShardError
 
-__all__ = ["source_config", "source_order", "batches_per_epoch", "source_batches", "check_sources"]
+__all__ = ["source_config", "source_order", "batches_per_epoch", "source_batches", "check_sources",
+           "reached_parameters", "IdleParameters"]
 
 
 def source_config(data: DataConfig, src: SourceConfig) -> DataConfig:
@@ -109,3 +116,60 @@ def check_sources(data: DataConfig) -> None:
             _labels(cfg, manifest, [cfg.subset])
         except (ShardError, ConfigError) as e:
             raise ConfigError(f"data.sources[{src.name}]: {e}") from None
+
+
+def reached_parameters(roots: Iterable[torch.Tensor]) -> set[int]:
+    """ids of the leaf tensors (parameters) whose gradient the backward pass of `roots` computes:
+    a walk of their autograd graph on the host (no device read)."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen, leaves = set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf's gradient
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return leaves
+
+
+class IdleParameters:
+    """The trained parameters that no loss of an accumulation window reaches, given no gradient.
+
+    A batch of a source without some labels (`tasks`) computes only its own losses; the heads
+    upstream of none of them get an exactly zero gradient (kept in the graph for DDP's reduction,
+    `mtlxray.train.losses`). Adam would still move them by its moments, AdamW also by its decay;
+    `release()` sets their gradients to None after the backward pass (after DDP's all-reduce, on
+    every rank alike: every rank takes the same source at the same step), and the optimizer skips
+    a parameter without a gradient, so their weights and optimizer state stay bit-identical.
+
+    Which parameters a set of tasks reaches is found once per set by walking the graph of its
+    losses, then cached: the model's graph for given tasks is the same at every step.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        self._idle_by_tasks: dict[tuple[str, ...], frozenset[int]] = {}
+        self._window: Optional[frozenset[int]] = None
+
+    def observe(self, tasks: Optional[Iterable[str]], parts: dict[str, torch.Tensor]) -> None:
+        """Record one micro-batch: its carried `tasks` (None: every label) and its loss parts."""
+        if tasks is None:
+            idle: frozenset[int] = frozenset()
+        else:
+            key = tuple(tasks)
+            if key not in self._idle_by_tasks:
+                reached = reached_parameters(parts.values())
+                self._idle_by_tasks[key] = frozenset(id(p) for p in self.trained if id(p) not in reached)
+            idle = self._idle_by_tasks[key]
+        self._window = idle if self._window is None else self._window & idle
+
+    def release(self) -> int:
+        """At the optimizer step: drop the gradients of the window's idle parameters; returns how many."""
+        idle, self._window = self._window or frozenset(), None
+        for p in self.trained:
+            if id(p) in idle:
+                p.grad = None
+        return len(idle)

@@ -13,7 +13,7 @@ from mtlxray.errors import ConfigError
 from mtlxray.model.base import under_prefix
 
 __all__ = ["no_weight_decay", "param_groups", "describe_param_groups", "build_optimizer", "cosine_factor",
-           "build_scheduler"]
+           "epoch_held", "build_scheduler"]
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
@@ -85,13 +85,22 @@ def cosine_factor(step: int, *, total: int, warmup: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int):
+def epoch_held(factor, step: int, *, steps_per_epoch: int, warmup: int) -> float:
+    """`factor` held through each epoch at its value at the epoch's first step (after the warmup,
+    which stays per step): the cosine of `CosineAnnealingLR` stepped once per epoch."""
+    return factor(step if step < warmup else max(warmup, step // steps_per_epoch * steps_per_epoch))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int, steps_per_epoch: int = 1):
     """Cosine lr → min_lr with warmup (schedule.min_lr_mode: one factor for every group, which keeps
-    their ratios, or each group down to min_lr itself)."""
+    their ratios, or each group down to min_lr itself), updated every optimizer step or, with
+    `schedule.interval: epoch`, at the start of every epoch of `steps_per_epoch` steps."""
     s = cfg.schedule
     if s.min_lr_mode == "relative":
         floors = [s.min_lr / cfg.optim.lr] * len(optimizer.param_groups)
     else:
         floors = [min(1.0, s.min_lr / g["lr"]) for g in optimizer.param_groups]
     fns = [partial(cosine_factor, total=total_steps, warmup=s.warmup_steps, floor=f) for f in floors]
+    if s.interval == "epoch":
+        fns = [partial(epoch_held, fn, steps_per_epoch=steps_per_epoch, warmup=s.warmup_steps) for fn in fns]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)

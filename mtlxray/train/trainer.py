@@ -43,7 +43,7 @@ from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, 
 from mtlxray.train.gating import PositiveSelector
 from mtlxray.train.logs import LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers
 from mtlxray.train.losses import phase_loss
-from mtlxray.train.multisource import batches_per_epoch, check_sources, source_batches
+from mtlxray.train.multisource import IdleParameters, batches_per_epoch, check_sources, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
@@ -202,7 +202,7 @@ class Trainer:
             raise ConfigError(f"data: {batches} batches per rank per epoch is fewer than "
                               f"optim.grad_accum={cfg.optim.grad_accum}")
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
-        scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        scheduler = build_scheduler(optimizer, cfg, self.total_steps, self.steps_per_epoch)
         self.raw_model = model
         if cfg.run.backend == "ddp":
             keep_grads_in_parameter_layout(model)
@@ -235,6 +235,9 @@ class Trainer:
             raise ConfigError(f"phase.teacher_forcing.gate=cls_head: {cfg.model.name} has no class head; use "
                               "gate: first_stage with model.first_stage")
         self.positives = PositiveSelector(cfg, gate, self.rank)
+        # data.sources: heads without labels in a window get no gradient, so the optimizer leaves
+        # them as they are (DeepSpeed's engine steps inside backward, on its own flat buffers).
+        self.idle = IdleParameters(self.raw_model) if cfg.data.sources and cfg.run.backend == "ddp" else None
         self.validator = Validator(cfg, acc, self.model, gate=gate)
         self.progress = Progress(self.total_steps, self.state.step, cfg.run.name,
                                  acc.is_main_process and cfg.run.progress)
@@ -398,7 +401,8 @@ class Trainer:
                 self.guard.begin_window()
             out = self.model(batch["img"])
             include = self.positives.select(out, batch, step=self.state.step, batch_index=self.state.batch_in_epoch)
-            loss, parts = self.loss_fn(out, batch, cfg.phase, cfg.model.cls_loss, include=include)
+            loss, parts = self.loss_fn(out, batch, cfg.phase, cfg.model.cls_loss, include=include,
+                                       kbox_confidence=cfg.model.det_kbox_confidence)
             self.window.add({"loss": loss, **{f"loss/{k}": v for k, v in parts.items()}})
             if deepspeed:
                 if agree(acc, not bool(torch.isfinite(loss.detach())))[0]:
@@ -407,7 +411,11 @@ class Trainer:
                     acc.backward(loss)
             else:
                 acc.backward(loss)
+                if self.idle is not None:
+                    self.idle.observe(batch.get("tasks"), parts)
                 if acc.sync_gradients:
+                    if self.idle is not None:
+                        self.idle.release()
                     norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
                     found = self.guard.found_inf(norm)
                     self.guard.arm(self.optimizer.optimizer, found)

@@ -85,7 +85,8 @@ class Validator:
                 last = batch
                 collector.add(out, batch, self.gate.probability(out, batch["img"]) if self.gate else None)
                 n = batch["img"].shape[0]
-                loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss)
+                loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss,
+                                         kbox_confidence=cfg.model.det_kbox_confidence)
                 for k, v in {"loss": loss, **{f"loss/{t}": p for t, p in parts.items()}}.items():
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().double() * n
                 n_local += n

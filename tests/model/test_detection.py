@@ -36,7 +36,10 @@ def test_every_model_with_an_encoder_takes_either_head_on_encoder_or_decoder_fea
     assert out["det"].shape == (2, n, 6)
     assert (out["det_points"] is None) == (kind == "kbox")
     boxes = out["det"][..., :4]
-    assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+    if kind == "fcos":
+        assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+    else:  # ReLU sides: a box of zero width or height is an empty slot
+        assert (boxes[..., 2] >= boxes[..., 0]).all() and (boxes[..., 3] >= boxes[..., 1]).all()
 
 
 def test_a_model_without_a_head_reports_det_none_and_a_classifier_refuses_one():
@@ -135,3 +138,72 @@ def test_giou_loss_equals_torchvisions_without_its_host_sync():
     (g1,) = torch.autograd.grad(ours.sum(), pred)
     (g2,) = torch.autograd.grad(theirs.sum(), pred)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_kbox_outputs_pass_a_relu_and_give_a_confidence_only_when_asked():
+    from mtlxray.model.detection import KBoxHead
+
+    torch.manual_seed(0)
+    feat, size = torch.randn(3, 8, 8, 8), (64, 48)
+    for confidence in (False, True):
+        head = KBoxHead(8, 16, 5, "encoder", 8, confidence=confidence)
+        raw = head.mlp(head.pool(feat).flatten(1)).view(3, 5, head.per_box)
+        assert (raw[..., :4] < 0).any()  # the ReLU has something to clip
+        det = head(feat, size)["det"]
+        c = raw[..., :4].clamp_min(0)  # cx, cy, w, h
+        h, w = size
+        expected = torch.stack([(c[..., 0] - c[..., 2] / 2) * w, (c[..., 1] - c[..., 3] / 2) * h,
+                                (c[..., 0] + c[..., 2] / 2) * w, (c[..., 1] + c[..., 3] / 2) * h], dim=-1)
+        assert torch.allclose(det[..., :4], expected, atol=1e-6)
+        conf = raw[..., 4] if confidence else torch.zeros(3, 5)
+        assert torch.equal(det[..., 4], conf) and torch.equal(det[..., 5], conf)
+        assert sum(p.numel() for p in head.mlp[2].parameters()) == 17 * 5 * head.per_box
+
+
+def test_kbox_matching_is_the_assignment_of_greatest_total_iou():
+    import itertools
+
+    from torchvision.ops import box_iou
+
+    from mtlxray.model.detection import match_by_overlap
+
+    g = torch.Generator().manual_seed(1)
+
+    def boxes(n):
+        xy = torch.rand(n, 2, generator=g) * 40
+        return torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 20], dim=1)
+
+    for k, n in [(4, 4), (5, 3), (3, 5)] * 4:
+        pred, gt = boxes(k), boxes(n)
+        iou = box_iou(pred, gt)
+        slots, idx = match_by_overlap(pred, gt)
+        assert len(slots) == min(k, n) and len(set(slots)) == len(slots) and len(set(idx)) == len(idx)
+        # brute force: every injective map of the smaller set into the larger
+        if k >= n:
+            best = max(sum(iou[s, j].item() for j, s in enumerate(p)) for p in itertools.permutations(range(k), n))
+        else:
+            best = max(sum(iou[i, s].item() for i, s in enumerate(p)) for p in itertools.permutations(range(n), k))
+        assert sum(iou[s, j].item() for s, j in zip(slots, idx)) == pytest.approx(best, abs=1e-9)
+
+
+def test_kbox_loss_is_the_l2_to_matched_boxes_and_to_zero_for_empty_slots_by_hand():
+    size = (64, 64)
+    # two slots, one sample: slot 0 overlaps the second box, slot 1 the first; a third slot is empty
+    det = torch.zeros(1, 3, 6)
+    det[0, :, :4] = torch.tensor([[30.0, 30.0, 50.0, 50.0], [2.0, 2.0, 18.0, 20.0], [10.0, 40.0, 14.0, 44.0]])
+    gt = [[[0.0, 0.0, 16.0, 16.0], [32.0, 32.0, 48.0, 52.0]]]
+
+    def frac(b):  # xyxy pixels -> cx, cy, w, h fractions
+        x0, y0, x1, y1 = (v / 64 for v in b)
+        return [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+
+    pairs = [(det[0, 0, :4].tolist(), frac(gt[0][1])), (det[0, 1, :4].tolist(), frac(gt[0][0])),
+             (det[0, 2, :4].tolist(), [0.0, 0.0, 0.0, 0.0])]
+    by_hand = sum(sum((a - b) ** 2 for a, b in zip(frac(p), t)) for p, t in pairs) / 3
+    got = detection_loss(det, None, gt, torch.tensor([True]), size)
+    assert got.item() == pytest.approx(by_hand, rel=1e-6)
+    # with confidences: BCE against matched (1, 1) and empty (0), over the same three slots
+    det[0, :, 4] = det[0, :, 5] = torch.tensor([0.3, -1.0, 2.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(det[0, :, 4], torch.tensor([1.0, 1.0, 0.0]))
+    with_conf = detection_loss(det, None, gt, torch.tensor([True]), size, kbox_confidence=True)
+    assert with_conf.item() == pytest.approx(by_hand + bce.item(), rel=1e-6)

@@ -57,6 +57,16 @@ def test_p_mixes_truth_and_gate_per_sample_or_per_batch_with_reproducible_coins(
     assert 0.8 < flips[:, 0].float().mean() < 0.97
 
 
+def test_a_per_batch_coin_is_the_same_on_every_rank():
+    """MultiCheXNet tosses once per batch: under DDP the global batch goes one way, on every rank."""
+    kw = dict(seed=3, batch=2, device="cpu")
+    for step in range(50):
+        ranks = [coin_flips(0.5, 4, "batch", step=step, rank=r, **kw) for r in range(4)]
+        assert all(torch.equal(ranks[0], r) for r in ranks[1:]), step
+    per_sample = [torch.cat([coin_flips(0.5, 4, "sample", step=s, rank=r, **kw) for s in range(50)]) for r in (0, 1)]
+    assert not torch.equal(*per_sample)  # per sample, each rank has its own coins
+
+
 def test_the_losses_see_exactly_the_selected_samples():
     from mtlxray.config import ModelConfig
     from mtlxray.model import build_model

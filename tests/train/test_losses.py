@@ -88,3 +88,23 @@ def test_bce_weight_scales_the_bce_term():
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
     diff = seg_loss_per_sample(logits, target, bce_weight=1.0) - seg_loss_per_sample(logits, target, bce_weight=0.0)
     assert torch.allclose(diff, bce, rtol=1e-5)
+
+
+def test_phase_seg_loss_picks_bce_alone_dice_alone_or_both_for_every_mask(tiny_cfg):
+    from mtlxray.train.losses import phase_loss
+
+    torch.manual_seed(0)
+    out = {"lung": torch.randn(2, 1, 8, 8), "inf": torch.randn(2, 1, 8, 8), "cls": torch.randn(2, 3)}
+    batch = {"lung": (torch.rand(2, 1, 8, 8) > 0.5).float(), "inf": (torch.rand(2, 1, 8, 8) > 0.7).float(),
+             "label": torch.tensor([2, 2]), "has_inf": torch.ones(2, dtype=torch.bool)}
+    expected = {}
+    for task in ("lung", "inf"):
+        bce = F.binary_cross_entropy_with_logits(out[task], batch[task])
+        p, t = torch.sigmoid(out[task]).flatten(1), batch[task].flatten(1)
+        dice = (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+        expected[task] = {"bce": bce, "dice": dice, "bce_dice": 0.5 * bce + dice}
+    for kind in ("bce", "dice", "bce_dice"):
+        cfg = tiny_cfg(f"phase.seg_loss={kind}", "phase.loss_weights={lung: 1.0, inf: 1.0, cls: 0.5}", phase2=True)
+        _, parts = phase_loss(out, batch, cfg.phase)
+        for task in ("lung", "inf"):
+            assert parts[task].item() == pytest.approx(expected[task][kind].item(), rel=1e-6), (kind, task)

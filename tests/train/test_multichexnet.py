@@ -10,6 +10,7 @@ from mtlxray.config import load_config
 from _train_support import REPO, TINY_MODEL, run_cli
 
 STAGES = sorted((REPO / "configs" / "multichexnet").glob("[0-9]_*.yaml"))
+STRICT = sorted((REPO / "configs" / "multichexnet" / "paper_strict").glob("[0-9]_*.yaml"))
 
 
 def test_the_five_stages_load_and_share_one_architecture():
@@ -24,6 +25,26 @@ def test_the_five_stages_load_and_share_one_architecture():
                                                             "cls_head"]
     assert [s.tasks for s in cfgs[3].data.sources] == [["lung", "cls"], ["inf", "det"]]
     assert cfgs[4].model.num_classes == 2 and cfgs[4].phase.positive_classes == [1]
+
+
+def test_the_paper_strict_chain_trains_as_the_paper_does():
+    assert [p.name for p in STRICT] == [p.name for p in STAGES]
+    chain, strict = [load_config(p) for p in STAGES], [load_config(p) for p in STRICT]
+    for c in strict:
+        assert (c.model.det_head, c.model.det_kbox_confidence, c.model.cls_loss, c.phase.seg_loss) == (
+            "kbox", False, "bce_multilabel", "bce")
+        assert c.run.output_dir != chain[0].run.output_dir
+    assert [c.phase.teacher_forcing.per for c in strict[1:]] == ["batch"] * 4
+    # The encoder trains in the detection, segmentation and transfer stages; the chain beside it freezes it.
+    assert [("encoder" in c.phase.frozen) for c in chain] == [False, True, True, False, True]
+    assert not any("encoder" in c.phase.frozen for c in strict)
+    assert {"det_head", "cls_head"} & set(strict[1].phase.frozen) == {"cls_head"}
+    assert {"inf_decoder", "inf_head", "ppm"} & set(strict[2].phase.frozen) == set()
+    # Stage 4 alternates a detection and a segmentation dataset.
+    assert [(s.name, s.tasks) for s in strict[3].data.sources] == [("detection", ["det", "cls"]),
+                                                                   ("segmentation", ["inf", "cls"])]
+    for c in strict[1:]:  # every stage starts from the strict chain's own previous stage
+        assert c.phase.init_from.startswith(strict[0].run.output_dir + "/")
 
 
 def _metrics(run_dir: Path) -> dict:

@@ -94,6 +94,49 @@ def test_labels_a_batch_lacks_contribute_exactly_zero_gradient(tiny_shards, tmp_
             assert params and all(torch.count_nonzero(g) == 0 for g in params), prefix
 
 
+
+def test_heads_without_labels_keep_bit_identical_weights_under_adamw_with_weight_decay(tiny_shards, tmp_path):
+    """Through the trainer's own step (fused AdamW, weight decay 0.1, clipping): a head a batch has no
+    labels for keeps its weights and its optimizer state bit for bit; the same head moves on batches
+    that carry its labels."""
+    from mtlxray.data.loader import batch_to_device
+    from mtlxray.train.trainer import Trainer
+
+    trainer = Trainer(_cfg(tiny_shards, tmp_path, "optim.weight_decay=0.1"), resume="none")
+    try:
+        model, opt = trainer.raw_model, trainer.optimizer.optimizer
+        idle = {"cls": ["det_head"], "inf": ["lung_head", "cls_head.fc"]}
+
+        def snapshot(prefix: str) -> dict:
+            params = {n: p for n, p in model.named_parameters() if n.startswith(prefix + ".")}
+            state = {n: {k: v.clone() for k, v in opt.state.get(p, {}).items()} for n, p in params.items()}
+            return {"weights": {n: p.detach().clone() for n, p in params.items()}, "state": state}
+
+        def same(a: dict, b: dict) -> bool:
+            return all(torch.equal(a["weights"][n], b["weights"][n]) for n in a["weights"]) and all(
+                a["state"][n].keys() == b["state"][n].keys() and all(torch.equal(v, b["state"][n][k])
+                                                                     for k, v in a["state"][n].items())
+                for n in a["state"])
+
+        batches = trainer._batches()
+        moved = {prefix: 0 for heads in idle.values() for prefix in heads}
+        for _ in range(3):  # cls, inf, cls: the second cls step after Adam has moments for the box head
+            batch = batch_to_device(next(batches), "cpu")
+            batch["label"][0] = 2  # a positive case: the box and infection losses have something to train
+            before = {prefix: snapshot(prefix) for prefix in moved}
+            trainer._micro_step(batch)
+            trainer.state.step += 1
+            trainer.state.batch_in_epoch += 1
+            for prefix in moved:
+                unchanged = same(before[prefix], snapshot(prefix))
+                if prefix in idle[batch["source"]]:
+                    assert unchanged, (batch["source"], prefix)
+                else:
+                    moved[prefix] += not unchanged
+        assert all(moved.values()), moved  # each head trained on the batches with its labels
+    finally:
+        trainer.close()
+
 def _run(tmp: Path, shards: Path, name: str, mode: str = "none", step: int = 0, *extra: str):
     args = tiny_overrides(shards, tmp, "phase.init_from=null", "model.det_head=fcos",
                           "phase.loss_weights={lung: 1.0, inf: 1.0, cls: 0.3, det: 1.0}", SOURCES,

@@ -121,3 +121,26 @@ def test_absolute_floor_ends_every_group_at_min_lr(tiny_cfg):
         opt.step()
         sched.step()
     assert all(g["lr"] == pytest.approx(1e-6) for g in opt.param_groups)
+
+
+def test_epoch_interval_equals_cosine_annealing_lr_stepped_once_per_epoch():
+    import torch
+
+    from mtlxray.config import load_config
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["schedule.interval=epoch", "schedule.min_lr_mode=absolute",
+                                                       "schedule.min_lr=1e-6", "schedule.warmup_steps=0",
+                                                       "optim.lr=1e-3"])
+    epochs, per_epoch = 4, 3
+    param = torch.nn.Parameter(torch.zeros(1))
+    ours = torch.optim.SGD([param], lr=cfg.optim.lr)
+    sched = build_scheduler(ours, cfg, total_steps=epochs * per_epoch, steps_per_epoch=per_epoch)
+    ref = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    torch_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=epochs, eta_min=1e-6)
+    for epoch in range(epochs):
+        for _ in range(per_epoch):
+            assert ours.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"], rel=1e-12, abs=0), epoch
+            ours.step()
+            sched.step()
+        ref.step()
+        torch_sched.step()
