@@ -191,14 +191,19 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+def _plant_payload(folder: Path, marker: Path) -> None:
+    """A DeepSpeed-named model-state file in `folder` whose unpickling creates `marker`."""
+    with open(folder / "mp_rank_00_model_states.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+
+
 def test_deepspeed_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
     folder = tmp_path / "pytorch_model"
     folder.mkdir()
     torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, folder / "mp_rank_00_model_states.pt")
     check_deepspeed_pickles(tmp_path)  # a plain DeepSpeed-style file passes
     marker = tmp_path / "ran"
-    with open(folder / "mp_rank_00_model_states.pt", "wb") as f:
-        pickle.dump(_Payload(marker), f)
+    _plant_payload(folder, marker)
     with pytest.raises(CheckpointError, match="weights_only"):
         check_deepspeed_pickles(tmp_path)
     assert not marker.exists()
@@ -210,8 +215,7 @@ def test_deepspeed_pickle_check_walks_a_link_loop_inside_the_checkpoint_once(tmp
     os.symlink("engine", ckpt / "pytorch_model")
     os.symlink("..", ckpt / "engine" / "loop")  # a link back up: walked once, not forever
     marker = tmp_path / "ran"
-    with open(ckpt / "engine" / "mp_rank_00_model_states.pt", "wb") as f:
-        pickle.dump(_Payload(marker), f)
+    _plant_payload(ckpt / "engine", marker)
     with pytest.raises(CheckpointError, match="weights_only"):
         check_deepspeed_pickles(ckpt)
     assert not marker.exists()
@@ -221,8 +225,7 @@ def test_deepspeed_pickle_check_refuses_a_link_leaving_the_checkpoint(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     marker = tmp_path / "ran"
-    with open(elsewhere / "mp_rank_00_model_states.pt", "wb") as f:
-        pickle.dump(_Payload(marker), f)
+    _plant_payload(elsewhere, marker)
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     ckpt.mkdir(parents=True)
     os.symlink(elsewhere, ckpt / "pytorch_model")
