@@ -16,7 +16,9 @@ restored from the checkpoint, so a resumed run's lines equal an uninterrupted ru
 
 Trackers (`run.tensorboard`, `run.trackers`: tensorboard, mlflow, wandb) are accelerate's own
 (`log_with`); they get the same numbers under the same names as metrics.jsonl, and MLflow and
-W&B get the resolved config, flattened to dotted keys, as the run's parameters.
+W&B get the resolved config, flattened to dotted keys, as the run's parameters. TensorBoard also
+shows the config and the start-up line as text, and at each evaluation a few validation images
+(`val/overlays`: image | true masks | predicted masks, `mtlxray.train.validation.VAL_OVERLAYS`).
 """
 
 from __future__ import annotations
@@ -125,6 +127,16 @@ class MetricsLog:
                 # four spaces: a Markdown code block, so YAML keeps its indentation
                 tracker.log({k: "\n".join("    " + line for line in v.splitlines()) for k, v in texts.items()},
                             step=step)
+
+
+    def write_images(self, images: dict, step: int) -> None:
+        """Image panels in TensorBoard: H×W×3 uint8 arrays (None: nothing to show)."""
+        if not (self.enabled and self.trackers):
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({k: v[None] for k, v in images.items() if v is not None}, step=step,
+                                   dataformats="NHWC")
 
 
 def tracker_names(run) -> list[str]:
