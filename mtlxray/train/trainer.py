@@ -473,7 +473,8 @@ class Trainer:
         s, w = self.state, self.window
         elapsed = max(1e-9, time.perf_counter() - w.t0)
         groups = self.optimizer.param_groups
-        record = {"type": "train", "step": s.step, "epoch": s.epoch, "samples": s.samples_seen, **means,
+        record = {"type": "train", "step": s.step, "total_steps": self.total_steps, "epoch": s.epoch,
+                  "samples": s.samples_seen, **means,
                   "lr": groups[0]["lr"] / groups[0].get("lr_mult", 1.0),
                   **{f"lr/{n}": g["lr"] for n, g in zip(self.group_names, groups)},
                   "skipped": self.guard.skipped,
