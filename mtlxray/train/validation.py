@@ -25,7 +25,7 @@ from mtlxray.overlays import overlay_row
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.signals import agree
 
-__all__ = ["Validator", "eval_subset", "iterate_keeping_rng", "overlay_rows"]
+__all__ = ["Validator", "VAL_OVERLAYS", "eval_subset", "iterate_keeping_rng", "overlay_rows"]
 
 VAL_OVERLAYS = 4
 """Validation images a run with TensorBoard shows at each evaluation (`Validator.overlays`)."""
