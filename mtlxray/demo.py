@@ -87,7 +87,7 @@ def _train(configs: Sequence[Path], overrides: list[str], folder: Path) -> list:
     from mtlxray.launch.submit import submit_pipeline
 
     pipeline = submit_pipeline([str(c) for c in configs], executor="local", overrides=overrides,
-                               folder=folder)
+                               folder=folder, relay=lambda line: print(f"      {line}", flush=True))
     reports = pipeline.wait()
     for r in reports:
         print(f"      {r}")

@@ -138,6 +138,8 @@ def test_the_installed_wheel_runs_configs_demo_and_sbatch_scripts_from_an_empty_
     assert out.rstrip().endswith(f"report: {report}")
     for step in range(1, 7):
         assert f"[{step}/6]" in out
+    assert re.search(r"^ +phase1: step \d+/\d+ \(\d+%\), loss .*, ETA ", out, re.M)  # training relayed
+    assert re.search(r"^ +phase2: step \d+/\d+ ", out, re.M)
     text = report.read_text()
     for heading in ("What the demo scales down", "Table I", "Table II", "## Training",
                     "Evaluation: lung subset", "Evaluation: infection subset", "Predictions on test images"):

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import submitit
 from submitit.core.job_environment import SignalHandler
@@ -37,6 +37,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from mtlxray.config import load_config
 from mtlxray.errors import EXIT_REQUEUE, ConfigError, MtlxError
 from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
+from mtlxray.launch.progress import ProgressRelay
 from mtlxray.launch.slurm import parse_mem_gb, parse_slurm_time, sbatch_flags, slurm_parameters
 
 __all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "cli_main", "SubmitError"]
@@ -141,6 +142,7 @@ class Phase:
     plan: PhasePlan
     params: dict[str, Any]
     job: Optional[submitit.Job] = None
+    relay: Optional[ProgressRelay] = None
 
     @property
     def config(self) -> str:
@@ -164,6 +166,7 @@ class Pipeline:
     executor: str
     dry_run: bool = False
     reports: list[PhaseReport] = field(default_factory=list)
+    relay_every_s: float = 5.0
 
     @property
     def jobs(self) -> list[submitit.Job]:
@@ -198,6 +201,7 @@ class Pipeline:
                 reports.append(_report(phase, "DependencyNeverSatisfied", "an earlier phase failed"))
                 continue
             error = None
+            _relay_until_done(phase, self.relay_every_s)
             try:
                 phase.job.results()  # every task's result, not only task 0's
             except Exception as e:  # submitit re-raises the job's failure as a generic error
@@ -206,6 +210,18 @@ class Pipeline:
             reports.append(_report(phase, _final_state(phase.job, failed=error is not None), error))
         self.reports = reports
         return reports
+
+
+def _relay_until_done(phase: Phase, every_s: float) -> None:
+    """With a relay, poll the job every `every_s` seconds and relay its progress until it ends."""
+    if phase.relay is None or phase.job is None:
+        return
+    while not phase.job.done():
+        if phase.job.state.startswith("RUNNING"):
+            phase.relay.start()
+        phase.relay.poll()
+        time.sleep(every_s)
+    phase.relay.poll()
 
 
 _SETTLED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -308,6 +324,7 @@ def _submit(executor: submitit.AutoExecutor, phase: Phase) -> submitit.Job:
 def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = None,
                     overrides: Optional[Sequence[str]] = None, folder: Optional[str | Path] = None,
                     dry_run: bool = False, phase_overrides: Optional[dict[int, Sequence[str]]] = None,
+                    relay: Optional[Callable[[str], None]] = None, relay_every_s: float = 5.0,
                     **slurm_params: Any) -> Pipeline:
     """Submit one job per config; each later one runs after the previous succeeds, from its best checkpoint.
 
@@ -322,6 +339,9 @@ def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = Non
     chained with `afterok`; local ones run one after the other (the local executor has no
     dependencies), so with executor="local" this returns once all but the last have finished.
     `dry_run` checks and plans, and submits nothing (`Pipeline.describe()` shows the jobs).
+    `relay`: while this function or `Pipeline.wait()` waits for a job, each new training log step
+    and evaluation of its run is passed to it as a line (`mtlxray.launch.progress.ProgressRelay`),
+    polled every `relay_every_s` seconds.
     """
     overrides = list(overrides or [])
     kind = executor or plan_chain(configs, overrides, phase_overrides)[0].cfg.launch.executor
@@ -338,7 +358,7 @@ def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = Non
         params = slurm_parameters(plan.cfg.launch, overrides=slurm_params)
         params.setdefault("name", f"mtlx-{plan.cfg.run.name}")
         phases.append(Phase(plan, params))
-    pipeline = Pipeline(phases, folder, kind, dry_run=dry_run)
+    pipeline = Pipeline(phases, folder, kind, dry_run=dry_run, relay_every_s=relay_every_s)
     if dry_run:
         return pipeline
     if kind == "slurm":
@@ -352,8 +372,10 @@ def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = Non
             if prev_job is not None and kind == "slurm":
                 params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
                                                          "dependency": f"afterok:{prev_job.job_id}"}
-            elif prev_job is not None and not _succeeded(prev_job):
+            elif prev_job is not None and not _succeeded(phases[i - 1], relay_every_s):
                 break
+            if relay is not None:  # made before the job can write: what the run folder holds is not news
+                phase.relay = ProgressRelay(phase.run_dir / "metrics.jsonl", phase.run_dir.name, relay)
             phase.job = _submit(_executor(kind, folder, params), phase)
             logger.info("submitted %s as job %s (%s); run dir %s; logs in %s", Path(phase.config).name,
                         phase.job.job_id, kind, phase.run_dir, folder)
@@ -365,13 +387,19 @@ def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = Non
     return pipeline
 
 
-def _succeeded(job: submitit.Job) -> bool:
+def _succeeded(phase: Phase, relay_every_s: float) -> bool:
+    job = phase.job
+    _relay_until_done(phase, relay_every_s)
     try:
         job.results()
     except Exception as e:  # the job's failure, re-raised by submitit
         logger.error("job %s failed: %s", job.job_id, _job_error(job, e))
         return False
     return True
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -392,7 +420,7 @@ def cli_main(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             params[f"slurm_{key}"] = getattr(args, key)
     pipeline = submit_pipeline([args.config, *args.then], executor=args.executor, overrides=args.overrides,
-                               folder=args.folder, dry_run=args.dry_run, **params)
+                               folder=args.folder, dry_run=args.dry_run, relay=_print_line, **params)
     if args.dry_run:
         sys.stdout.write(pipeline.describe())
         return 0

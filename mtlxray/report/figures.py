@@ -26,16 +26,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from mtlxray.io import atomic_path  # noqa: E402
+from mtlxray.overlays import INF_RGB, LUNG_RGB, MASK_ALPHA, blend, gray_rgb, overlay_rgb  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-LUNG_RGB = (0.15, 0.75, 0.95)
-"""Lung overlay colour (cyan-blue)."""
-INF_RGB = (1.0, 0.25, 0.1)
-"""Infection overlay colour (red-orange)."""
-_ALPHA = {"lung": 0.35, "inf": 0.65, "outside": 0.3}
-"""Blend weight per mask; infection is stronger so it stays visible on top of lung; infection
-outside the lung (which severity does not count) is faint."""
 OUTSIDE_RGB = (0.55, 0.35, 0.3)
 """Predicted infection outside the predicted lung, in predict's overlay (muted brown)."""
 TP_RGB = (0.2, 0.75, 0.3)
@@ -107,38 +101,12 @@ def save_png(array: np.ndarray, out: Path) -> Path:
     return out
 
 
-def _gray_rgb(image: np.ndarray) -> np.ndarray:
-    """H×W uint8 or float in [0, 1] -> H×W×3 float32 in [0, 1]."""
-    img = image.astype(np.float32)
-    if image.dtype == np.uint8:
-        img = img / 255.0
-    return np.repeat(img[..., None], 3, axis=-1)
-
-
-def _blend(rgb: np.ndarray, layers) -> np.ndarray:
-    """Blend (mask, colour, alpha) layers in order onto float RGB; returns H×W×3 uint8."""
-    for mask, colour, alpha in layers:
-        if mask is None:
-            continue
-        m = np.asarray(mask).astype(bool)[..., None]  # H×W×1
-        rgb = np.where(m, (1 - alpha) * rgb + alpha * np.asarray(colour, np.float32), rgb)
-    return (rgb.clip(0, 1) * 255).round().astype(np.uint8)
-
-
-def overlay_rgb(image: np.ndarray, lung: np.ndarray, inf: Optional[np.ndarray]) -> np.ndarray:
-    """Blend masks onto a grayscale image: lung in LUNG_RGB, infection in INF_RGB on top.
-
-    image: H×W uint8 or float in [0, 1]; lung, inf: H×W bool/0-1 (inf may be None). Returns H×W×3 uint8.
-    """
-    return _blend(_gray_rgb(image), ((lung, LUNG_RGB, _ALPHA["lung"]), (inf, INF_RGB, _ALPHA["inf"])))
-
-
 def error_rgb(image: np.ndarray, true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Segmentation errors on a grayscale image: false positives (predicted, not true) in FP_RGB,
     false negatives (true, missed) in FN_RGB, true positives faint in TP_RGB. H×W×3 uint8."""
     t, p = np.asarray(true).astype(bool), np.asarray(pred).astype(bool)
-    return _blend(_gray_rgb(image), ((t & p, TP_RGB, _ERROR_ALPHA["tp"]), (p & ~t, FP_RGB, _ERROR_ALPHA["fp"]),
-                                     (t & ~p, FN_RGB, _ERROR_ALPHA["fn"])))
+    return blend(gray_rgb(image), ((t & p, TP_RGB, _ERROR_ALPHA["tp"]), (p & ~t, FP_RGB, _ERROR_ALPHA["fp"]),
+                                    (t & ~p, FN_RGB, _ERROR_ALPHA["fn"])))
 
 
 def _font(size: int):
@@ -219,8 +187,8 @@ def prediction_overlay(image: np.ndarray, lung: np.ndarray, inf: Optional[np.nda
     legend.append(("infection (in lung: counted)", INF_RGB))
     if outside.any():
         legend.append(("outside lung: not counted", OUTSIDE_RGB))
-    rgb = _blend(_gray_rgb(image), ((lung, LUNG_RGB, _ALPHA["lung"]), (inf & lung, INF_RGB, _ALPHA["inf"]),
-                                    (outside, OUTSIDE_RGB, _ALPHA["outside"])))
+    rgb = blend(gray_rgb(image), ((lung, LUNG_RGB, MASK_ALPHA["lung"]), (inf & lung, INF_RGB, MASK_ALPHA["inf"]),
+                                   (outside, OUTSIDE_RGB, MASK_ALPHA["outside"])))
     return annotate_rgb(rgb, lines, legend)
 
 

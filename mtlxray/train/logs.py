@@ -3,11 +3,11 @@
 metrics.jsonl holds one strict-JSON object per line (a nan is written as null), rank 0 only:
 
 - training lines (every run.log_every steps): `type`="train", `step` (optimizer steps done),
-  `epoch`, `samples` (seen across ranks), `loss` (weighted total), `loss/<task>` (means over the
-  interval's finite micro-steps and the ranks), `lr` (optim.lr on the schedule, before
-  multipliers), `lr/<group>`, `skipped` (non-finite steps skipped so far), `skipped_shards`
-  (shards skipped by `data.skip_failed_shards` so far in the run, all ranks and sources; kept in
-  the checkpoint), `img_per_s` (all ranks), `world_size`, `time` (unix seconds);
+  `total_steps` (the steps the run trains in all), `epoch`, `samples` (seen across ranks), `loss`
+  (weighted total), `loss/<task>` (means over the interval's finite micro-steps and the ranks),
+  `lr` (optim.lr on the schedule, before multipliers), `lr/<group>`, `skipped` (non-finite steps
+  skipped so far), `skipped_shards` (shards skipped by `data.skip_failed_shards` so far in the run,
+  all ranks and sources; kept in the checkpoint), `img_per_s` (all ranks), `world_size`, `time` (unix seconds);
 - evaluation lines: `type`="eval", `step`, `epoch` and `val/<metric>` for every metric of
   `mtlxray.evaluation` plus `val/loss` and `val/loss/<task>`.
 
@@ -16,7 +16,9 @@ restored from the checkpoint, so a resumed run's lines equal an uninterrupted ru
 
 Trackers (`run.tensorboard`, `run.trackers`: tensorboard, mlflow, wandb) are accelerate's own
 (`log_with`); they get the same numbers under the same names as metrics.jsonl, and MLflow and
-W&B get the resolved config, flattened to dotted keys, as the run's parameters.
+W&B get the resolved config, flattened to dotted keys, as the run's parameters. TensorBoard also
+shows the config and the start-up line as text, and at each evaluation a few validation images
+(`val/overlays`: image | true masks | predicted masks, `mtlxray.train.validation.VAL_OVERLAYS`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import torch
 
 from mtlxray.io import json_safe, write_text_atomic
 
-__all__ = ["MetricsLog", "LossWindow", "Progress", "run_info", "run_info_line", "tracker_names", "build_trackers",
-           "start_trackers", "mlflow_uri", "config_params"]
+__all__ = ["MetricsLog", "LossWindow", "Progress", "format_duration", "run_info", "run_info_line", "tracker_names",
+           "build_trackers", "start_trackers", "mlflow_uri", "config_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,9 @@ def run_info_line(info: dict) -> str:
             f"compile {'on' if info['compile'] else 'off'}")
 
 
-TENSORBOARD_LEFT_OUT = ("type", "time", "step", "epoch", "world_size")
-"""Record fields that are not curves: the step is TensorBoard's x axis; epoch and world size are
-counters and constants (metrics.jsonl keeps them; the start-up text names the world size)."""
+TENSORBOARD_LEFT_OUT = ("type", "time", "step", "total_steps", "epoch", "world_size")
+"""Record fields that are not curves: the step is TensorBoard's x axis; epoch, total steps and world
+size are counters and constants (metrics.jsonl keeps them; the start-up text names the world size)."""
 
 
 def tensorboard_scalars(record: dict) -> dict[str, float]:
@@ -82,8 +84,8 @@ def tensorboard_scalars(record: dict) -> dict[str, float]:
 
 def tracker_scalars(record: dict) -> dict[str, float]:
     """A metrics.jsonl record's finite numbers, under their metrics.jsonl names (MLflow, W&B)."""
-    return {k: v for k, v in record.items() if k not in ("type", "time") and isinstance(v, (int, float))
-            and not isinstance(v, bool) and math.isfinite(v)}
+    return {k: v for k, v in record.items() if k not in ("type", "time", "total_steps")
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class MetricsLog:
@@ -125,6 +127,16 @@ class MetricsLog:
                 # four spaces: a Markdown code block, so YAML keeps its indentation
                 tracker.log({k: "\n".join("    " + line for line in v.splitlines()) for k, v in texts.items()},
                             step=step)
+
+
+    def write_images(self, images: dict, step: int) -> None:
+        """Image panels in TensorBoard: H×W×3 uint8 arrays (None: nothing to show)."""
+        if not (self.enabled and self.trackers):
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({k: v[None] for k, v in images.items() if v is not None}, step=step,
+                                   dataformats="NHWC")
 
 
 def tracker_names(run) -> list[str]:
@@ -247,7 +259,7 @@ class LossWindow:
         self.sums, self.counts, self.samples, self.t0 = {}, {}, 0, time.perf_counter()
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """`1:02:03` (h:mm:ss), `--` when unknown."""
     if not math.isfinite(seconds) or seconds < 0:
         return "--"
@@ -287,7 +299,7 @@ class Progress:
             eta = elapsed / done * (self.total - record["step"]) if done > 0 else math.nan
             logger.info("%s: step %d/%d (%.0f%%), loss %.4f, %.1f img/s, elapsed %s, ETA %s", self.desc,
                         record["step"], self.total, 100.0 * record["step"] / max(1, self.total), loss,
-                        record.get("img_per_s", math.nan), _duration(elapsed), _duration(eta))
+                        record.get("img_per_s", math.nan), format_duration(elapsed), format_duration(eta))
 
     def close(self) -> None:
         if self.bar is not None:

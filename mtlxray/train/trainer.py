@@ -41,7 +41,8 @@ from mtlxray.train.compiled import compile_loss
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
 from mtlxray.train.gating import PositiveSelector
-from mtlxray.train.logs import LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers
+from mtlxray.train.logs import (LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers,
+                                tracker_names)
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.multisource import IdleParameters, batches_per_epoch, check_sources, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
@@ -49,7 +50,7 @@ from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
 from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
-from mtlxray.train.validation import Validator, eval_subset, iterate_keeping_rng
+from mtlxray.train.validation import VAL_OVERLAYS, Validator, eval_subset, iterate_keeping_rng
 
 __all__ = ["Trainer", "preflight", "resume_target"]
 
@@ -238,7 +239,8 @@ class Trainer:
         # data.sources: heads without labels in a window get no gradient, so the optimizer leaves
         # them as they are (DeepSpeed's engine steps inside backward, on its own flat buffers).
         self.idle = IdleParameters(self.raw_model) if cfg.data.sources and cfg.run.backend == "ddp" else None
-        self.validator = Validator(cfg, acc, self.model, gate=gate)
+        self.validator = Validator(cfg, acc, self.model, gate=gate,
+                                   overlays=VAL_OVERLAYS if "tensorboard" in tracker_names(cfg.run) else 0)
         self.progress = Progress(self.total_steps, self.state.step, cfg.run.name,
                                  acc.is_main_process and cfg.run.progress)
         self._loaders: list = []  # this epoch's training loaders (data.sources: one per source)
@@ -471,7 +473,8 @@ class Trainer:
         s, w = self.state, self.window
         elapsed = max(1e-9, time.perf_counter() - w.t0)
         groups = self.optimizer.param_groups
-        record = {"type": "train", "step": s.step, "epoch": s.epoch, "samples": s.samples_seen, **means,
+        record = {"type": "train", "step": s.step, "total_steps": self.total_steps, "epoch": s.epoch,
+                  "samples": s.samples_seen, **means,
                   "lr": groups[0]["lr"] / groups[0].get("lr_mult", 1.0),
                   **{f"lr/{n}": g["lr"] for n, g in zip(self.group_names, groups)},
                   "skipped": self.guard.skipped,
@@ -493,6 +496,7 @@ class Trainer:
         values = self.evaluate()
         self._evaluated_step = s.step
         self.log.write({"type": "eval", "step": s.step, "epoch": s.epoch, **values})
+        self.log.write_images({"val/overlays": self.validator.image}, step=s.step)
         value = values.get(cfg.run.best_metric, math.nan)
         better = not math.isnan(value) and (
             s.best_metric is None or (value > s.best_metric if cfg.run.best_mode == "max" else value < s.best_metric))

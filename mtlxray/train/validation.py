@@ -4,22 +4,31 @@ Each rank evaluates its contiguous share of the split (every image once across r
 hold unequal numbers of batches; they step in lockstep (a rank that ran out repeats a blank
 forward and discards it) so that ZeRO-3's collectives line up. Records are gathered once at the
 end. The validation loss is averaged over images.
+
+With `overlays` > 0 the main process also keeps its first few images with their true and predicted
+masks (from the forward pass it runs anyway), drawn by `mtlxray.overlays` for TensorBoard.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Optional
 
+import numpy as np
 import torch
 
 from mtlxray.config import Config
 from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names
 from mtlxray.errors import unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
+from mtlxray.overlays import overlay_row
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.signals import agree
 
-__all__ = ["Validator", "eval_subset", "iterate_keeping_rng"]
+__all__ = ["Validator", "VAL_OVERLAYS", "eval_subset", "iterate_keeping_rng", "overlay_rows"]
+
+VAL_OVERLAYS = 4
+"""Validation images a run with TensorBoard shows at each evaluation (`Validator.overlays`)."""
 
 
 def eval_subset(cfg: Config) -> str:
@@ -52,10 +61,15 @@ class Validator:
     """Runs validation for a Trainer; returns `val/<metric>` values.
 
     With a `gate` (`mtlxray.train.gating.Gate`, the phase's teacher-forcing gate) the metrics come
-    gated and ungated; the validation loss always selects positives by the ground truth."""
+    gated and ungated; the validation loss always selects positives by the ground truth.
 
-    def __init__(self, cfg: Config, accelerator, model, gate=None) -> None:
+    With `overlays` > 0, `image` holds after each run the main process's first `overlays`
+    validation images, one per row of image | true masks | predicted masks (N·H×3W×3 uint8), else None."""
+
+    def __init__(self, cfg: Config, accelerator, model, gate=None, overlays: int = 0) -> None:
         self.cfg, self.accelerator, self.model, self.gate = cfg, accelerator, model, gate
+        self.overlays = overlays if accelerator.is_main_process else 0
+        self.image: Optional[np.ndarray] = None
 
     @torch.no_grad()
     def run(self) -> dict[str, float]:
@@ -69,6 +83,7 @@ class Validator:
         collector = RecordCollector(multilabel)
         loss_sums: dict[str, torch.Tensor] = {}
         n_local = 0
+        kept: list[np.ndarray] = []
         it, last = iterate_keeping_rng(loader), None
         try:
             while True:
@@ -84,6 +99,8 @@ class Validator:
                     continue
                 last = batch
                 collector.add(out, batch, self.gate.probability(out, batch["img"]) if self.gate else None)
+                if len(kept) < self.overlays:
+                    kept += overlay_rows(out, batch, self.overlays - len(kept))
                 n = batch["img"].shape[0]
                 loss, parts = phase_loss(out, batch, cfg.phase, cfg.model.cls_loss,
                                          kbox_confidence=cfg.model.det_kbox_confidence)
@@ -92,6 +109,7 @@ class Validator:
                 n_local += n
         finally:
             self.model.train()
+        self.image = np.concatenate(kept) if kept else None
         local = (collector.records(), {k: v.item() for k, v in loss_sums.items()}, n_local)
         gathered = gather_object([local])
         records = Records.concat([g[0] for g in gathered]).unique_by_key()
@@ -105,3 +123,19 @@ class Validator:
         for key in gathered[0][1] if gathered else {}:
             values[f"val/{key}"] = sum(g[1].get(key, 0.0) for g in gathered) / max(1, n)
         return values
+
+
+def overlay_rows(out: dict, batch: dict, n: int) -> list[np.ndarray]:
+    """The batch's first `n` images as `mtlxray.overlays.overlay_row`s: the true masks (infection
+    where annotated) and the model's (logit > 0) for the heads it has."""
+    k = min(n, batch["img"].shape[0])
+
+    def masks(t: Optional[torch.Tensor], threshold: float) -> list:
+        return [None] * k if t is None else list(t[:k, 0].detach().float().cpu().numpy() > threshold)
+
+    images = (batch["img"][:k, 0].detach().float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+    annotated = batch["has_inf"][:k].bool().tolist()
+    lung_true, inf_true = masks(batch["lung"], 0.5), masks(batch["inf"], 0.5)
+    lung_pred, inf_pred = masks(out.get("lung"), 0.0), masks(out.get("inf"), 0.0)
+    return [overlay_row(images[i], lung_true[i], inf_true[i] if annotated[i] else None, lung_pred[i], inf_pred[i])
+            for i in range(k)]

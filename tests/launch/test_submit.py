@@ -71,6 +71,9 @@ def test_cli_submit_wait_runs_a_three_phase_chain_on_two_nodes(slurm_cluster, de
     ids = [line.split("\t")[1] for line in res.stdout.splitlines() if "\t" in line]
     reports = [line for line in res.stdout.splitlines() if ": job " in line]
     assert len(ids) == 3 and len(reports) == 3 and all(" COMPLETED;" in r for r in reports), res.stdout
+    for k in (1, 2, 3):  # each job's progress relayed while waiting, each log step once
+        assert [line.split(",")[0] for line in res.stdout.splitlines() if line.startswith(f"phase{k}: step ")
+                and "validation" not in line] == [f"phase{k}: step 1/2 (50%)", f"phase{k}: step 2/2 (100%)"]
 
     accts = [slurm_cluster.sacct(job) for job in ids]
     assert [a["State"] for a in accts] == ["COMPLETED"] * 3

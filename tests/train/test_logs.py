@@ -46,3 +46,26 @@ def test_tensorboard_gets_train_and_val_prefixes_no_counters_and_the_config_as_t
     assert events.Scalars("val/lung_dice")[0].step == 5
     (text,) = [t for t in events.Tags()["tensors"] if t.startswith("config")]
     assert "    model:\n      name: mtl_swin_unet" in events.Tensors(text)[0].tensor_proto.string_val[0].decode()
+
+
+def test_each_validation_shows_image_true_and_predicted_masks_in_tensorboard(tiny_cfg, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mtlxray.train.main import run_training
+
+    cfg = tiny_cfg("phase.init_from=null", "schedule.max_steps=2", "run.eval_every=1", "run.tensorboard=true",
+                   phase2=True)
+    assert run_training(cfg, resume="none") == 0
+    events = EventAccumulator(str(tmp_path / "t" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["val/overlays"]
+    shown = events.Images("val/overlays")
+    assert [e.step for e in shown] == [1, 2]  # one panel per evaluation
+    rgb = np.asarray(Image.open(io.BytesIO(shown[-1].encoded_image_string)).convert("RGB")).astype(int)
+    assert rgb.shape == (4 * 64, 3 * 64, 3)  # four validation images, each image | true | predicted
+    image, true, _ = np.split(rgb, 3, axis=1)
+    assert (image == image[..., :1]).all()  # the X-ray itself, grey
+    assert (true != image).any(-1).mean() > 0.05  # the true masks drawn on it
