@@ -8,6 +8,7 @@ NaN, and when a real element does.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def main() -> None:
         record["finite_with_nan_weight"] = bool(all_finite(model))
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(record))
     torch.distributed.destroy_process_group()
+    # With deepspeed imported, a gloo thread can abort the interpreter's shutdown ("terminate called
+    # without an active exception", pytorch#190489); the result is written, so leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def test_pipeline_refuses_a_broken_chain_or_an_impossible_request_with_nothing_q
            "MTLX_PHASE2_OVERRIDES": f"data.shards={tmp_path / 'missing'}"}
     before = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout
     res = _pipeline(slurm_cluster, env, *CPU_JOB, "configs/demo.yaml", "configs/demo_phase2.yaml", check=False)
-    assert res.returncode == 1 and not res.stdout and res.stderr.count("\n") == 1, res.stderr
+    # missing shards are a usage error (2) in every command, and the chain passes its code on
+    assert res.returncode == 2 and not res.stdout and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith("pipeline.sh: error: phase 2 (demo_phase2.yaml): data.shards: ")
     # More CPUs per node than any node has: sbatch would accept it and leave it pending forever.
     del env["MTLX_PHASE2_OVERRIDES"]

@@ -99,7 +99,18 @@ def test_without_a_terminal_progress_is_a_log_line_per_log_step_not_carriage_ret
     assert all(f"step {k}/3" in res.stderr for k in (1, 2, 3))
 
 
-def test_training_leaves_the_callers_config_as_it_was(tiny_cfg):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process: `run.precision=auto` resolves to bf16 on an
+    AVX-512 CPU, which an earlier fp32 test's state would refuse. Reset before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_training_leaves_the_callers_config_as_it_was(tiny_cfg, fresh_accelerate_state):
     cfg = tiny_cfg("schedule.max_steps=1", "run.precision=auto", "data.global_batch_size=4", name="same")
     before = repr(cfg)
     assert run_training(cfg, resume="none") == 0
