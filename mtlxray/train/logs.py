@@ -73,19 +73,19 @@ TENSORBOARD_LEFT_OUT = ("type", "time", "step", "total_steps", "epoch", "world_s
 size are counters and constants (metrics.jsonl keeps them; the start-up text names the world size)."""
 
 
+def tracker_scalars(record: dict, left_out: tuple[str, ...] = ("type", "time", "total_steps")) -> dict[str, float]:
+    """A metrics.jsonl record's finite numbers, under their metrics.jsonl names (MLflow, W&B),
+    without the fields in `left_out`."""
+    return {k: v for k, v in record.items() if k not in left_out
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def tensorboard_scalars(record: dict) -> dict[str, float]:
     """A metrics.jsonl record as TensorBoard scalars: training values under `train/`, validation
     values under their own `val/`; non-finite values left out."""
     prefix = "" if record.get("type") == "eval" else "train/"
-    return {(k if k.startswith("val/") else prefix + k): v for k, v in record.items()
-            if k not in TENSORBOARD_LEFT_OUT and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
-
-
-def tracker_scalars(record: dict) -> dict[str, float]:
-    """A metrics.jsonl record's finite numbers, under their metrics.jsonl names (MLflow, W&B)."""
-    return {k: v for k, v in record.items() if k not in ("type", "time", "total_steps")
-            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {(k if k.startswith("val/") else prefix + k): v
+            for k, v in tracker_scalars(record, TENSORBOARD_LEFT_OUT).items()}
 
 
 class MetricsLog:
