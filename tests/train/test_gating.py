@@ -67,6 +67,11 @@ def test_a_per_batch_coin_is_the_same_on_every_rank():
     assert not torch.equal(*per_sample)  # per sample, each rank has its own coins
 
 
+def _samples(batch: dict, index: list[int]) -> dict:
+    """The batch of the samples at `index` only."""
+    return {k: [v[i] for i in index] if isinstance(v, list) else v[index] for k, v in batch.items()}
+
+
 def test_the_losses_see_exactly_the_selected_samples():
     from mtlxray.config import ModelConfig
     from mtlxray.model import build_model
@@ -77,20 +82,23 @@ def test_the_losses_see_exactly_the_selected_samples():
     model.set_mode("phase2")
     torch.manual_seed(0)
     labels = torch.tensor([2, 0, 2, 1])
-    inf = (torch.rand(4, 1, 64, 64) > 0.9).float()
     batch = {"img": torch.rand(4, 1, 64, 64), "label": labels, "has_inf": torch.ones(4, dtype=torch.bool),
-             "lung": (torch.rand(4, 1, 64, 64) > 0.5).float(), "inf": inf,
+             "lung": (torch.rand(4, 1, 64, 64) > 0.5).float(), "inf": (torch.rand(4, 1, 64, 64) > 0.9).float(),
              "boxes": [[[2, 2, 20, 20]], [], [[30, 30, 50, 60]], [[5, 40, 20, 60]]]}
-    out = model(batch["img"])
-    gate = Gate.from_config(cfg, "cpu")
-    include = PositiveSelector(cfg, gate, rank=0).select(out, batch, step=0, batch_index=0)
-    assert torch.equal(include, gate.passes(out, batch["img"]))
+    with torch.no_grad():
+        out = {**model(batch["img"]), **_out(labels)}  # the gate passes exactly the truth's negatives
+    include = PositiveSelector(cfg, Gate.from_config(cfg, "cpu"), rank=0).select(out, batch, step=0, batch_index=0)
+    assert include.tolist() == [False, True, False, True]
     _, forced = phase_loss(out, batch, cfg.phase, include=include)
-    _, truth = phase_loss(out, batch, cfg.phase)
-    _, by_hand = phase_loss(out, batch, cfg.phase, include=gate.passes(out, batch["img"]))
-    assert forced["inf"].item() == by_hand["inf"].item() and forced["det"].item() == by_hand["det"].item()
-    if not torch.equal(include, labels == 2):
-        assert forced["det"].item() != truth["det"].item()
+    # By hand: the same losses on a batch of the selected samples alone, every one of them included.
+    selected = [1, 3]
+    out_selected = {k: out[k][selected] for k in ("lung", "inf", "cls", "det")} | {"det_points": out["det_points"]}
+    _, selected_only = phase_loss(out_selected, _samples(batch, selected), cfg.phase,
+                                  include=torch.ones(2, dtype=torch.bool))
+    _, truth = phase_loss(out, batch, cfg.phase)  # the ground truth's positives, samples 0 and 2
+    for task in ("inf", "det"):
+        assert forced[task] > 0 and torch.allclose(forced[task], selected_only[task], rtol=1e-5, atol=0), task
+        assert not torch.allclose(forced[task], truth[task], rtol=1e-3, atol=0), task  # other samples, other loss
 
 
 def test_a_first_stage_checkpoint_gates_by_its_own_frozen_predictions(tmp_path):
