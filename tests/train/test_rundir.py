@@ -56,12 +56,13 @@ def test_a_second_run_in_the_same_folder_fails_at_once_naming_the_holder(tiny_sh
         deadline = time.monotonic() + 120
         while not (lock.is_file() and lock.stat().st_size) and time.monotonic() < deadline:
             time.sleep(0.2)
-        t0 = time.monotonic()
         res = run_cli(["train", "--config", str(DEMO), *args])
-        assert res.returncode == 1 and time.monotonic() - t0 < 60
+        assert res.returncode == 1
         lines = error_lines(res.stderr)
         assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and socket.gethostname() in lines[0], res.stderr
-        assert holder.poll() is None  # the holder was not disturbed
+        # At once: the second run ended while the holder still runs, so it did not wait for the lock;
+        # and the holder was not disturbed.
+        assert holder.poll() is None
         # The lock dies with its holder (as a requeued job's old process does): the next run gets it.
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
