@@ -57,10 +57,9 @@ def test_every_header_example_runs_as_written_in_a_fresh_clone(slurm_cluster, ti
         examples = _header_examples(clone / "slurm" / script)
         assert len(examples) >= 3, examples
         for example in examples:
-            t0 = time.monotonic()
             res = slurm_cluster.run("bash", "-c", example, cwd=clone, env=env, check=False)
-            if res.returncode != 0:
-                assert time.monotonic() - t0 < 30 and "sbatch: error:" in res.stderr, (example, res.stderr)
+            if res.returncode != 0:  # refused by sbatch itself: no job was queued to wait for
+                assert "sbatch: error:" in res.stderr and "Submitted batch job" not in res.stdout, (example, res.stderr)
                 refused.append(example)
                 continue
             job = re.search(r"Submitted batch job (\d+)", res.stdout).group(1)
