@@ -53,6 +53,17 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+def start_server(cmd: list[str], port: int, what: str, timeout: float = 30.0) -> subprocess.Popen:
+    """`cmd` started and listening on `port`; a server that cannot start is `unavailable`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc, what, timeout=timeout)
+    except RuntimeError as e:
+        stop(proc)
+        unavailable(what, str(e))
+    return proc
+
+
 # ---------------------------------------------------------------------------------------------
 # nginx
 
@@ -127,13 +138,7 @@ http {{
     }}
 }}
 """)
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf), "-p", str(self.work)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            wait_port(self.port, self.proc, "nginx")
-        except RuntimeError as e:
-            stop(self.proc)
-            unavailable("nginx", str(e))
+        self.proc = start_server([self.binary, "-c", str(conf), "-p", str(self.work)], self.port, "nginx")
 
     @property
     def url(self) -> str:
@@ -159,13 +164,8 @@ class MotoS3:
         except ImportError as e:
             unavailable("moto S3 server", f"{e} (pip install 'moto[server]' boto3; in the dev extra)")
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            wait_port(self.port, self.proc, "moto_server", timeout=60)
-        except RuntimeError as e:
-            stop(self.proc)
-            unavailable("moto S3 server", str(e))
+        self.proc = start_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                 self.port, "moto S3 server", timeout=60)
 
     @property
     def endpoint(self) -> str:
@@ -223,3 +223,9 @@ class FaultProxy:
 
     def close(self) -> None:
         stop(self.proc)
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -109,26 +109,20 @@ def test_s3_credentials_come_from_the_environment_only(s3_env, monkeypatch, tmp_
 
 
 def test_flaky_http_recovers_with_identical_samples(nginx, local, tmp_path):
-    proxy = FaultProxy(nginx.port, tmp_path / "stats.json", drop=0.35, error=0.2, slow=0.05, slow_s=1.5,
-                       max_cut=40_000, seed=3)
-    try:
+    with FaultProxy(nginx.port, tmp_path / "stats.json", drop=0.35, error=0.2, slow=0.05, slow_s=1.5,
+                     max_cut=40_000, seed=3) as proxy:
         cfg = _cfg(proxy.url, remote_retries=12, remote_timeout_s=0.5)
         assert _eval_samples(cfg) == local
         counts = proxy.counts()
-    finally:
-        proxy.close()
     assert counts["drop"] >= 3 and counts["error"] >= 2 and counts["slow"] >= 1, counts
 
 
 def test_flaky_s3_recovers_with_identical_samples(moto, local, tmp_path, monkeypatch):
-    proxy = FaultProxy(moto.port, tmp_path / "stats.json", drop=0.35, error=0.2, max_cut=40_000, seed=5)
-    try:
+    with FaultProxy(moto.port, tmp_path / "stats.json", drop=0.35, error=0.2, max_cut=40_000, seed=5) as proxy:
         for k, v in moto.env(proxy.url).items():
             monkeypatch.setenv(k, v)
         assert _eval_samples(_cfg("s3://xray/sets/tiny", remote_retries=12)) == local
         counts = proxy.counts()
-    finally:
-        proxy.close()
     assert counts["drop"] >= 3 and counts["error"] >= 2, counts
 
 
@@ -147,30 +141,21 @@ def test_a_server_that_keeps_failing_gives_one_line_naming_the_url(nginx, local,
     shard = "/lung/train-000001.tar"
     # Cut inside the body (after the headers): without retries the read fails there, and the
     # samples of the shard that came whole before the cut are the only ones yielded.
-    proxy = FaultProxy(nginx.port, tmp_path / "s1.json", drop=1.0, min_cut=6_000, max_cut=40_000, only=shard)
-    try:
+    with FaultProxy(nginx.port, tmp_path / "s1.json", drop=1.0, min_cut=6_000, max_cut=40_000, only=shard) as proxy:
         seen, err = _collect_until_error(_cfg(proxy.url, remote_retries=0), local)
-    finally:
-        proxy.close()
     assert "\n" not in str(err) and str(err).startswith(f"{proxy.url}{shard}: connection closed early at byte ")
     assert "gave up after 1 attempt" in str(err)
     assert seen  # shard 000000 came through before 000001 failed
 
     # Cut inside the headers, every time: no progress, so the retries run out.
-    proxy = FaultProxy(nginx.port, tmp_path / "s2.json", drop=1.0, max_cut=60, only=shard)
-    try:
+    with FaultProxy(nginx.port, tmp_path / "s2.json", drop=1.0, max_cut=60, only=shard) as proxy:
         seen, err = _collect_until_error(_cfg(proxy.url, remote_retries=2), local)
-    finally:
-        proxy.close()
     assert "\n" not in str(err) and str(err).startswith(f"{proxy.url}{shard}: ")
     assert "gave up after 3 attempt" in str(err)
 
-    proxy = FaultProxy(nginx.port, tmp_path / "s3.json", error=1.0, status=502)
-    try:
+    with FaultProxy(nginx.port, tmp_path / "s3.json", error=1.0, status=502) as proxy:
         with pytest.raises(ShardError, match=r"manifest\.json: HTTP 502 .*gave up after 2 attempt"):
             read_manifest(proxy.url, RetryPolicy(retries=1, backoff_s=0.01))
-    finally:
-        proxy.close()
 
 
 def test_missing_objects_fail_at_once_without_retrying(nginx, tmp_path, tiny_shards):
