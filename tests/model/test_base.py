@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _model_support import tiny_config
+from tiny_models import model_with_moved_bn
 from mtlxray.checkpoint import load_model_from_checkpoint
 from mtlxray.config import Config
 from mtlxray.errors import CheckpointError
@@ -18,16 +19,7 @@ def _trained_looking(phase="phase2", seed=0):
     cfg = Config()
     cfg.model = tiny_config(drop_path_rate=0.0)
     cfg.phase.name = phase
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, pretrained=False)
-    model.set_mode(phase)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.2)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
-    return model.eval(), cfg
+    return model_with_moved_bn(cfg.model, phase, seed).eval(), cfg
 
 
 def test_save_then_from_pretrained_gives_equal_tensors_and_outputs(tmp_path):

@@ -17,10 +17,10 @@ import torch
 from mtlxray.cli import main
 from mtlxray.config import load_config
 from mtlxray.errors import MtlxError
-from mtlxray.model import build_model
 from mtlxray.model.swin import WindowAttention
 from mtlxray.report import export as E
 from _report_support import TINY_MODEL
+from tiny_models import model_with_moved_bn
 
 SUFFIX = {"safetensors": "safetensors", "torchscript": "pt", "onnx": "onnx"}
 # 96² gives maps 24/12/6/3 with window 4: stage 3 (6×6) is padded to 8×8 and shifted.
@@ -30,15 +30,7 @@ MASKED = TINY_MODEL + ["model.img_size=96", "model.depths=[1,1,2,1]", "model.num
 def _model_folder(root, overrides, phase, seed=0, config=None):
     """A save_pretrained folder of a randomly initialised model (BN statistics made non-trivial)."""
     cfg = load_config(config, overrides + [f"phase.name={phase}"])
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, pretrained=False)
-    model.set_mode(phase)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
+    model = model_with_moved_bn(cfg.model, phase, seed, mean_std=0.1, var_range=(0.5, 1.5))
     return model.save_pretrained(root, cfg)
 
 
