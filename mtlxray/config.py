@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 
+def _require_at_least(section: str, config: Any, low: int, *names: str) -> None:
+    """ConfigError naming the first field of `names` below `low` (NaN included); None, an unset
+    optional field, passes."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value >= low:
+            raise ConfigError(f"{section}.{name} must be >= {low}, got {value}")
+
+
 @dataclass(kw_only=True)
 class AugmentConfig:
     """Training-time augmentation, applied identically to the image and its masks.
@@ -178,22 +187,11 @@ class DataConfig:
             raise ConfigError(f"data.sources: names must be unique, got {names}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
-        if self.global_batch_size is not None and self.global_batch_size < 1:
-            raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.workers < 0:
-            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ConfigError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        _require_at_least("data", self, 1, "global_batch_size", "samples_per_epoch")
+        _require_at_least("data", self, 0, "workers", "shuffle_buffer", "fraction_seed", "remote_retries",
+                          "remote_backoff_s")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
-        if self.fraction_seed < 0:
-            raise ConfigError(f"data.fraction_seed must be >= 0, got {self.fraction_seed}")
-        if self.remote_retries < 0:
-            raise ConfigError(f"data.remote_retries must be >= 0, got {self.remote_retries}")
-        if not self.remote_backoff_s >= 0.0:
-            raise ConfigError(f"data.remote_backoff_s must be >= 0, got {self.remote_backoff_s}")
         if not self.remote_timeout_s > 0.0:
             raise ConfigError(f"data.remote_timeout_s must be > 0, got {self.remote_timeout_s}")
 
@@ -290,10 +288,8 @@ class ModelConfig:
             raise ConfigError("model.depths and model.num_heads must have the same length")
         if len(self.decoder_channels) != len(self.cross_attn_heads):
             raise ConfigError("model.decoder_channels and model.cross_attn_heads must have the same length")
-        for name in ("window_size", "patch_size", "embed_dim", "img_size", "ppm_channels", "head_channels",
-                     "cls_channels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require_at_least("model", self, 1, "window_size", "patch_size", "embed_dim", "img_size", "ppm_channels",
+                          "head_channels", "cls_channels")
         if self.in_chans != 1:
             raise ConfigError(f"model.in_chans must be 1: the images are grayscale (one channel), got {self.in_chans}")
         for name in ("depths", "num_heads", "ppm_bins", "decoder_channels", "cross_attn_heads"):
@@ -317,9 +313,7 @@ class ModelConfig:
                                   f"{self.num_classes}: give one list of prompts per class")
             if any(not p or any(not t.strip() for t in p) for p in self.prompts):
                 raise ConfigError("model.prompts: every class needs at least one non-empty prompt")
-        for name in ("det_stride", "det_channels", "det_max_boxes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require_at_least("model", self, 1, "det_stride", "det_channels", "det_max_boxes")
         for name in ("det_score_threshold", "det_nms_iou"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -397,12 +391,8 @@ class ScheduleConfig:
     training the two differ by up to a fourth of the rate). The warmup stays per step."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"schedule.max_steps must be >= 1, got {self.max_steps}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require_at_least("schedule", self, 1, "epochs", "max_steps")
+        _require_at_least("schedule", self, 0, "warmup_steps")
         if not math.isfinite(self.min_lr) or self.min_lr < 0:
             raise ConfigError(f"schedule.min_lr must be >= 0, got {self.min_lr}")
 
@@ -550,16 +540,12 @@ class RunConfig:
     """A progress bar on a terminal; a progress log line every log step otherwise (Slurm logs)."""
 
     def __post_init__(self) -> None:
-        for name in ("log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        _require_at_least("run", self, 1, "log_every", "save_every")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"run.seed must be in [0, 2^32), got {self.seed}")
         if not self.output_dir.strip():
             raise ConfigError("run.output_dir is empty; name the folder that holds the runs (default: runs)")
-        for name in ("eval_every", "nan_skip_budget"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        _require_at_least("run", self, 0, "eval_every", "nan_skip_budget")
         if not self.name.strip() or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"run.name must be a plain folder name, got {self.name!r}")
 
