@@ -1,7 +1,6 @@
 """Non-finite steps: skipped exactly within the budget, and a non-finite model is never saved."""
 
 import json
-import re
 
 import torch
 
@@ -52,16 +51,17 @@ def test_skipped_step_leaves_weights_optimizer_state_and_bn_statistics_exactly(t
 
 
 def test_nan_skip_budget_spent_names_the_step_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path):
-    # A learning rate of 1e37 blows the weights up in the first update: every later step is non-finite.
+    # A learning rate of 1e9 makes the first update's weights huge but finite (saved as step 1); step 2's
+    # loss overflows. (From about 1e20 on, the weights themselves overflow: another guard's error.)
     args = tiny_overrides(tiny_shards, tmp_path, "schedule.max_steps=6", "run.save_every=1", "run.nan_skip_budget=0",
-                          "optim.lr=1e37", "optim.grad_clip=0", "schedule.warmup_steps=0")
+                          "optim.lr=1e9", "optim.grad_clip=0", "schedule.warmup_steps=0")
     res = run_cli(["train", "--config", str(DEMO), *args])
     assert res.returncode == NonFiniteLossError.exit_code
     err = res.stderr.strip().splitlines()[-1]
-    assert "non-finite" in err and "Traceback" not in res.stderr
-    assert re.search(r"step \d+", err)
+    assert "Traceback" not in res.stderr
+    assert "non-finite loss or gradients at step 2" in err and "run.nan_skip_budget=0" in err, err
     kept = find_resume(tmp_path / "t" / "checkpoints")
-    assert kept is None or bool(all_finite(_load(kept)))
+    assert read_state(kept).step == 1 and bool(all_finite(_load(kept)))
 
 
 def _load(ckpt):
@@ -80,9 +80,8 @@ def test_finite_loss_with_nonfinite_weights_is_never_saved_as_last_or_best(tiny_
     root = tmp_path / "t" / "checkpoints"
     saved = sorted(root.glob("step-*"))
     assert saved, "the good first step was saved"
-    for link in ("last", "best"):
-        if (root / link).exists():
-            assert bool(all_finite(_load(root / link))), link
+    for link in ("last", "best"):  # both name the good first step
+        assert bool(all_finite(_load(root / link))), link
     for ckpt in saved:
         assert bool(all_finite(_load(ckpt))), ckpt.name
     state = read_state(find_resume(root))
