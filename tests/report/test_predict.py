@@ -4,6 +4,7 @@ checkpoint end to end."""
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,27 @@ def _folder_with_one_corrupt(tmp_path):
     return d
 
 
+def _sure_of_lung_and_infection(ckpt: Path, root: Path) -> Path:
+    """A copy of the checkpoint `ckpt` whose lung and infection heads say yes at every pixel."""
+    from safetensors.torch import load_file, save_file
+
+    from mtlxray.checkpoint import WEIGHTS_NAME
+
+    shutil.copytree(ckpt, root)
+    weights = load_file(str(root / WEIGHTS_NAME))
+    for head in ("lung_head", "inf_head"):
+        weights[f"{head}.out.bias"].fill_(10.0)
+    save_file(weights, str(root / WEIGHTS_NAME))
+    return root
+
+
 def test_predict_cli_processes_good_files_and_reports_the_corrupt_one(tiny_ckpt, tmp_path, capsys):
     from mtlxray.cli import main
 
     d = _folder_with_one_corrupt(tmp_path)
     out = tmp_path / "out"
-    rc = main(["predict", "--checkpoint", str(tiny_ckpt), "--out", str(out), str(d)])
+    ckpt = _sure_of_lung_and_infection(tiny_ckpt, tmp_path / "ckpt")
+    rc = main(["predict", "--checkpoint", str(ckpt), "--out", str(out), "--gate", "0.0", str(d)])
     assert rc == 1  # some input failed
     err = capsys.readouterr().err
     assert "broken.png" in err
@@ -160,9 +176,8 @@ def test_predict_cli_processes_good_files_and_reports_the_corrupt_one(tiny_ckpt,
         assert o.size[0] == 90 and o.size[1] > 70 and o.mode == "RGB"
     lung = np.asarray(Image.open(out / "masks" / "good1_lung.png")) > 0
     inf = np.asarray(Image.open(out / "masks" / "good1_inf.png")) > 0
-    assert r["lung_area_px"] == lung.sum()
-    if r["lung_area_px"]:
-        assert r["severity_percent"] == pytest.approx(100 * (inf & lung).sum() / lung.sum(), abs=1e-3)
+    assert r["infection_reported"] and r["lung_area_px"] == lung.sum() == 90 * 70
+    assert r["severity_percent"] == pytest.approx(100 * (inf & lung).sum() / lung.sum(), abs=1e-3) == 100.0
 
 
 def test_predict_gate_suppresses_infection_below_threshold(tiny_ckpt, tmp_path):
