@@ -207,6 +207,9 @@ def test_deepspeed_checkpoint_with_a_pickle_payload_is_refused_without_running_i
     with pytest.raises(CheckpointError, match="weights_only"):
         check_deepspeed_pickles(tmp_path)
     assert not marker.exists()
+    with open(folder / "mp_rank_00_model_states.pt", "rb") as f:
+        pickle.load(f)  # the control: an unchecked load does run the payload
+    assert marker.exists()
 
 
 def test_deepspeed_pickle_check_walks_a_link_loop_inside_the_checkpoint_once(tmp_path):
