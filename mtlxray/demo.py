@@ -26,7 +26,7 @@ import torch
 
 from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, load_config
-from mtlxray.data.manifest import Manifest
+from mtlxray.data.manifest import SUBSETS, Manifest
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.hardware import resolve_precision
 from mtlxray.paper import subset_total
@@ -154,7 +154,7 @@ def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: Manifes
     for number, (paper, demo) in enumerate(phases[1:], start=2):
         rows += [[f"{key} (phase {number})", _setting(pa), _setting(de)]
                  for key, (pa, de) in _departures(paper, demo).items() if first.get(key) != (pa, de)]
-    for subset in ("lung", "infection"):
+    for subset in SUBSETS:
         paper_n = subset_total(subset)
         n = sum(sum(split.values()) for split in manifest.counts.get(subset, {}).values())
         rows.append([f"{subset} subset images", f"{paper_n:,} (COVID-QU-Ex)", f"{n:,} (synthetic phantoms)"])
@@ -276,7 +276,7 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
         subset: evaluate_checkpoint(best, shards, split="test", subset=subset, out=out / f"eval-{subset}",
                                     batch_size=demo_cfg.data.eval_batch_size, n_boot=n_boot, seed=seed,
                                     overwrite=True)  # the demo's own folders: a rerun replaces them
-        for subset in ("lung", "infection")})
+        for subset in SUBSETS})
     predictions = steps.run("predict on a few test images",
                             lambda: _predict(best, _predict_inputs(tree, scale), out / "predict"))
 

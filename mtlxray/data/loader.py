@@ -392,7 +392,7 @@ class _TrainStream(IterableDataset):
         else:  # alternate: global batch b = stream + j * n comes from lung when b is even
             parity = [(stream + j * n) % 2 for j in range(skip)]
             its = [iter(self._batches(self._samples(subset, stream), parity.count(k) * bsz))
-                   for k, subset in enumerate(("lung", "infection"))]
+                   for k, subset in enumerate(SUBSETS)]
             for j in itertools.count(skip):
                 yield next(its[(stream + j * n) % 2])
 

@@ -41,7 +41,7 @@ from mtlxray.data.images import ImageReadError, read_grayscale
 from mtlxray.data.sources import (CLASS_SCHEMES, RADIOGRAPHY_RELEASE, Record, list_source,
                                   source_fingerprint)
 from mtlxray.errors import ConfigError, DataError
-from mtlxray.data.manifest import read_manifest
+from mtlxray.data.manifest import SUBSETS, read_manifest
 from mtlxray.io import atomic_path, write_stdout, write_text_atomic
 
 __all__ = ["BUILDER_VERSION", "IMAGE_SIZE", "DEFAULT_OUTPUT", "DEDUPE_MODES", "build_shards", "sample_key",
@@ -471,7 +471,7 @@ def _commit(out: Path, results: list[dict], manifest: dict, bad: list[dict], not
         (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
         os.replace(r["staged"], out / r["path"])
         keep.add(r["path"])
-    for subset in ("lung", "infection"):
+    for subset in SUBSETS:
         for tar in (out / subset).glob("*.tar") if (out / subset).is_dir() else ():
             if f"{subset}/{tar.name}" not in keep:
                 tar.unlink()
