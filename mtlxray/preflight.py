@@ -22,7 +22,7 @@ from typing import Optional
 
 from mtlxray.checkpoint import resolve_checkpoint
 from mtlxray.config import Config, ModelConfig
-from mtlxray.data.loader import _labels, label_names, shard_urls, source_config
+from mtlxray.data.loader import _labels, label_names, shard_urls, source_config  # _labels: the loader's own label rule
 from mtlxray.data.manifest import Manifest, read_manifest, shard_subsets, validation_subset
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.errors import CheckpointError, ConfigError, MtlxError, ShardError, ShardsNotFoundError

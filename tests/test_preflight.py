@@ -65,3 +65,11 @@ def test_missing_shards_keep_their_error_class(shards64, tmp_path):
                                                        "data.train_split=nope", "data.val_split=val"])
     (problem,) = check_run(cfg)
     assert problem.error is ShardError and "no samples for subset 'infection', split 'nope'" in str(problem)
+
+
+def test_each_training_source_is_checked_under_its_own_name(shards64, tmp_path):
+    sources = (f"data.sources=[{{name: seg, subset: lung, tasks: [lung, cls]}}, "
+               f"{{name: far, shards: {tmp_path / 'nowhere'}, subset: infection, tasks: [inf]}}]")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.shards={shards64}", "model.img_size=64", sources])
+    (problem,) = check_run(cfg)
+    assert problem.what == "data.sources[far]" and "shard manifest not found" in problem.why
