@@ -26,6 +26,7 @@ import torch
 
 from mtlxray import CLASS_NAMES
 from mtlxray.config import Config, load_config
+from mtlxray.data.manifest import SUBSETS, Manifest
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.hardware import resolve_precision
 from mtlxray.paper import subset_total
@@ -142,7 +143,7 @@ def _departures(paper: Config, demo: Config) -> dict[str, tuple[object, object]]
     return found
 
 
-def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: dict) -> list[list[object]]:
+def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: Manifest) -> list[list[object]]:
     """Settings where the demo's phases differ from the paper's, plus dataset sizes.
 
     `phases`: (paper config, demo config) per phase. A later phase's row appears only where its
@@ -153,9 +154,9 @@ def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: dict) -
     for number, (paper, demo) in enumerate(phases[1:], start=2):
         rows += [[f"{key} (phase {number})", _setting(pa), _setting(de)]
                  for key, (pa, de) in _departures(paper, demo).items() if first.get(key) != (pa, de)]
-    for subset in ("lung", "infection"):
+    for subset in SUBSETS:
         paper_n = subset_total(subset)
-        n = sum(sum(split.values()) for split in manifest["counts"].get(subset, {}).values())
+        n = sum(sum(split.values()) for split in manifest.counts.get(subset, {}).values())
         rows.append([f"{subset} subset images", f"{paper_n:,} (COVID-QU-Ex)", f"{n:,} (synthetic phantoms)"])
     return rows
 
@@ -185,7 +186,7 @@ def training_platform(cfg: Config) -> str:
             f"Python {platform.python_version()})")
 
 
-def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], manifest: dict, reports: list,
+def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], manifest: Manifest, reports: list,
                       evals: dict[str, dict], predictions: list[dict],
                       timings: list[tuple[str, float]]) -> Path:
     """<out>/report.md: data tables, what was scaled down, training curves, evaluations, predictions."""
@@ -246,7 +247,7 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     (`a.b=c`) apply to both training phases after the demo's own (shards, output dir, and at the
     tiny scale `TINY_SCALE_OVERRIDES`).
     """
-    from mtlxray.data.loader import read_manifest
+    from mtlxray.data.manifest import read_manifest
     from mtlxray.data.shards import build_shards
     from mtlxray.report.evaluate import evaluate_checkpoint
     from mtlxray.report.figures import plot_loss_curves
@@ -275,7 +276,7 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
         subset: evaluate_checkpoint(best, shards, split="test", subset=subset, out=out / f"eval-{subset}",
                                     batch_size=demo_cfg.data.eval_batch_size, n_boot=n_boot, seed=seed,
                                     overwrite=True)  # the demo's own folders: a rerun replaces them
-        for subset in ("lung", "infection")})
+        for subset in SUBSETS})
     predictions = steps.run("predict on a few test images",
                             lambda: _predict(best, _predict_inputs(tree, scale), out / "predict"))
 

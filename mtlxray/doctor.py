@@ -10,8 +10,9 @@ Run it on a login or compute node before submitting. It reports:
   kernel at a time; the reason a kernel refuses is PyTorch's own warning;
 - DeepSpeed's ops, compatible and installed (`ds_report` in brief), when run.backend is deepspeed;
 - the Slurm variables it sees;
-- whether the shards are readable and their manifest complete, for the training and validation
-  splits the config reads;
+- every problem `mtlxray.preflight.check_run` finds in the config against its shards and model
+  (what `mtlxray train` would refuse), and whether the shards are readable and their manifest
+  complete, for the training and validation splits the config reads;
 - free disk in the run folder against the checkpoints the run will keep;
 - a memory projection of the config on the GPU it sees (`mtlxray.bench.memory`; on a node without
   GPU, on the memory plan's 80 GB and 141 GB cards).
@@ -40,6 +41,7 @@ from typing import Any, Optional
 import torch
 
 from mtlxray.errors import ConfigError, MtlxError
+from mtlxray.preflight import check_run
 
 __all__ = ["Problem", "Diagnosis", "diagnose", "cli_main"]
 
@@ -64,7 +66,8 @@ class Diagnosis:
     problems: list[Problem] = field(default_factory=list)
 
     def error(self, text: str) -> None:
-        self.problems.append(Problem("error", text))
+        if Problem("error", text) not in self.problems:  # the preflight and the shard read may meet one fault
+            self.problems.append(Problem("error", text))
 
     def warn(self, text: str) -> None:
         self.problems.append(Problem("warning", text))
@@ -240,39 +243,34 @@ def _first_line(text: str, limit: int = 240) -> str:
 
 
 def check_shards(cfg, diag: Diagnosis) -> dict:
-    """Manifest readable, every listed shard present with its size, readable, and the split counts
-    complete, for the training and validation splits the config reads."""
+    """With a readable manifest: every listed shard present with its size, readable, and the split
+    counts complete, for the training and validation splits the config reads."""
     from mtlxray.data import remote
-    from mtlxray.data.loader import read_manifest, shard_urls
+    from mtlxray.data.loader import shard_urls
+    from mtlxray.data.manifest import read_manifest, shard_subsets
 
     root = cfg.data.shards
     out: dict[str, Any] = {"root": str(root)}
     try:
         manifest = read_manifest(root)
-    except MtlxError as e:
-        diag.error(f"shards: {e}")
+    except MtlxError:  # the preflight names it
         out["ok"] = False
         return out
-    out["image_size"] = manifest.get("image_size")
-    out["format"] = manifest.get("format")
-    if manifest.get("image_size") != cfg.model.img_size:
-        diag.error(f"shards: {root} holds {manifest.get('image_size')}² images but model.img_size is "
-                   f"{cfg.model.img_size}")
-    subsets = (cfg.data.subset,) if cfg.data.subset in ("lung", "infection") else ("lung", "infection")
+    out["image_size"] = manifest.image_size
+    out["format"] = manifest.format
     splits: dict[str, Any] = {}
-    for subset in subsets:
+    for subset in shard_subsets(cfg.data):
         for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
             key = f"{subset}/{split}"
             try:
                 urls = shard_urls(root, manifest, subset, split)
             except MtlxError as e:
-                diag.error(f"shards: {e}")
+                diag.error(f"data.shards: {e}")
                 splits[key] = {"ok": False}
                 continue
-            entries = manifest["shards"][subset][split]
+            entries = manifest.entries(subset, split)
             samples = sum(e.get("samples", 0) for e in entries)
-            counted = manifest.get("counts", {}).get(subset, {}).get(split)
-            expected = sum(counted.values()) if isinstance(counted, dict) else None
+            expected = manifest.count(subset, split)
             if expected is not None and expected != samples:
                 diag.error(f"shards: {key}: the manifest counts {expected} images but its shards hold {samples} "
                            "(an incomplete manifest or build)")
@@ -426,6 +424,8 @@ def diagnose(cfg=None) -> Diagnosis:
         _sdpa_verdicts(cfg, rows, precision, device, diag)
 
     params = sum(p.numel() for p in model.parameters()) if model is not None else None
+    for problem in check_run(cfg):  # what `mtlxray train` would refuse
+        diag.error(str(problem))
     diag.sections["shards"] = check_shards(cfg, diag)
     diag.sections["disk"] = check_disk(cfg, params, diag)
     if model is not None:

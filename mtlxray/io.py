@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 from mtlxray.errors import MtlxError
 
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
-           "sha256_file", "free_port", "default_file_mode", "free_space", "write_error"]
+           "sha256_file", "free_port", "default_file_mode", "free_space", "write_error", "write_stdout"]
 
 
 def default_file_mode() -> int:
@@ -130,3 +131,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_stdout(text: str) -> bool:
+    """Write to stdout; when the reader has gone (`... | head`), stop quietly instead of raising
+    BrokenPipeError (now and at interpreter exit). Returns False when the pipe was closed."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the final flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False

@@ -14,7 +14,7 @@ FORBIDDEN = {
     "launch": {"report", "bench", "demo"},
 }
 SHARED = {"config", "errors", "io", "dist", "paper", "metrics", "evaluation", "checkpoint", "gate", "provenance",
-          "detection_metrics", "resources", "overlays"}
+          "detection_metrics", "resources", "overlays", "preflight"}
 """Modules neither side owns; they import nothing from train, report or launch."""
 
 

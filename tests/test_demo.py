@@ -25,21 +25,23 @@ def _demo_and_paper_phases():
 
 
 def test_the_report_lists_each_augmentation_setting_the_demo_changes():
+    from mtlxray.data.manifest import Manifest
     from mtlxray.demo import _scaled_down_rows
 
     phases = _demo_and_paper_phases()
     (paper, demo), _ = phases
     assert not demo.data.augment.enabled and paper.data.augment.enabled
-    rows = _scaled_down_rows(phases, {"counts": {}})
+    rows = _scaled_down_rows(phases, Manifest(format="raw", image_size=256, shards={}))
     assert ["data.augment.enabled", "True", "False"] in rows
     assert not any(row[0] == "data.augment" for row in rows)  # one row per setting, not the whole block
     assert ["model.img_size", "256", "128"] in rows
 
 
 def test_the_report_lists_the_phase2_settings_the_demo_changes_once():
+    from mtlxray.data.manifest import Manifest
     from mtlxray.demo import _scaled_down_rows
 
-    rows = _scaled_down_rows(_demo_and_paper_phases(), {"counts": {}})
+    rows = _scaled_down_rows(_demo_and_paper_phases(), Manifest(format="raw", image_size=256, shards={}))
     names = [row[0] for row in rows]
     assert ["schedule.epochs (phase 2)", "30", "16"] in rows
     assert ["data.batch_size (phase 2)", "16", "8"] in rows

@@ -84,3 +84,21 @@ def test_doctor_without_a_config_checks_the_node_only(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "versions: python" in res.stdout and "slurm: " in res.stdout
     assert "verdict: OK: no problems found (no --config: node checks only)" in res.stdout
+
+
+def test_doctor_passes_a_classifier_that_resizes_its_input_on_shards_of_another_size(shards_128, tmp_path):
+    res = doctor("--config", str(REPO / "configs" / "baselines" / "swin_t_cls.yaml"), "--json",
+                 f"data.shards={shards_128}", f"run.output_dir={tmp_path}", "launch.gpus_per_node=0")
+    report = json.loads(res.stdout)
+    assert (res.returncode, report["problems"]) == (0, []), res.stderr
+    assert report["shards"]["image_size"] == 128 and report["run"]["img_size"] == 224
+
+
+def test_doctor_reports_a_loss_weight_for_an_output_the_model_lacks(shards_128, tmp_path):
+    res = doctor("--config", str(REPO / "configs" / "baselines" / "unet.yaml"), f"data.shards={shards_128}",
+                 f"run.output_dir={tmp_path}", "model.img_size=128", "launch.gpus_per_node=0",
+                 "phase.loss_weights.cls=0.5", "run.best_metric=val/nope")
+    assert res.returncode == 1, res.stdout + res.stderr
+    verdicts = [line for line in res.stdout.splitlines() if line.startswith("verdict: ERROR: ")]
+    assert [v.split(": ")[2] for v in verdicts] == ["run.best_metric", "phase.loss_weights"], verdicts
+    assert "unet produces ['lung'] in phase1, not ['cls']" in verdicts[1]

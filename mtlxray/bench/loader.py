@@ -83,7 +83,8 @@ def _read_only_stream(root: Path) -> Iterator:
     so without the copy this would time only the tar headers."""
     import webdataset as wds
 
-    from mtlxray.data.loader import read_manifest, shard_urls
+    from mtlxray.data.loader import shard_urls
+    from mtlxray.data.manifest import read_manifest
     from mtlxray.data.tarstream import tar_to_samples
 
     urls = shard_urls(root, read_manifest(root), "lung", "train")

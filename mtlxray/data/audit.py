@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw
 from scipy import fft, ndimage
 
 from mtlxray.errors import ShardError
-from mtlxray.io import atomic_path
+from mtlxray.io import atomic_path, write_stdout
 
 __all__ = ["NEAR_THRESHOLD", "SAMPLE_PAIRS", "IMAGE_COLUMNS", "ImageRef", "Pair", "Group", "AuditResult",
            "content_hash", "perceptual_hash", "hamming", "manifest_images", "find_pairs", "duplicate_groups",
@@ -144,13 +144,13 @@ class Pair:
 
 
 def _read(root_or_manifest) -> tuple[str, dict]:
-    from mtlxray.data.loader import read_manifest
+    from mtlxray.data.manifest import read_manifest
     from mtlxray.data.remote import normalise_root
 
     if isinstance(root_or_manifest, dict):
         return str(root_or_manifest.get("source", {}).get("root", "<manifest>")), root_or_manifest
     root = normalise_root(root_or_manifest)
-    return root, read_manifest(root)
+    return root, read_manifest(root).raw
 
 
 def manifest_images(manifest: dict, name: str = "") -> list[ImageRef]:
@@ -706,8 +706,6 @@ def format_audit(result: AuditResult, show: int = 20) -> str:
 
 
 def cli_audit(args: argparse.Namespace) -> int:
-    from mtlxray.data.shards import write_stdout
-
     result = audit(args.shards, args.out, threshold=args.threshold, sheet_pairs=args.sheet_pairs,
                    all_pairs=args.all_pairs)
     write_stdout(format_audit(result))

@@ -36,6 +36,7 @@ processes and to send to the GPU.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import io
 import itertools
@@ -51,57 +52,22 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mtlxray.config import DataConfig
+from mtlxray.config import DataConfig, SourceConfig
 from mtlxray.data import remote
 from mtlxray.data.augment import augment, augment_batch, augment_params, sample_rng
 from mtlxray.data.boxes import bounding_boxes
+from mtlxray.data.manifest import SUBSETS, Manifest, read_manifest, shard_subsets
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.data.sources import CLASS_SCHEMES, scheme_labels
 from mtlxray.data.tarstream import ShardSkips, tar_samples, tar_to_samples
-from mtlxray.errors import ConfigError, DataError, ShardError, ShardsNotFoundError
+from mtlxray.errors import ConfigError, DataError, ShardError
 from mtlxray.io import sha256_file
 
-__all__ = ["read_manifest", "train_batches_per_epoch", "build_train_loader", "build_eval_loader",
-           "collate", "batch_to_device", "shard_urls", "shard_location", "check_shard_sizes", "label_names",
-           "decode_image", "TrainLoader"]
+__all__ = ["train_batches_per_epoch", "build_train_loader", "build_eval_loader", "collate", "batch_to_device",
+           "shard_urls", "shard_location", "check_shard_sizes", "label_names", "source_config", "decode_image",
+           "TrainLoader"]
 
 log = logging.getLogger(__name__)
-
-_SUBSETS = {"lung": ("lung",), "infection": ("infection",), "mixed": ("lung", "infection"),
-            "alternate": ("lung", "infection")}
-
-
-def read_manifest(root: str | Path, policy: Optional[RetryPolicy] = None) -> dict:
-    """Load `root/manifest.json` (root: a folder or an http(s)/s3 prefix); ShardsNotFoundError (exit
-    2) if it is missing, ShardError if it is unreadable or lists no shards."""
-    root = remote.normalise_root(root)
-    if remote.is_remote(root):
-        url = remote.join(root, "manifest.json")
-        try:
-            text = remote.fetch_bytes(url, policy)
-        except ShardError as e:
-            if "HTTP 404" in str(e) or "NoSuchKey" in str(e) or "S3 404" in str(e):
-                raise ShardsNotFoundError(f"{url}: shard manifest not found (build it with `mtlxray shards build` "
-                                 "and upload the whole folder)") from None
-            raise
-        where = url
-    else:
-        path = Path(root) / "manifest.json"
-        if not path.is_file():
-            raise ShardsNotFoundError(f"{path}: shard manifest not found (build it with `mtlxray shards build`)")
-        try:
-            text = path.read_bytes()
-        except OSError as e:
-            raise ShardError(f"{path}: unreadable manifest: {e}") from None
-        where = str(path)
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{where}: unreadable manifest: {e}") from None
-    if not isinstance(manifest, dict) or not manifest.get("shards"):
-        raise ShardError(f"{where}: manifest lists no shards")
-    return manifest
-
 
 @functools.lru_cache(maxsize=4096)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
@@ -120,8 +86,8 @@ def shard_location(root: str | Path, rel: object) -> str:
     return remote.join(root, text) if remote.is_remote(root) else str(Path(root) / text)
 
 
-def _entries(root: str | Path, manifest: dict, subset: str, split: str) -> list[dict]:
-    entries = manifest["shards"].get(subset, {}).get(split, [])
+def _entries(root: str | Path, manifest: Manifest, subset: str, split: str) -> list[dict]:
+    entries = manifest.entries(subset, split)
     if not entries or sum(e["samples"] for e in entries) == 0:
         where = remote.join(remote.normalise_root(root), subset) if remote.is_remote(remote.normalise_root(root)) \
             else Path(root) / subset
@@ -131,7 +97,7 @@ def _entries(root: str | Path, manifest: dict, subset: str, split: str) -> list[
     return entries
 
 
-def check_shard_sizes(root: str | Path, manifest: dict, subset: str, split: str) -> None:
+def check_shard_sizes(root: str | Path, manifest: Manifest, subset: str, split: str) -> None:
     """A `stat` per local shard: ShardError naming the first that is missing or whose size differs
     from the manifest's `bytes` (truncated, or replaced). Remote shards are checked when opened."""
     if remote.is_remote(remote.normalise_root(root)):
@@ -146,7 +112,7 @@ def check_shard_sizes(root: str | Path, manifest: dict, subset: str, split: str)
             raise ShardError(f"{path}: {size} bytes, but the manifest says {e['bytes']} (truncated or replaced shard)")
 
 
-def shard_urls(root: str | Path, manifest: dict, subset: str, split: str, verify: bool = False,
+def shard_urls(root: str | Path, manifest: Manifest, subset: str, split: str, verify: bool = False,
                policy: Optional[RetryPolicy] = None) -> list[str]:
     """Paths (or URLs) of a split's shards, after `check_shard_sizes`; with `verify`, ShardError if a
     shard's sha256 differs from the manifest (remote shards are streamed to hash them)."""
@@ -168,8 +134,16 @@ def shard_urls(root: str | Path, manifest: dict, subset: str, split: str, verify
     return urls
 
 
-def _sizes(root: str, manifest: dict, subset: str, split: str) -> dict[str, int]:
+def _sizes(root: str, manifest: Manifest, subset: str, split: str) -> dict[str, int]:
     return {shard_location(root, e["path"]): e["bytes"] for e in _entries(root, manifest, subset, split)}
+
+
+def source_config(data: DataConfig, src: SourceConfig) -> DataConfig:
+    """The data config of one source: `data` with the source's shards, subset, scheme and label map."""
+    label_map = dict(src.label_map or data.label_map)
+    return dataclasses.replace(
+        data, shards=src.shards or data.shards, subset=src.subset, classes=src.classes or data.classes,
+        label_map=label_map, class_names=label_names(data) if label_map else [], sources=[])
 
 
 def label_names(cfg: DataConfig) -> list[str]:
@@ -180,9 +154,9 @@ def label_names(cfg: DataConfig) -> list[str]:
     return list(CLASS_SCHEMES[cfg.classes]["names"])
 
 
-def _labels(cfg: DataConfig, manifest: dict, subsets) -> dict[str, int]:
+def _labels(cfg: DataConfig, manifest: Manifest, subsets) -> dict[str, int]:
     """class name -> label under `data.classes` (or `data.label_map`) for every class of these subsets."""
-    names = sorted({c for s in subsets for c in manifest.get("classes", {}).get(s, [])})
+    names = sorted({c for s in subsets for c in manifest.classes.get(s, [])})
     if cfg.label_map:
         missing = [c for c in names if c not in cfg.label_map]
         if missing:
@@ -194,12 +168,12 @@ def _labels(cfg: DataConfig, manifest: dict, subsets) -> dict[str, int]:
         raise ConfigError(f"data.classes={cfg.classes}: {e}") from None
 
 
-def _train_keys(cfg: DataConfig, manifest: dict, subset: str) -> Optional[frozenset]:
+def _train_keys(cfg: DataConfig, manifest: Manifest, subset: str) -> Optional[frozenset]:
     """The training keys kept by `data.fraction` (per class, seeded), or None for all of them."""
     if cfg.fraction >= 1.0:
         return None
-    table = manifest.get("images")
-    if not isinstance(table, dict) or "rows" not in table:
+    table = manifest.images
+    if table is None or "rows" not in table:
         raise ShardError(f"{cfg.shards}: data.fraction needs the manifest's image table; rebuild the shards")
     cols = table["columns"]
     k, sub, spl, cls = (cols.index(c) for c in ("key", "subset", "split", "class_name"))
@@ -216,11 +190,11 @@ def _train_keys(cfg: DataConfig, manifest: dict, subset: str) -> Optional[frozen
     return frozenset(keep)
 
 
-def _split_count(manifest: dict, subset: str, split: str) -> int:
-    return sum(manifest["counts"].get(subset, {}).get(split, {}).values())
+def _split_count(manifest: Manifest, subset: str, split: str) -> int:
+    return manifest.count(subset, split) or 0
 
 
-def _train_count(cfg: DataConfig, manifest: dict, subset: str) -> int:
+def _train_count(cfg: DataConfig, manifest: Manifest, subset: str) -> int:
     keys = _train_keys(cfg, manifest, subset)
     return _split_count(manifest, subset, cfg.train_split) if keys is None else len(keys)
 
@@ -230,7 +204,7 @@ def train_batches_per_epoch(cfg: DataConfig, world_size: int) -> int:
     samples = cfg.samples_per_epoch
     if samples is None:
         manifest = read_manifest(cfg.shards, RetryPolicy.from_config(cfg))
-        samples = sum(_train_count(cfg, manifest, s) for s in _SUBSETS[cfg.subset])
+        samples = sum(_train_count(cfg, manifest, s) for s in shard_subsets(cfg))
     return max(1, samples // (cfg.batch_size * world_size))
 
 
@@ -372,7 +346,7 @@ class _TrainStream(IterableDataset):
 
     def _samples(self, subset: str, stream: int) -> wds.DataPipeline:
         """Raw (undecoded) shuffled samples of one subset."""
-        k = list(_SUBSETS).index(subset)
+        k = SUBSETS.index(subset)
         s = _stream_seed(self.seed, self.epoch, self.rank, stream, k)
         buf = max(1, self.cfg.shuffle_buffer)
         sizes, keep = self.sizes, self.keep.get(subset)
@@ -408,7 +382,7 @@ class _TrainStream(IterableDataset):
         _keep_freed_batch_memory()  # in the process that builds the batches (a worker, or this one)
         stream, n, skip = self._logical()
         mode, bsz = self.cfg.subset, self.cfg.batch_size
-        if mode in ("lung", "infection"):
+        if mode in SUBSETS:
             yield from self._batches(self._samples(mode, stream), skip * bsz)
         elif mode == "mixed":
             rng = np.random.default_rng(_stream_seed(self.seed, self.epoch, self.rank, stream, 99))
@@ -418,7 +392,7 @@ class _TrainStream(IterableDataset):
         else:  # alternate: global batch b = stream + j * n comes from lung when b is even
             parity = [(stream + j * n) % 2 for j in range(skip)]
             its = [iter(self._batches(self._samples(subset, stream), parity.count(k) * bsz))
-                   for k, subset in enumerate(("lung", "infection"))]
+                   for k, subset in enumerate(SUBSETS)]
             for j in itertools.count(skip):
                 yield next(its[(stream + j * n) % 2])
 
@@ -479,11 +453,11 @@ def build_train_loader(cfg: DataConfig, *, seed: int, epoch: int, rank: int, wor
         return TrainLoader([], 0)
     policy = RetryPolicy.from_config(cfg)
     manifest = read_manifest(cfg.shards, policy)
-    subsets = _SUBSETS[cfg.subset]
+    subsets = shard_subsets(cfg)
     urls = {s: shard_urls(cfg.shards, manifest, s, cfg.train_split, cfg.verify, policy) for s in subsets}
     sizes = {u: n for s in subsets for u, n in _sizes(cfg.shards, manifest, s, cfg.train_split).items()}
     keep = {s: _train_keys(cfg, manifest, s) for s in subsets}
-    dataset = _TrainStream(urls, cfg, manifest["format"], manifest["image_size"], seed=seed, epoch=epoch,
+    dataset = _TrainStream(urls, cfg, manifest.format, manifest.image_size, seed=seed, epoch=epoch,
                            rank=rank, start_batch=start_batch, sizes=sizes, labels=_labels(cfg, manifest, subsets),
                            keep=keep)
     loader = wds.WebLoader(dataset, batch_size=None, **loader_options(cfg.workers))
@@ -537,7 +511,7 @@ def build_eval_loader(cfg: DataConfig, *, subset: str, split: str, rank: int, wo
 
     Ranks may get one sample (hence one batch) more than others: gather results once at the end.
     """
-    if subset not in ("lung", "infection"):
+    if subset not in SUBSETS:
         raise ShardError(f"evaluation subset must be lung or infection, got {subset!r}")
     policy = RetryPolicy.from_config(cfg)
     root = remote.normalise_root(cfg.shards)
@@ -545,7 +519,7 @@ def build_eval_loader(cfg: DataConfig, *, subset: str, split: str, rank: int, wo
     shard_urls(root, manifest, subset, split, cfg.verify, policy)  # existence, size and checksum errors, early
     pieces = _rank_pieces(_entries(root, manifest, subset, split), root, rank, world_size)
     dataset = wds.DataPipeline(
-        _EvalStream(pieces, manifest["format"], manifest["image_size"], _labels(cfg, manifest, [subset]), policy),
+        _EvalStream(pieces, manifest.format, manifest.image_size, _labels(cfg, manifest, [subset]), policy),
         wds.batched(batch_size or cfg.eval_batch_size, collation_fn=collate, partial=True),
     )
     return wds.WebLoader(dataset, batch_size=None, **loader_options(min(cfg.workers, len(pieces))))

@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
@@ -42,10 +41,11 @@ from mtlxray.data.images import ImageReadError, read_grayscale
 from mtlxray.data.sources import (CLASS_SCHEMES, RADIOGRAPHY_RELEASE, Record, list_source,
                                   source_fingerprint)
 from mtlxray.errors import ConfigError, DataError
-from mtlxray.io import atomic_path, write_text_atomic
+from mtlxray.data.manifest import SUBSETS, read_manifest
+from mtlxray.io import atomic_path, write_stdout, write_text_atomic
 
 __all__ = ["BUILDER_VERSION", "IMAGE_SIZE", "DEFAULT_OUTPUT", "DEDUPE_MODES", "build_shards", "sample_key",
-           "format_tables", "release_check", "cli_build", "cli_info", "write_stdout"]
+           "format_tables", "release_check", "cli_build", "cli_info"]
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +309,10 @@ def _fail_on_bad(bad: list[dict]) -> None:
 
 
 def _other_test_images(others: Sequence[str]) -> list[tuple[str, list]]:
-    from mtlxray.data.loader import read_manifest
-
     out = []
     for other in others:
         manifest = read_manifest(other)
-        refs = [r for r in audit_mod.manifest_images(manifest, str(other)) if r.split == "test"]
+        refs = [r for r in audit_mod.manifest_images(manifest.raw, str(other)) if r.split == "test"]
         out.append((str(other), refs))
     return out
 
@@ -387,9 +385,7 @@ def build_shards(input: str | Path, output: str | Path, *, layout: str = "covid-
     exclude = [str(x) for x in exclude_from]
     exclude_ids = []
     if exclude:
-        from mtlxray.data.loader import read_manifest
-
-        exclude_ids = [{"shards": x, "fingerprint": read_manifest(x).get("source", {}).get("fingerprint")}
+        exclude_ids = [{"shards": x, "fingerprint": read_manifest(x).fingerprint}
                        for x in exclude]
     params = {"layout": layout, "format": format, "shard_size": shard_size, "seed": seed,
               "val_fraction": val_fraction, "image_size": image_size, "skip_bad": skip_bad,
@@ -475,7 +471,7 @@ def _commit(out: Path, results: list[dict], manifest: dict, bad: list[dict], not
         (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
         os.replace(r["staged"], out / r["path"])
         keep.add(r["path"])
-    for subset in ("lung", "infection"):
+    for subset in SUBSETS:
         for tar in (out / subset).glob("*.tar") if (out / subset).is_dir() else ():
             if f"{subset}/{tar.name}" not in keep:
                 tar.unlink()
@@ -545,21 +541,6 @@ def format_tables(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def write_stdout(text: str) -> bool:
-    """Write to stdout; when the reader has gone (`... | head`), stop quietly instead of raising
-    BrokenPipeError (now and at interpreter exit). Returns False when the pipe was closed."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return True
-    except BrokenPipeError:
-        # Point stdout at /dev/null so the final flush at exit does not raise again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return False
-
-
 def _refuse_other_set(out: Path, args: argparse.Namespace, classes: str) -> None:
     """Without --output, never rebuild the default folder's set as a different kind of set."""
     path = out / "manifest.json"
@@ -598,11 +579,9 @@ def cli_build(args: argparse.Namespace) -> int:
 
 
 def cli_info(args: argparse.Namespace) -> int:
-    from mtlxray.data.loader import read_manifest
-
     manifest = read_manifest(args.root)
     if args.json:
-        write_stdout(json.dumps(manifest["counts"], indent=1, sort_keys=True) + "\n")
+        write_stdout(json.dumps(manifest.counts, indent=1, sort_keys=True) + "\n")
     else:
-        write_stdout(format_tables(manifest) + "\n")
+        write_stdout(format_tables(manifest.raw) + "\n")
     return 0

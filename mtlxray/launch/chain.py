@@ -3,8 +3,9 @@
 Phase k+1 runs after phase k succeeded and starts from its best checkpoint
 (`phase.init_from=<run dir of phase k>/checkpoints/best`). `plan_chain` gives each phase its
 overrides and run folder; `validate_chain` checks the whole chain: every config loads, every
-phase's shards are there, every phase writes its own run folder, and every `phase.init_from` is a
-checkpoint that exists or one that an earlier phase of the chain will write. `mtlxray submit`,
+phase writes its own run folder, and every phase passes `mtlxray.preflight.check_run` (its shards,
+image size, metric, loss weights), where a `phase.init_from` is a checkpoint that exists or one that
+an earlier phase of the chain will write. `mtlxray submit`,
 `submit_pipeline` and slurm/pipeline.sh (through `python -m mtlxray.launch.chain`) all use it.
 """
 
@@ -76,12 +77,12 @@ def validate_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
                    phase_overrides: Optional[dict[int, Sequence[str]]] = None) -> list[PhasePlan]:
     """`plan_chain`, then check what would otherwise fail on a node; the first problem raises, in one line.
 
-    ConfigError: a config that does not load, two phases writing one run folder, or a
-    `phase.init_from` that is neither a checkpoint now nor written by an earlier phase.
-    ShardError (or the loader's own error): a phase's shard manifest is missing or unreadable.
+    ConfigError: a config that does not load, two phases writing one run folder, or a phase's
+    first `check_run` problem (a `phase.init_from` that is neither a checkpoint now nor written by an
+    earlier phase among them). ShardError (or the loader's own error): a phase's shards are missing
+    or unreadable.
     """
-    from mtlxray.checkpoint import resolve_checkpoint
-    from mtlxray.data.loader import read_manifest
+    from mtlxray.preflight import check_run
 
     plans = plan_chain(configs, overrides, phase_overrides)
     writers: dict[Path, PhasePlan] = {}
@@ -90,22 +91,9 @@ def validate_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
             raise ConfigError(f"{plan.label} and {writers[plan.run_dir].label} both write {plan.run_dir}: "
                               "give each phase its own run.name")
         writers[plan.run_dir] = plan
-        try:
-            read_manifest(plan.cfg.data.shards)
-        except MtlxError as e:
-            raise type(e)(f"{plan.label}: data.shards: {e}") from None
-        init = plan.cfg.phase.init_from
-        if not init:
-            continue
-        init_path = Path(init).resolve()
-        earlier = [p for p in plans[:plan.index - 1] if init_path.is_relative_to(p.run_dir / "checkpoints")]
-        if earlier:
-            continue
-        try:
-            resolve_checkpoint(init_path)
-        except MtlxError as e:
-            raise ConfigError(f"{plan.label}: phase.init_from: {e}; no earlier phase of the chain writes it "
-                              "(train that phase first, or chain it before this one)") from None
+        problems = check_run(plan.cfg, written_later=[p.run_dir / "checkpoints" for p in plans[:plan.index - 1]])
+        if problems:
+            raise problems[0].error(f"{plan.label}: {problems[0]}")
     return plans
 
 

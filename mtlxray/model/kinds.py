@@ -1,9 +1,9 @@
 """What a configured model produces and takes, known from its config alone (no model is built).
 
-The trainer's preflight and `mtlxray evaluate` need these answers in well under a second, before
-any weights are read: which outputs (and so which metrics) a model has, and whether it takes the
-shards' images at `model.img_size` or resizes them itself. Tests hold each answer equal to the
-built model's (`model.tasks`).
+The run checks (`mtlxray.preflight`: train, doctor, evaluate, submit) need these answers in well
+under a second, before any weights are read: which outputs (and so which metrics) a model has, and
+whether it takes the shards' images at `model.img_size` or resizes them itself. Tests hold each
+answer equal to the built model's (`model.tasks`).
 """
 
 from __future__ import annotations

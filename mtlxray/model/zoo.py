@@ -35,8 +35,7 @@ from mtlxray.model.pretrained import (  # noqa: E402
     error_line, read_state_dict, timm_from_state_dict,
 )
 
-__all__ = ["SmpSegmenter", "TimmClassifier", "SMP_ARCHS", "TIMM_CLASSIFIERS", "covering_prefixes",
-           "check_phase_fits"]
+__all__ = ["SmpSegmenter", "TimmClassifier", "SMP_ARCHS", "TIMM_CLASSIFIERS", "covering_prefixes"]
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +88,6 @@ def covering_prefixes(selected: list[str], all_names: list[str]) -> list[str]:
         if best not in out:
             out.append(best)
     return out
-
-
-def check_phase_fits(model: nn.Module, loss_weights: dict[str, float], frozen: list[str]) -> None:
-    """ConfigError unless the phase's positive loss weights name tasks the model produces and every
-    frozen prefix matches a parameter (what a baseline config must satisfy)."""
-    tasks = getattr(model, "tasks", frozenset({"lung", "inf", "cls"}))
-    extra = sorted(t for t, w in loss_weights.items() if w > 0 and t not in tasks)
-    if extra:
-        raise ConfigError(f"phase.loss_weights: {type(model).__name__} produces {sorted(tasks)}, not {extra}")
-    names = [n for n, _ in model.named_parameters()]
-    for prefix in frozen:
-        if not any(under_prefix(n, prefix) for n in names):
-            raise ConfigError(f"phase.frozen: prefix `{prefix}` matches no parameter of {type(model).__name__}")
 
 
 class _Normalised(MTLModel):

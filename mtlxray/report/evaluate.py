@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from mtlxray import metrics as M
+from mtlxray.data.manifest import Manifest, read_manifest
 from mtlxray.errors import ConfigError, DataError, MtlxError, unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
@@ -268,11 +269,11 @@ def _training_data(cfg, ckpt: Path, seen: frozenset = frozenset()) -> tuple[list
     phases, and the training sources that cannot be found (an earlier phase's folder that is gone)."""
     from mtlxray.checkpoint import resolve_checkpoint
     from mtlxray.config import load_config
+    from mtlxray.data.manifest import shard_subsets
     from mtlxray.errors import CheckpointError
 
     base = _training_dir(ckpt, cfg)
-    subsets = [cfg.data.subset] if cfg.data.subset in ("lung", "infection") else ["lung", "infection"]
-    sets = [(_locate(cfg.data.shards, base), s, cfg.data.train_split) for s in subsets]
+    sets = [(_locate(cfg.data.shards, base), s, cfg.data.train_split) for s in shard_subsets(cfg.data)]
     sets += [(_locate(src.shards or cfg.data.shards, base), src.subset, cfg.data.train_split)
              for src in cfg.data.sources]
     missing: list[str] = []
@@ -395,15 +396,14 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
     whole evaluation and which must be empty unless `overwrite` (see the module docstring).
 
     Class names are those of the config's label scheme (`data.classes`), which the loader labels by."""
-    from mtlxray.data.loader import label_names, read_manifest
-    from mtlxray.model.kinds import resizes_input
+    from mtlxray.data.loader import label_names
+    from mtlxray.preflight import check_image_size
 
     what = source.get("checkpoint") or source.get("model_config")
     manifest = read_manifest(shards)
-    if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
-        raise ConfigError(f"{what} is a {cfg.model.img_size}² model but the shards in {shards} hold "
-                          f"{manifest.get('image_size')}² images: evaluate on shards built with "
-                          f"`--image-size {cfg.model.img_size}`")
+    wrong_size = check_image_size(cfg.model, manifest, shards)
+    if wrong_size:
+        raise ConfigError(f"{what}: {wrong_size[0]}")
     class_names = label_names(cfg.data)
     if "cls" in model.tasks and cfg.model.num_classes != len(class_names):
         raise ConfigError(f"{what}: model.num_classes={cfg.model.num_classes} but data.classes={cfg.data.classes} "
@@ -433,7 +433,7 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
                               gate=gate, multilabel=multilabel, what=what)
 
 
-def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator, manifest: dict, class_names: list,
+def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator, manifest: Manifest, class_names: list,
                    leakage: dict, *, split: str, subset: str, batch_size: int, n_boot: int, seed: int,
                    gate: Optional[dict], multilabel: bool, what: str) -> dict:
     """`evaluate_model`'s work once the output folder is held: run, gather, summarise, write."""
@@ -444,7 +444,7 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
 
     model.to(accelerator.device)
     model.set_attention(resolve_attention(cfg.model.attention, "fp32", accelerator.device.type))
-    expected = sum(manifest["counts"].get(subset, {}).get(split, {}).values())
+    expected = manifest.count(subset, split) or 0
     data_cfg = dataclasses.replace(cfg.data, shards=str(shards))
     loader = build_eval_loader(data_cfg, subset=subset, split=split, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, batch_size=batch_size)

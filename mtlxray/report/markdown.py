@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
+from mtlxray.data.manifest import Manifest
+
 SEG_ROWS = (("Dice", "dice"), ("IoU", "iou"), ("Pixel accuracy", "pixel_accuracy"),
             ("Sensitivity", "sensitivity"), ("Specificity", "specificity"))
 
@@ -195,15 +197,15 @@ def evaluation_markdown(summary: Mapping, figures: Mapping[str, str], heading: s
     return "\n".join(lines)
 
 
-def manifest_tables(manifest: Mapping) -> str:
+def manifest_tables(manifest: Manifest) -> str:
     """Table I/II-style Markdown from a shard manifest: one table per subset, classes × splits."""
     titles = {"lung": "Lung segmentation subset (Table I)", "infection": "Infection segmentation subset (Table II)"}
     parts = []
-    counts = manifest["counts"]
+    counts = manifest.counts
     for subset in [s for s in titles if s in counts] + sorted(set(counts) - set(titles)):
         splits = counts[subset]
         names = [s for s in ("train", "val", "test") if s in splits] + sorted(set(splits) - {"train", "val", "test"})
-        classes = manifest["classes"][subset]
+        classes = manifest.classes[subset]
         rows = [[c, *(splits[s].get(c, 0) for s in names), sum(splits[s].get(c, 0) for s in names)]
                 for c in classes]
         rows.append(["**total**", *(sum(splits[s].values()) for s in names),

@@ -31,21 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlxray.config import DataConfig, SourceConfig
-from mtlxray.data.loader import build_train_loader, label_names, read_manifest, shard_urls, train_batches_per_epoch
-from mtlxray.data.remote import RetryPolicy
-from mtlxray.errors import ConfigError, ShardError
+from mtlxray.config import DataConfig
+from mtlxray.data.loader import build_train_loader, source_config, train_batches_per_epoch
 
-__all__ = ["source_config", "source_order", "batches_per_epoch", "source_batches", "check_sources",
-           "reached_parameters", "IdleParameters"]
-
-
-def source_config(data: DataConfig, src: SourceConfig) -> DataConfig:
-    """The data config of one source: `data` with the source's shards, subset, scheme and label map."""
-    label_map = dict(src.label_map or data.label_map)
-    return dataclasses.replace(
-        data, shards=src.shards or data.shards, subset=src.subset, classes=src.classes or data.classes,
-        label_map=label_map, class_names=label_names(data) if label_map else [], sources=[])
+__all__ = ["source_order", "batches_per_epoch", "source_batches", "reached_parameters", "IdleParameters"]
 
 
 def _seed(*parts: int) -> int:
@@ -101,21 +90,6 @@ def source_batches(data: DataConfig, *, seed: int, epoch: int, rank: int, world_
         batch["tasks"] = tasks[k]
         batch["source"] = data.sources[k].name
         yield batch
-
-
-def check_sources(data: DataConfig) -> None:
-    """Preflight: every source's shard set holds its subset's training split, and its classes have labels."""
-    from mtlxray.data.loader import _labels  # the loader's own class-name -> label rule
-
-    for src in data.sources:
-        cfg = source_config(data, src)
-        try:
-            manifest = read_manifest(cfg.shards, RetryPolicy.from_config(cfg))
-            if not shard_urls(cfg.shards, manifest, cfg.subset, cfg.train_split):
-                raise ShardError(f"no {cfg.subset}/{cfg.train_split} shards")
-            _labels(cfg, manifest, [cfg.subset])
-        except (ShardError, ConfigError) as e:
-            raise ConfigError(f"data.sources[{src.name}]: {e}") from None
 
 
 def reached_parameters(roots: Iterable[torch.Tensor]) -> set[int]:

@@ -30,13 +30,13 @@ import torch
 from mtlxray.checkpoint import (WEIGHTS_NAME, TrainState, check_deepspeed_pickles, find_resume, resolve_checkpoint,
                                 save_checkpoint, verify_checkpoint)
 from mtlxray.config import Config, dump_config
-from mtlxray.data.loader import batch_to_device, build_train_loader, label_names, read_manifest, shard_urls
+from mtlxray.data.loader import batch_to_device, build_train_loader
 from mtlxray.dist import resolve_world
-from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
-from mtlxray.evaluation import metric_names
+from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError
 from mtlxray.gate import Gate
 from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.preflight import check_run, raise_first
 from mtlxray.train.compiled import compile_loss
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
@@ -44,13 +44,13 @@ from mtlxray.train.gating import PositiveSelector
 from mtlxray.train.logs import (LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers,
                                 tracker_names)
 from mtlxray.train.losses import phase_loss
-from mtlxray.train.multisource import IdleParameters, batches_per_epoch, check_sources, source_batches
+from mtlxray.train.multisource import IdleParameters, batches_per_epoch, source_batches
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
 from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
-from mtlxray.train.validation import VAL_OVERLAYS, Validator, eval_subset, iterate_keeping_rng
+from mtlxray.train.validation import VAL_OVERLAYS, Validator, iterate_keeping_rng
 
 __all__ = ["Trainer", "preflight", "resume_target"]
 
@@ -82,54 +82,12 @@ def _check_same_run(cfg: Config, ckpt: Path, allow: bool) -> None:
                       "continue with the new values with --allow-config-change")
 
 
-def _model_tasks(cfg: Config) -> set[str]:
-    """The outputs the configured model produces in the configured phase."""
-    from mtlxray.model.kinds import model_tasks
-
-    return set(model_tasks(cfg.model, cfg.phase.name))
-
-
 def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
-    """Cheap checks that fail in well under a second with a one-line reason, before any worker."""
-    root = cfg.data.shards  # a folder, or an http(s)/s3 URL prefix
-    if "://" not in root and not Path(root).exists():
-        raise ConfigError(f"data.shards: {root} does not exist (build it with `mtlxray shards build`)")
-    manifest = read_manifest(root)
-    subsets = (cfg.data.subset,) if cfg.data.subset in ("lung", "infection") else ("lung", "infection")
-    for subset in subsets:
-        if not shard_urls(root, manifest, subset, cfg.data.train_split):
-            raise ShardError(f"data.shards: {root} has no {subset}/{cfg.data.train_split} shards")
-    val = manifest["shards"].get(eval_subset(cfg), {}).get(cfg.data.val_split)
-    if not val:
-        raise ConfigError(f"data.val_split: {root} has no {eval_subset(cfg)}/{cfg.data.val_split} shards to "
-                          "validate on")
-    from mtlxray.model.kinds import resizes_input
-
-    if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
-        raise ConfigError(f"model.img_size={cfg.model.img_size} but the shards in {root} hold "
-                          f"{manifest.get('image_size')}² images")
-    tasks = _model_tasks(cfg)
-    classes = label_names(cfg.data)  # model.num_classes matches them (Config checks it at load)
-    multilabel = cfg.model.cls_loss == "bce_multilabel"
-    gated = cfg.phase.teacher_forcing.gate != "none"
-    names = ["val/loss"] + [f"val/{n}" for n in metric_names(sorted(tasks), classes, multilabel, gated)]
-    if cfg.run.best_metric not in names:
-        raise ConfigError(f"run.best_metric: `{cfg.run.best_metric}` is not an evaluation metric of "
-                          f"{cfg.model.name} in {cfg.phase.name}; choose one of {', '.join(names)}")
+    """Cheap checks that fail in well under a second with a one-line reason, before any worker:
+    the first problem `mtlxray.preflight.check_run` finds, then the DeepSpeed config."""
+    raise_first(check_run(cfg, resume_from=resume_from))
     if cfg.run.backend == "deepspeed":
         deepspeed_config(cfg)
-    if cfg.data.sources:
-        check_sources(cfg.data)
-    if cfg.model.first_stage and cfg.phase.teacher_forcing.gate == "first_stage":
-        try:
-            resolve_checkpoint(cfg.model.first_stage)
-        except CheckpointError as e:
-            raise ConfigError(f"model.first_stage: {e} (train the classifier first)") from None
-    if cfg.phase.init_from and resume_from is None:
-        try:
-            resolve_checkpoint(cfg.phase.init_from)
-        except CheckpointError as e:
-            raise ConfigError(f"phase.init_from: {e} (train the previous phase first)") from None
 
 
 def resolve_global_batch(cfg: Config, world_size: int) -> None:

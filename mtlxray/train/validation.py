@@ -19,21 +19,17 @@ import torch
 
 from mtlxray.config import Config
 from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names
+from mtlxray.data.manifest import validation_subset
 from mtlxray.errors import unwrap_worker_error
 from mtlxray.evaluation import RecordCollector, Records, summarise
 from mtlxray.overlays import overlay_row
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.signals import agree
 
-__all__ = ["Validator", "VAL_OVERLAYS", "eval_subset", "iterate_keeping_rng", "overlay_rows"]
+__all__ = ["Validator", "VAL_OVERLAYS", "iterate_keeping_rng", "overlay_rows"]
 
 VAL_OVERLAYS = 4
 """Validation images a run with TensorBoard shows at each evaluation (`Validator.overlays`)."""
-
-
-def eval_subset(cfg: Config) -> str:
-    """The subset validated on: the training subset, or `infection` when training mixes both."""
-    return cfg.data.subset if cfg.data.subset in ("lung", "infection") else "infection"
 
 
 def iterate_keeping_rng(loader) -> Iterator[dict]:
@@ -76,7 +72,7 @@ class Validator:
         from accelerate.utils import gather_object
 
         acc, cfg = self.accelerator, self.cfg
-        loader = build_eval_loader(cfg.data, subset=eval_subset(cfg), split=cfg.data.val_split,
+        loader = build_eval_loader(cfg.data, subset=validation_subset(cfg.data), split=cfg.data.val_split,
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.model.eval()
         multilabel = cfg.model.cls_loss == "bce_multilabel"

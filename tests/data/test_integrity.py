@@ -9,8 +9,8 @@ import tarfile
 import pytest
 
 from mtlxray.config import DataConfig
-from mtlxray.data.loader import (build_eval_loader, build_train_loader, check_shard_sizes, read_manifest,
-                                 shard_urls)
+from mtlxray.data.loader import build_eval_loader, build_train_loader, check_shard_sizes, shard_urls
+from mtlxray.data.manifest import read_manifest
 from mtlxray.errors import ShardError
 from mtlxray.io import sha256_file
 

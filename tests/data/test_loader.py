@@ -15,8 +15,8 @@ from PIL import Image
 from mtlxray.config import DataConfig
 from mtlxray.data import loader as loader_mod
 from mtlxray.data.boxes import bounding_boxes
-from mtlxray.data.loader import (batch_to_device, build_eval_loader, build_train_loader, read_manifest,
-                                 train_batches_per_epoch)
+from mtlxray.data.loader import batch_to_device, build_eval_loader, build_train_loader, train_batches_per_epoch
+from mtlxray.data.manifest import Manifest, read_manifest
 from mtlxray.data.shards import sample_key
 from mtlxray.data.sources import list_covid_qu_ex
 from mtlxray.errors import ShardError
@@ -28,8 +28,8 @@ def _cfg(root, **kw) -> DataConfig:
     return DataConfig(shards=str(root), batch_size=kw.pop("batch_size", 4), **kw)
 
 
-def _all_keys(manifest: dict, subset: str, split: str) -> int:
-    return sum(manifest["counts"][subset][split].values())
+def _all_keys(manifest: Manifest, subset: str, split: str) -> int:
+    return manifest.count(subset, split)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "png"])
@@ -207,7 +207,7 @@ def _rank_main(rank: int, port: int, root: str, queue) -> None:
 
 def test_two_gloo_ranks_on_uneven_shards_get_equal_batches_and_eval_sees_each_sample_once(tiny_shards):
     manifest = read_manifest(tiny_shards)
-    sizes = [e["samples"] for e in manifest["shards"]["lung"]["train"]]
+    sizes = [e["samples"] for e in manifest.entries("lung", "train")]
     assert len(set(sizes)) > 1  # deliberately uneven shards
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mtlxray.config import DataConfig
-from mtlxray.data.loader import build_eval_loader, build_train_loader, read_manifest, train_batches_per_epoch
+from mtlxray.data.loader import build_eval_loader, build_train_loader, train_batches_per_epoch
+from mtlxray.data.manifest import read_manifest
 from mtlxray.data.remote import RetryPolicy, fetch_bytes, normalise_root
 from mtlxray.errors import ShardError
 from servers import FaultProxy, MotoS3, Nginx

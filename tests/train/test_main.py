@@ -88,7 +88,7 @@ def test_a_shard_error_in_a_loader_worker_is_one_line(tiny_shards, tmp_path):
 def test_image_size_not_matching_shards_is_a_config_error(tiny_shards, tmp_path):
     args = tiny_overrides(tiny_shards, tmp_path, "model.img_size=128")
     res = run_cli(["train", "--config", str(DEMO), *args])
-    _one_line_failure(res, ConfigError.exit_code, "model.img_size=128")
+    _one_line_failure(res, ConfigError.exit_code, "model.img_size: a 128² model", "--image-size 128")
 
 
 def test_without_a_terminal_progress_is_a_log_line_per_log_step_not_carriage_returns(tiny_shards, tmp_path):
