@@ -396,11 +396,11 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
 
     Class names are those of the config's label scheme (`data.classes`), which the loader labels by."""
     from mtlxray.data.loader import label_names, read_manifest
-    from mtlxray.model.kinds import resizes_input
+    from mtlxray.model.registry import model_spec
 
     what = source.get("checkpoint") or source.get("model_config")
     manifest = read_manifest(shards)
-    if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
+    if manifest.get("image_size") != cfg.model.img_size and not model_spec(cfg.model.name).resizes_input:
         raise ConfigError(f"{what} is a {cfg.model.img_size}² model but the shards in {shards} hold "
                           f"{manifest.get('image_size')}² images: evaluate on shards built with "
                           f"`--image-size {cfg.model.img_size}`")

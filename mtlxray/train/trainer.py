@@ -84,7 +84,7 @@ def _check_same_run(cfg: Config, ckpt: Path, allow: bool) -> None:
 
 def _model_tasks(cfg: Config) -> set[str]:
     """The outputs the configured model produces in the configured phase."""
-    from mtlxray.model.kinds import model_tasks
+    from mtlxray.model.registry import model_tasks
 
     return set(model_tasks(cfg.model, cfg.phase.name))
 
@@ -103,9 +103,9 @@ def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
     if not val:
         raise ConfigError(f"data.val_split: {root} has no {eval_subset(cfg)}/{cfg.data.val_split} shards to "
                           "validate on")
-    from mtlxray.model.kinds import resizes_input
+    from mtlxray.model.registry import model_spec
 
-    if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
+    if manifest.get("image_size") != cfg.model.img_size and not model_spec(cfg.model.name).resizes_input:
         raise ConfigError(f"model.img_size={cfg.model.img_size} but the shards in {root} hold "
                           f"{manifest.get('image_size')}² images")
     tasks = _model_tasks(cfg)
