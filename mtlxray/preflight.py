@@ -8,8 +8,8 @@ the model's metrics, no positive `phase.loss_weights` for an output the model do
 `mtlxray doctor` reports them all, `mtlxray evaluate` checks the image size (`check_image_size`) and
 `mtlxray submit` checks every phase of a chain before submitting it.
 
-What the model produces and whether it resizes its input come from `mtlxray.model.kinds`; the
-prefixes of `phase.frozen` and `phase.lr_mult` need the built model's parameter names and are
+What the model produces and whether it resizes its input come from its `ModelSpec`
+(`mtlxray.model.registry`); the prefixes of `phase.frozen` and `phase.lr_mult` need the built model's parameter names and are
 checked where the model is built (`mtlxray.train.phases`, `mtlxray.train.optim`).
 """
 
@@ -27,7 +27,7 @@ from mtlxray.data.manifest import Manifest, read_manifest, shard_subsets, valida
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.errors import CheckpointError, ConfigError, MtlxError, ShardError, ShardsNotFoundError
 from mtlxray.evaluation import metric_names
-from mtlxray.model.kinds import model_tasks, resizes_input
+from mtlxray.model.registry import model_spec, model_tasks
 
 __all__ = ["Problem", "check_run", "check_image_size", "raise_first"]
 
@@ -106,7 +106,7 @@ def _check_splits(cfg: Config, manifest: Manifest) -> list[Problem]:
 
 def check_image_size(model: ModelConfig, manifest: Manifest, root: str | Path) -> list[Problem]:
     """The shards hold `model.img_size`² images, unless the model resizes its input itself."""
-    if manifest.image_size == model.img_size or resizes_input(model):
+    if manifest.image_size == model.img_size or model_spec(model.name).resizes_input:
         return []
     return [Problem("model.img_size", f"a {model.img_size}² model, but the shards in {root} hold "
                     f"{manifest.image_size}² images: use shards built with `--image-size {model.img_size}`")]

@@ -61,3 +61,53 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "x.py"
     sample.write_text("def f():\n    from mtlxray.train.trainer import Trainer\n    import mtlxray.report.evaluate\n")
     assert _imports(sample) == {"train", "report"}
+
+
+def test_no_import_cycle_runs_through_the_model_package():
+    """Every import, at module level or inside a function, is an edge between mtlxray modules; no
+    cycle of them may pass through a module of mtlxray/model (such a cycle leaves one module
+    half-initialised when the other is imported first)."""
+    from collections import deque
+
+    root = PACKAGE.parent
+
+    def module_name(path: Path) -> str:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+    def targets(path: Path) -> set[str]:
+        """The mtlxray modules a file imports: `from a.b import c` imports a.b, and a.b.c where that is a module."""
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        return found & set(modules)
+
+    # `from mtlxray.model import zoo` in mtlxray/model/__init__.py names the package itself: no edge.
+    graph = {name: targets(path) - {name} for name, path in modules.items()}
+
+    def cycle_from(start: str) -> list[str]:
+        """A shortest import path from `start` back to itself ([] if there is none)."""
+        parent: dict[str, str] = {}
+        queue = deque([start])
+        while queue:
+            node = queue.popleft()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parent[path[-1]])
+                    return [*reversed(path), start]
+                if nxt not in parent:
+                    parent[nxt] = node
+                    queue.append(nxt)
+        return []
+
+    assert "mtlxray.model.base" in graph and "mtlxray.model" in graph  # the walk found the package
+    in_model = [name for name in graph if name == "mtlxray.model" or name.startswith("mtlxray.model.")]
+    cycles = [" -> ".join(cycle) for cycle in map(cycle_from, in_model) if cycle]
+    assert cycles == []

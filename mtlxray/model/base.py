@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 import torch.nn as nn
 
 from mtlxray.errors import CheckpointError
+from mtlxray.model.registry import build_model
 from mtlxray.model.swin import WindowAttention, check_kernel
 
 if TYPE_CHECKING:
@@ -59,11 +60,10 @@ def check_mode(mode: str) -> Mode:
 class MTLModel(nn.Module):
     """Base class of every mtlxray model (see the module docstring)."""
 
-    tasks: ClassVar[frozenset[str]] = frozenset({"lung", "inf", "cls"})
-    """The outputs this architecture can produce."""
-
     def __init__(self) -> None:
         super().__init__()
+        self.tasks: frozenset[str] = frozenset()
+        """The outputs the model can produce, in either phase (set by `build_model` from its spec)."""
         self.mode: Mode = "phase1"
         self.config: Optional["Config"] = None
         """The run config the model was loaded with (set by `from_pretrained`)."""
@@ -134,7 +134,6 @@ class MTLModel(nn.Module):
         `set_attention`.
         """
         from mtlxray.config import load_config
-        from mtlxray.model.net import build_model
 
         folder = Path(folder)
         if folder.is_file() and folder.name == WEIGHTS_NAME:

@@ -28,6 +28,7 @@ from mtlxray.config import ModelConfig  # noqa: E402
 from mtlxray.errors import CheckpointError, ConfigError, MtlxError  # noqa: E402
 from mtlxray.model.base import MTLModel, Mode, check_mode  # noqa: E402
 from mtlxray.model.pretrained import error_line  # noqa: E402
+from mtlxray.model.registry import register_model  # noqa: E402
 from mtlxray.resources import find_config  # noqa: E402
 
 __all__ = ["ClipZeroShot", "DEFAULT_PROMPTS", "resolve_clip_arch"]
@@ -83,8 +84,6 @@ def _missing_package(clip_arch: str, arch: str, error: ImportError) -> MtlxError
 
 class ClipZeroShot(MTLModel):
     """Zero-shot classifier over prompts (see the module docstring); produces only `cls`."""
-
-    tasks = frozenset({"cls"})
 
     def __init__(self, cfg: ModelConfig, pretrained: bool = True) -> None:
         super().__init__()
@@ -185,3 +184,9 @@ class ClipZeroShot(MTLModel):
         if getattr(self.clip, "logit_bias", None) is not None:
             logits = logits + self.clip.logit_bias
         return {"lung": None, "inf": None, "cls": logits}
+
+
+@register_model("zero-shot", tasks={"cls"}, resizes_to="the image tower's size (model.clip_arch)")
+def clip_zeroshot(cfg: ModelConfig, pretrained: bool) -> ClipZeroShot:
+    """open_clip, class logits = similarities to the class prompts (weights: `model.pretrained`)."""
+    return ClipZeroShot(cfg, pretrained)

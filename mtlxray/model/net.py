@@ -1,9 +1,9 @@
-"""The multi-task Swin-UNet, and `build_model` with the registry of every model (`MODELS`).
+"""The multi-task Swin-UNet, registered as `mtl_swin_unet` (`mtlxray.model.registry`).
 
 The Swin-UNet's submodules (`encoder`, `ppm`, `lung_decoder`, `inf_decoder`, `lung_head`,
 `inf_head`, `cls_head`) are what its freezing and learning-rate rules refer to. The baselines
 (`mtlxray.model.zoo`, `mtlxray.model.clip`: smp, timm and open_clip models) return the same dict,
-with None for the outputs they do not produce (their `tasks`):
+with None for the outputs they do not produce (their spec's `tasks`):
 
     out = model(x)           # x: B×1×H×W in [0, 1]
     out["lung"]              # B×1×H×W logits
@@ -15,7 +15,6 @@ with None for the outputs they do not produce (their `tasks`):
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -25,14 +24,13 @@ from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
 from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode
 from mtlxray.model.decoder import PPM, CrossAttention, DecoderBranch, UpConv
-from mtlxray.model.detection import attach_det_head, detect
+from mtlxray.model.detection import detect
 from mtlxray.model.base import MTLModel, Mode, check_mode
 from mtlxray.model.heads import ClassHead, MaskHead
+from mtlxray.model.registry import register_model
 from mtlxray.model.swin import SwinEncoder
 
-__all__ = ["MultiTaskUNet", "MTLSwinUNet", "build_model", "MODELS"]
-
-log = logging.getLogger(__name__)
+__all__ = ["MultiTaskUNet", "MTLSwinUNet"]
 
 # Initial foreground probability of the mask heads: lungs cover about a fifth of a chest X-ray,
 # infection a few percent of it.
@@ -200,75 +198,13 @@ class MTLSwinUNet(MultiTaskUNet):
         self.normalize_input = cfg.input_norm
 
 
-def _swin_unet(cfg: ModelConfig, pretrained: bool) -> MTLModel:
+@register_model("multitask", tasks={"lung", "cls"}, phase2_tasks={"lung", "inf", "cls"},
+                weights_field="encoder_pretrained")
+def mtl_swin_unet(cfg: ModelConfig, pretrained: bool) -> MTLModel:
+    """The paper's model (encoder from scratch, or from the timm Swin-T file `model.encoder_pretrained`)."""
     model = MTLSwinUNet(cfg)
     if pretrained and cfg.encoder_pretrained:
         from mtlxray.model.pretrained import load_timm_swin_encoder
 
         load_timm_swin_encoder(model.encoder, cfg.encoder_pretrained, cfg)
-    return model
-
-
-def _smp(cfg: ModelConfig, pretrained: bool) -> MTLModel:
-    from mtlxray.model.zoo import SMP_ARCHS, SmpSegmenter
-
-    model = SmpSegmenter(cfg, SMP_ARCHS[cfg.name], with_cls=cfg.name == "mtl_unet")
-    if pretrained and cfg.encoder_pretrained:
-        model.load_encoder(cfg.encoder_pretrained, cfg)
-    return model
-
-
-def _timm(cfg: ModelConfig, pretrained: bool) -> MTLModel:
-    from mtlxray.model.zoo import TIMM_CLASSIFIERS, TimmClassifier
-
-    return TimmClassifier(cfg, cfg.timm_name or TIMM_CLASSIFIERS[cfg.name], pretrained)
-
-
-def _clip(cfg: ModelConfig, pretrained: bool) -> MTLModel:
-    from mtlxray.model.clip import ClipZeroShot
-
-    return ClipZeroShot(cfg, pretrained)
-
-
-MODELS: dict[str, Callable[[ModelConfig, bool], MTLModel]] = {
-    "mtl_swin_unet": _swin_unet,   # the paper's model (encoder from scratch, or model.encoder_pretrained)
-    "unet": _smp,                  # smp Unet, lung only
-    "unetpp": _smp,                # smp UnetPlusPlus, lung only
-    "deeplabv3p": _smp,            # smp DeepLabV3Plus, lung only
-    "mtl_unet": _smp,              # smp Unet + classification branch after the encoder: lung + class
-    "swin_t_cls": _timm,           # timm swin_tiny_patch4_window7_224, class only
-    "vit_b_cls": _timm,            # timm vit_base_patch16_224
-    "dinov2_cls": _timm,           # timm vit_small_patch14_dinov2 (model.timm_name for larger ones)
-    "beitv2_cls": _timm,           # timm beitv2_base_patch16_224
-    "clip_zeroshot": _clip,        # open_clip, class logits = similarities to the class prompts
-}
-"""Registry name -> builder(cfg, pretrained): the model in phase1 mode."""
-
-_WEIGHTS_FIELD = {"mtl_swin_unet": "encoder_pretrained", "unet": "encoder_pretrained",
-                  "unetpp": "encoder_pretrained", "deeplabv3p": "encoder_pretrained",
-                  "mtl_unet": "encoder_pretrained", "clip_zeroshot": "pretrained"}
-"""Which weights field a model reads (`pretrained` for the timm classifiers too)."""
-
-
-def build_model(cfg: ModelConfig, pretrained: bool = True) -> MTLModel:
-    """Build the model named by `cfg.name` (see `MODELS`) in phase1 mode.
-
-    With `pretrained` (the default) the weights named by `model.pretrained` or
-    `model.encoder_pretrained` are loaded from their local files; pass False when a checkpoint's
-    weights will be loaded over the model anyway (`MTLModel.from_pretrained`, export).
-    """
-    if cfg.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose from {', '.join(MODELS)}")
-    uses = _WEIGHTS_FIELD.get(cfg.name, "pretrained")
-    for name in ("pretrained", "encoder_pretrained"):
-        if name != uses and getattr(cfg, name):
-            raise ConfigError(f"model.{name} is not read by {cfg.name}; its weights file goes in model.{uses}")
-    model = MODELS[cfg.name](cfg, pretrained)
-    if cfg.det_head != "none":
-        attach_det_head(model, cfg)
-    model.set_grad_checkpointing(cfg.grad_checkpoint)
-    if model.attention_kernel is not None:
-        # The kernel for a device and precision is chosen where the model is placed there
-        # (model.set_attention(mtlxray.hardware.resolve_attention(...)), which logs the choice).
-        log.debug("window attention: %s as built (model.attention=%s)", model.attention_kernel, cfg.attention)
     return model

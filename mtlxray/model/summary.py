@@ -95,7 +95,8 @@ def _child_table(counts: dict[str, int], flops: dict[str, float], name: str, img
 def cli_main(args: argparse.Namespace) -> int:
     """`mtlxray model-summary [--config C] [--json] [overrides]`."""
     from mtlxray.config import load_config
-    from mtlxray.model.net import MultiTaskUNet, build_model
+    from mtlxray.model.net import MultiTaskUNet
+    from mtlxray.model.registry import build_model
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model, pretrained=False)  # counting needs no weights

@@ -8,8 +8,10 @@
   from RGB weights by timm's loader. Submodules: `encoder` (the timm model without its classifier:
   it returns pooled features) and `cls_head` (timm's classifier Linear).
 
-Every model returns `{"lung", "inf", "cls"}` with None for what it does not produce (`tasks` says
-what it does), takes a B×1×H×W image in [0, 1] and normalises it itself, and says which
+Each registered name (`unet`, `unetpp`, `deeplabv3p`, `mtl_unet`; `swin_t_cls`, `vit_b_cls`,
+`dinov2_cls`, `beitv2_cls`) has its builder at the end of this module. Every model returns
+`{"lung", "inf", "cls"}` with None for what it does not produce (its spec's `tasks` says what it
+does), takes a B×1×H×W image in [0, 1] and normalises it itself, and says which
 parameters form its class head's last layer (`classifier_names`, for transfer), its first N
 encoder blocks (`encoder_block_prefixes`, for freezing), and its encoder features (`encode`).
 """
@@ -34,24 +36,14 @@ from mtlxray.model.detection import detect  # noqa: E402
 from mtlxray.model.pretrained import (  # noqa: E402
     error_line, read_state_dict, timm_from_state_dict,
 )
+from mtlxray.model.registry import register_model  # noqa: E402
 
-__all__ = ["SmpSegmenter", "TimmClassifier", "SMP_ARCHS", "TIMM_CLASSIFIERS", "covering_prefixes"]
+__all__ = ["SmpSegmenter", "TimmClassifier", "covering_prefixes"]
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-SMP_ARCHS = {"unet": "Unet", "unetpp": "UnetPlusPlus", "deeplabv3p": "DeepLabV3Plus", "mtl_unet": "Unet"}
-"""Registry name -> segmentation_models_pytorch class."""
-
-TIMM_CLASSIFIERS = {
-    "swin_t_cls": "swin_tiny_patch4_window7_224",
-    "vit_b_cls": "vit_base_patch16_224",
-    "dinov2_cls": "vit_small_patch14_dinov2",
-    "beitv2_cls": "beitv2_base_patch16_224",
-}
-"""Registry name -> default timm architecture (`model.timm_name` overrides it)."""
 
 
 def _stats(values: tuple[float, ...], in_chans: int) -> torch.Tensor:
@@ -129,7 +121,6 @@ class SmpSegmenter(_Normalised):
         self.decoder = net.decoder
         self.lung_head = net.segmentation_head
         self.cls_head: Optional[nn.Module] = net.classification_head
-        self.tasks = frozenset({"lung", "cls"} if with_cls else {"lung"})
         self.det_head: Optional[nn.Module] = None
         """Infection-box head on the encoder or decoder features (`model.det_head`)."""
         self.divisor = self.encoder.output_stride if net.requires_divisible_input_shape else 1
@@ -193,8 +184,6 @@ class SmpSegmenter(_Normalised):
 
 class TimmClassifier(_Normalised):
     """A timm image classifier (see the module docstring); inputs are resized to `model.img_size`."""
-
-    tasks = frozenset({"cls"})
 
     def __init__(self, cfg: ModelConfig, timm_name: str, pretrained: bool = True) -> None:
         super().__init__()
@@ -280,3 +269,66 @@ class TimmClassifier(_Normalised):
                                   if any(under_prefix(name, m) for m in block)]
         return covering_prefixes([f"encoder.{name}" for name in chosen],
                                  [name for name, _ in self.named_parameters()])
+
+
+# -------------------------------------------------------------------------------------------------
+# the registered models
+
+
+def _smp(cfg: ModelConfig, pretrained: bool, arch: str, with_cls: bool = False) -> SmpSegmenter:
+    model = SmpSegmenter(cfg, arch, with_cls=with_cls)
+    if pretrained and cfg.encoder_pretrained:
+        model.load_encoder(cfg.encoder_pretrained, cfg)
+    return model
+
+
+@register_model("segmentation", tasks={"lung"}, weights_field="encoder_pretrained")
+def unet(cfg: ModelConfig, pretrained: bool) -> SmpSegmenter:
+    """smp Unet, lung only."""
+    return _smp(cfg, pretrained, "Unet")
+
+
+@register_model("segmentation", tasks={"lung"}, weights_field="encoder_pretrained")
+def unetpp(cfg: ModelConfig, pretrained: bool) -> SmpSegmenter:
+    """smp UnetPlusPlus, lung only."""
+    return _smp(cfg, pretrained, "UnetPlusPlus")
+
+
+@register_model("segmentation", tasks={"lung"}, weights_field="encoder_pretrained")
+def deeplabv3p(cfg: ModelConfig, pretrained: bool) -> SmpSegmenter:
+    """smp DeepLabV3Plus, lung only."""
+    return _smp(cfg, pretrained, "DeepLabV3Plus")
+
+
+@register_model("multitask", tasks={"lung", "cls"}, weights_field="encoder_pretrained")
+def mtl_unet(cfg: ModelConfig, pretrained: bool) -> SmpSegmenter:
+    """smp Unet with its classification branch after the encoder: lung + class."""
+    return _smp(cfg, pretrained, "Unet", with_cls=True)
+
+
+_TIMM_INPUT = "model.img_size"
+"""What the timm classifiers resize their input to."""
+
+
+@register_model("classifier", tasks={"cls"}, resizes_to=_TIMM_INPUT)
+def swin_t_cls(cfg: ModelConfig, pretrained: bool) -> TimmClassifier:
+    """timm swin_tiny_patch4_window7_224 (or `model.timm_name`), class only."""
+    return TimmClassifier(cfg, cfg.timm_name or "swin_tiny_patch4_window7_224", pretrained)
+
+
+@register_model("classifier", tasks={"cls"}, resizes_to=_TIMM_INPUT)
+def vit_b_cls(cfg: ModelConfig, pretrained: bool) -> TimmClassifier:
+    """timm vit_base_patch16_224 (or `model.timm_name`), class only."""
+    return TimmClassifier(cfg, cfg.timm_name or "vit_base_patch16_224", pretrained)
+
+
+@register_model("classifier", tasks={"cls"}, resizes_to=_TIMM_INPUT)
+def dinov2_cls(cfg: ModelConfig, pretrained: bool) -> TimmClassifier:
+    """timm vit_small_patch14_dinov2 (`model.timm_name` for larger ones), class only."""
+    return TimmClassifier(cfg, cfg.timm_name or "vit_small_patch14_dinov2", pretrained)
+
+
+@register_model("classifier", tasks={"cls"}, resizes_to=_TIMM_INPUT)
+def beitv2_cls(cfg: ModelConfig, pretrained: bool) -> TimmClassifier:
+    """timm beitv2_base_patch16_224 (or `model.timm_name`), class only."""
+    return TimmClassifier(cfg, cfg.timm_name or "beitv2_base_patch16_224", pretrained)

@@ -187,7 +187,7 @@ def summarise_run(run: str | Path, *, split: str = "test", subset: Optional[str]
     summary = json.loads((eval_dir / "metrics.json").read_text())
     train_dir = run if (run / "metrics.jsonl").is_file() or eval_dir.parent == own else eval_dir.parent
     cfg = _config_of(train_dir, eval_dir, summary)
-    from mtlxray.model.kinds import model_tasks
+    from mtlxray.model.registry import model_tasks
 
     params, trainable, gflops, gflops_fb = _model_cost(cfg)
     img_per_s, world, steps = _training_speed(train_dir)

@@ -12,13 +12,15 @@ from _zoo_support import SMP_NAMES, TIMM_NAMES, TINY, save_weights, tiny_zoo_con
 from mtlxray.cli import main
 from mtlxray.config import Config, ModelConfig, load_config
 from mtlxray.errors import CheckpointError, ConfigError
-from mtlxray.model import MODELS, MTLModel, build_model
-from mtlxray.model.zoo import TIMM_CLASSIFIERS
+from mtlxray.model import MTLModel, build_model, model_names
 from mtlxray.train.phases import apply_freezing
 
 BASELINES = Path(__file__).resolve().parents[2] / "configs" / "baselines"
 BASELINE_NAMES = ["unet", "unetpp", "deeplabv3p", "mtl_unet", "swin_t_cls", "vit_b_cls", "dinov2_cls", "beitv2_cls",
                   "clip_zeroshot"]
+TIMM_DEFAULTS = {"swin_t_cls": "swin_tiny_patch4_window7_224", "vit_b_cls": "vit_base_patch16_224",
+                 "dinov2_cls": "vit_small_patch14_dinov2", "beitv2_cls": "beitv2_base_patch16_224"}
+"""The timm architecture each classifier builds unless `model.timm_name` names another."""
 
 
 def _shapes(out: dict) -> dict:
@@ -26,7 +28,7 @@ def _shapes(out: dict) -> dict:
 
 
 def test_registry_holds_every_baseline():
-    assert set(BASELINE_NAMES) | {"mtl_swin_unet"} == set(MODELS)
+    assert set(BASELINE_NAMES) | {"mtl_swin_unet"} == set(model_names())
 
 
 @pytest.mark.parametrize("name", SMP_NAMES)
@@ -52,7 +54,7 @@ def test_timm_classifiers_return_class_logits_from_any_input_size(name):
     torch.manual_seed(0)
     model = build_model(tiny_zoo_config(name)).train()
     assert model.tasks == {"cls"} and model.classifier_names() == ["cls_head"]
-    assert model.encoder.default_cfg["architecture"] == TIMM_CLASSIFIERS[name]
+    assert model.encoder.default_cfg["architecture"] == TIMM_DEFAULTS[name]
     out = model(torch.rand(2, 1, 48, 48))  # resized to img_size inside
     assert _shapes(out) == {"lung": None, "inf": None, "cls": (2, 3)}
     out["cls"].mean().backward()
@@ -92,7 +94,7 @@ def test_timm_classifier_from_a_local_rgb_checkpoint(tmp_path, name, kwargs):
     """Same class count: every tensor is the checkpoint's, with the RGB patch filters summed."""
     cfg = tiny_zoo_config(name)
     torch.manual_seed(3)
-    src = timm.create_model(TIMM_CLASSIFIERS[name], pretrained=False, num_classes=3, img_size=cfg.img_size,
+    src = timm.create_model(TIMM_DEFAULTS[name], pretrained=False, num_classes=3, img_size=cfg.img_size,
                             **cfg.lib_kwargs)
     path = save_weights(src, tmp_path / "w.safetensors")
     model = build_model(tiny_zoo_config(name, pretrained=str(path)))
