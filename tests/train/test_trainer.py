@@ -52,7 +52,7 @@ def uninterrupted(tiny_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_sigterm_then_resume_auto_is_bit_identical_to_uninterrupted(tiny_shards, tmp_path, uninterrupted):
-    first = _run(tmp_path, tiny_shards, "split", "term", 3)
+    first = _run(tmp_path, tiny_shards, "split", "term", 2)  # acted on at the next log step, 3
     assert first.returncode == EXIT_REQUEUE, first.stderr[-3000:]
     stopped = read_state(find_resume(tmp_path / "split" / "checkpoints"))
     assert 3 <= stopped.step < TOTAL and stopped.batch_in_epoch > 0  # stopped mid-epoch
@@ -97,7 +97,7 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tiny_shards, t
 
 @pytest.mark.slow
 def test_resume_skips_a_checkpoint_without_its_rng_state_and_stays_exact(tiny_shards, tmp_path, uninterrupted):
-    first = _run(tmp_path, tiny_shards, "rng", "term", 3)
+    first = _run(tmp_path, tiny_shards, "rng", "term", 2)
     assert first.returncode == EXIT_REQUEUE, first.stderr[-3000:]
     last = (tmp_path / "rng" / "checkpoints" / "last").resolve()
     (last / "random_states_0.pkl").unlink()
