@@ -86,7 +86,7 @@ def resolve_global_batch(cfg: Config, world_size: int) -> None:
 
 
 def resolve(cfg: Config, env: Mapping[str, str], world: WorldInfo, device_type: Optional[str] = None) -> Resolved:
-    """The config this process trains with (a copy; `cfg` is not changed); logs each key it changed.
+    """The config this process trains with (a copy; `cfg` is not changed); rank 0 logs each key it changed.
 
     device_type: `cuda` or `cpu` for `run.precision=auto` (default: cuda where torch sees a GPU)."""
     if device_type is None:
@@ -99,6 +99,6 @@ def resolve(cfg: Config, env: Mapping[str, str], world: WorldInfo, device_type: 
     resolve_global_batch(out, world.world_size)
     before, after = flatten(config_to_dict(cfg)), flatten(config_to_dict(out))
     for key in after:
-        if before.get(key) != after[key]:
+        if before.get(key) != after[key] and world.rank == 0:  # every rank resolves the same
             logger.info("config: %s %s -> %s", key, before.get(key), after[key])
     return Resolved(out, source)
