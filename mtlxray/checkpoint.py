@@ -66,15 +66,15 @@ class TrainState:
     """Training samples consumed across all ranks."""
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
-    nan_skipped: int = 0
     skipped_shards: int = 0
     """Shards the training loaders skipped over the run, on all ranks (`data.skip_failed_shards`)."""
     phase: str = "phase1"
     world_size: int = 1
     """Processes that wrote the checkpoint (one RNG state file each)."""
-    log_window: dict = field(default_factory=dict)
-    """The training-log interval in progress: loss sums and step count since the last log line,
-    so that a resumed run logs exactly what an uninterrupted one would."""
+    components: dict[str, dict] = field(default_factory=dict)
+    """The `state_dict()` of each stateful part of the loop, by name: `loss_window` (the training-log
+    interval in progress, so that a resumed run logs exactly what an uninterrupted one would) and
+    `nonfinite` (the non-finite steps skipped so far)."""
     parts: dict[str, int] = field(default_factory=dict)
     """Every file of the checkpoint (relative path -> bytes), for `verify_checkpoint`."""
 
@@ -85,6 +85,9 @@ class TrainState:
     def from_json(cls, text: str, source: str) -> "TrainState":
         try:
             data = json.loads(text)
+            if "log_window" in data or "nan_skipped" in data:  # written before `components` held them
+                data["components"] = {"loss_window": data.pop("log_window", None) or {"sums": {}, "counts": {}},
+                                      "nonfinite": {"skipped": data.pop("nan_skipped", 0)}}
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as e:
             raise CheckpointError(f"{source}: unreadable training state: {e}") from None

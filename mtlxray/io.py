@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlxray.errors import MtlxError
+from mtlxray.resources import proc_status
 
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
            "sha256_file", "free_port", "default_file_mode", "free_space", "write_error", "write_stdout"]
@@ -30,12 +31,9 @@ __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json
 
 def default_file_mode() -> int:
     """The mode `open(path, "w")` gives a new file: 0666 minus the process umask."""
-    try:  # Linux exposes the umask without changing it (os.umask would, racing other threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
+    umask = proc_status("Umask")  # Linux exposes the umask without changing it (os.umask would, racing other threads)
+    if umask is not None:
+        return 0o666 & ~int(umask, 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask

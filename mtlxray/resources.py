@@ -1,4 +1,5 @@
-"""The files that ship beside the code (configs/, slurm/) and the version, the same from any directory.
+"""The files that ship beside the code (configs/, slurm/) and the version, the same from any directory;
+and what Linux reports about this process (`proc_status`).
 
 The repository's top-level configs/ and slurm/ are the one source of both. A wheel carries them as
 package data, mtlxray/configs and mtlxray/slurm (setup.py maps them there); a checkout, or an
@@ -17,7 +18,7 @@ from mtlxray import __version__
 from mtlxray.errors import ConfigError, MtlxError
 
 __all__ = ["CONFIG_SUFFIXES", "configs_dir", "find_config", "shipped_config", "shipped_configs", "slurm_dir",
-           "source_checkout", "version_string"]
+           "source_checkout", "version_string", "proc_status", "proc_status_kib"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -98,3 +99,20 @@ def version_string() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return __version__
     return f"{__version__} (git {commit.stdout.strip()})" if commit.returncode == 0 else __version__
+
+
+def proc_status(field: str) -> str | None:
+    """The value of one `/proc/self/status` field (`VmRSS` -> `123456 kB`), None where Linux does not give it."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0] == field), None)
+
+
+def proc_status_kib(field: str) -> int:
+    """A size field of `/proc/self/status` (`VmRSS`, `VmHWM`) in KiB; RuntimeError where it is missing."""
+    value = proc_status(field)
+    if value is None:
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+    return int(value.split()[0])

@@ -8,10 +8,11 @@
 # Arguments: an optional config YAML, then `key=value` overrides. Variables (MTLX_CONFIG,
 # MTLX_OVERRIDES, MTLX_VENV, MTLX_CPU) are described in slurm/train.sh.
 #
-# The defaults below are those of the config's `launch:` section (mtlxray.config.LaunchConfig; a
-# test holds them equal): one task, i.e. one training process, per GPU with 8 CPUs each, 24 h, and
-# USR1 120 s before the time limit to save and requeue. Override any of them on the sbatch command
-# line. A request that the partition can never run is accepted by sbatch and pends forever
+# The defaults below are those of the config's `launch:` section (mtlxray.config.LaunchConfig, as
+# mtlxray.launch.slurm.sbatch_header writes them; a test holds them equal): one task, i.e. one
+# training process, per GPU with 8 CPUs each, 24 h, and USR2 120 s before the time limit to save and
+# requeue (the signal and delay `mtlxray submit` asks for too). Override any of them on the sbatch
+# command line. A request that the partition can never run is accepted by sbatch and pends forever
 # (Reason=PartitionConfig): `sbatch --test-only ...` checks first, and slurm/pipeline.sh and
 # `mtlxray submit` do it for you. The log goes to runs/slurm-<job id>.out (runs/ ships with the
 # repository).
@@ -21,7 +22,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=runs/slurm-%j.out

@@ -13,10 +13,12 @@
 #   MTLX_VENV              virtualenv to activate (default $SLURM_SUBMIT_DIR/.venv when present)
 #   MTLX_CPU=1             CPU nodes: no GPU is used, gloo (pass --gpus-per-node=0 to sbatch)
 #   MTLXRAY_PG_TIMEOUT_S   process-group timeout (default here 600 s)
-# Preemption and time limits: USR1 reaches this shell (`--signal=B:USR1@120`, or
-# `scancel --signal=USR1 --batch`); the trap hands it to srun, which passes it to every training
-# process; they save `last` at the same step and exit 75; then this script runs
-# `scontrol requeue $SLURM_JOB_ID` and exits 75, and the requeued job resumes with --resume auto.
+# Preemption and time limits: USR2 reaches this shell (`--signal=B:USR2@120`, or
+# `scancel --signal=USR2 --batch`), the signal and delay `mtlxray submit` asks for too
+# (mtlxray.launch.slurm.PREEMPT_SIGNAL, launch.requeue_signal_delay_s); the trap hands it to srun,
+# which passes it to every training process; they save `last` at the same step and exit 75; then
+# this script runs `scontrol requeue $SLURM_JOB_ID` and exits 75, and the requeued job resumes with
+# --resume auto.
 set -euo pipefail
 
 EXIT_REQUEUE=75
@@ -45,7 +47,7 @@ on_signal() {
     echo "mtlxray: $received received: asking training to save"
     kill -"$1" "$srun_pid" 2>/dev/null || true
 }
-trap 'on_signal USR1' USR1
+trap 'on_signal USR2' USR2
 
 # The tasks' identity comes from Slurm alone: nothing of a launcher this job was submitted from.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT

@@ -1,4 +1,5 @@
-"""mtlxray.resources: shipped configs by name from any directory, a path winning over a name."""
+"""mtlxray.resources: shipped configs by name from any directory, a path winning over a name; this process's
+/proc/self/status fields."""
 
 import pytest
 
@@ -83,3 +84,19 @@ def test_config_show_takes_a_name(elsewhere, capsys):
     assert cli.main(["config", "show", "--config", "baselines/unet", "data.batch_size=3"]) == 0
     out = capsys.readouterr().out
     assert "name: unet" in out and "batch_size: 3" in out
+
+
+def test_proc_status_reads_one_field_of_this_process():
+    import os
+
+    from mtlxray.resources import proc_status, proc_status_kib
+
+    mask = os.umask(0o027)
+    try:
+        assert int(proc_status("Umask"), 8) == 0o027
+    finally:
+        os.umask(mask)
+    assert proc_status_kib("VmHWM") >= proc_status_kib("VmRSS") > 0
+    assert proc_status("NoSuchField") is None
+    with pytest.raises(RuntimeError, match="NoSuchField missing"):
+        proc_status_kib("NoSuchField")

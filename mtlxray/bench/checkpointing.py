@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target
+from mtlxray.resources import proc_status_kib
 
 CONFIGS = {
     "ours_none": ["model.grad_checkpoint=none"],
@@ -29,13 +30,6 @@ CONFIGS = {
     "monai_off": [],
     "monai_on": [],
 }
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _worker(names: list[str], batch: int, size: int, smoke: bool) -> None:
@@ -62,11 +56,11 @@ def _worker(names: list[str], batch: int, size: int, smoke: bool) -> None:
         cmd, _, name = line.strip().partition(" ")
         if cmd == "mem":
             gc.collect()
-            before = _rss_kib("VmRSS")
+            before = proc_status_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             t0 = time.perf_counter()
             steps[name]()
-            reply = {"act_mib": (_rss_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024,
+            reply = {"act_mib": (proc_status_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024,
                      "s": time.perf_counter() - t0}
         elif cmd == "time":
             t0 = time.perf_counter()

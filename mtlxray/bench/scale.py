@@ -33,17 +33,15 @@ _CHILD = """
 import importlib, json, resource, sys, time
 from pathlib import Path
 import mtlxray.bench.scale as scale
+from mtlxray.resources import proc_status_kib as status
 for module in scale.IMPORTS[sys.argv[1]]:
     importlib.import_module(module)
 
-def status(field):
-    return int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field)).split()[1])
-
 Path("/proc/self/clear_refs").write_text("5")
-base = status("VmRSS:")
+base = status("VmRSS")
 t0 = time.perf_counter()
 extra = scale.stage(sys.argv[1], json.loads(sys.argv[2]))
-print("STAGE_RESULT", json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": status("VmHWM:") / 1024,
+print("STAGE_RESULT", json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": status("VmHWM") / 1024,
       "base_mib": base / 1024, "workers_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
       **extra}), flush=True)
 """

@@ -1,11 +1,15 @@
-"""Slurm parameters for submitit, as one pure function (dinov2 style), and their sbatch form.
+"""Slurm parameters for both launch paths, as one pure function (dinov2 style) and one table of sbatch options.
 
 `slurm_parameters(launch, cluster, overrides)` builds submitit executor parameters: defaults (a
-default `LaunchConfig`: the one source of launch defaults, which the `#SBATCH` headers of
-slurm/phase*.sh repeat), then the config's `launch:` section, then the cluster's, then the
-caller's; the last one wins. `sbatch_flags(params)` writes the same request as sbatch options, for
-`mtlxray submit --dry-run` and for the `sbatch --test-only` check before anything is submitted.
-Who a task is and where a job's tasks meet is `mtlxray.dist`'s business.
+default `LaunchConfig`: the one source of launch defaults), then the config's `launch:` section,
+then the cluster's, then the caller's; the last one wins. `mtlxray submit` hands them to submitit's
+`update_parameters`. `SBATCH_OPTIONS` is the one table from those parameters to sbatch options:
+`sbatch_flags(params)` writes the request as submitit's executor does (for `mtlxray submit
+--dry-run` and the `sbatch --test-only` check before anything is submitted), and
+`sbatch_header(params)` as the `#SBATCH` lines of slurm/phase*.sh, which a test holds equal to
+`sbatch_header(slurm_parameters())`. Both paths ask for the same preemption signal, `PREEMPT_SIGNAL`,
+`launch.requeue_signal_delay_s` before the time limit. Who a task is and where a job's tasks meet is
+`mtlxray.dist`'s business.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import Any, Optional
 from mtlxray.config import LaunchConfig
 from mtlxray.errors import ConfigError
 
-__all__ = ["DEFAULT_SLURM_PARAMETERS", "slurm_parameters", "sbatch_flags", "parse_slurm_time", "format_slurm_time",
-           "parse_mem_gb", "PREEMPT_SIGNAL"]
+__all__ = ["DEFAULT_SLURM_PARAMETERS", "SBATCH_OPTIONS", "slurm_parameters", "sbatch_flags", "sbatch_header",
+           "parse_slurm_time", "format_slurm_time", "parse_mem_gb", "PREEMPT_SIGNAL"]
 
 PREEMPT_SIGNAL = "USR2"
-"""The signal submitit sends before the time limit (its default; `SUBMITIT_PREEMPT_SIGNAL` changes it)."""
+"""The signal both launch paths ask Slurm for before the time limit: submitit's (its default, which
+`SUBMITIT_PREEMPT_SIGNAL` would change: leave that unset), and the batch shell's in slurm/train.sh."""
 
 
 def _from_launch(launch: LaunchConfig) -> dict[str, Any]:
@@ -83,10 +88,43 @@ def slurm_parameters(launch: Optional[LaunchConfig] = None, cluster: Optional[Ma
     return params
 
 
-# submitit parameter -> sbatch option, as submitit's Slurm executor writes them.
-_SBATCH_NAMES = {"name": "job-name", "nodes": "nodes", "tasks_per_node": "ntasks-per-node",
-                 "cpus_per_task": "cpus-per-task", "gpus_per_node": "gpus-per-node", "timeout_min": "time",
-                 "mem_gb": "mem"}
+SBATCH_OPTIONS = {"name": "job-name", "slurm_partition": "partition", "slurm_account": "account",
+                  "slurm_qos": "qos", "nodes": "nodes", "tasks_per_node": "ntasks-per-node",
+                  "gpus_per_node": "gpus-per-node", "cpus_per_task": "cpus-per-task", "mem_gb": "mem",
+                  "timeout_min": "time", "slurm_signal_delay_s": "signal"}
+"""submitit executor parameter -> sbatch option, in the order the options are written. Another
+`slurm_<x>` parameter is `--<x>` (submitit's own rule), and `slurm_additional_parameters` are
+written as they are named. Written out here because submitit renders its sbatch file only inside
+`submit()`: `--dry-run` and `--test-only` must say the same request without submitting it."""
+
+
+def _sbatch_options(params: Mapping[str, Any], *, script: bool) -> dict[str, Any]:
+    """sbatch option -> value for `params`; `script`: as a batch script's #SBATCH lines say it."""
+    flags: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None or key == "slurm_additional_parameters":
+            continue
+        if key == "mem_gb":
+            value = f"{int(value)}GB" if float(value) == int(value) else f"{int(float(value) * 1024)}MB"
+        elif key == "timeout_min" and script:
+            value = format_slurm_time(int(value))
+        elif key == "slurm_signal_delay_s":
+            # The batch shell of slurm/train.sh relays the signal to srun (B:); submitit's tasks take it directly.
+            value = f"{'B:' if script else ''}{PREEMPT_SIGNAL}@{value}"
+        if key in SBATCH_OPTIONS:
+            flags[SBATCH_OPTIONS[key]] = value
+        elif key.startswith("slurm_"):
+            flags[key[len("slurm_"):].replace("_", "-")] = value
+        else:
+            raise ConfigError(f"unknown launch parameter `{key}`")
+    for key, value in (params.get("slurm_additional_parameters") or {}).items():
+        flags[key.replace("_", "-")] = value
+    order = {name: i for i, name in enumerate([*SBATCH_OPTIONS.values(), "requeue"])}
+    return {k: flags[k] for k in sorted(flags, key=lambda k: (order.get(k, len(order)), k))}
+
+
+def _render(flags: Mapping[str, Any]) -> list[str]:
+    return [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items() if v is not False]
 
 
 def sbatch_flags(params: Mapping[str, Any]) -> list[str]:
@@ -94,28 +132,12 @@ def sbatch_flags(params: Mapping[str, Any]) -> list[str]:
 
     Output paths are left out (submitit puts them in its folder).
     """
-    flags: dict[str, Any] = {}
-    for key, value in params.items():
-        if value is None or key in ("slurm_additional_parameters", "slurm_signal_delay_s"):
-            continue
-        if key == "mem_gb":
-            value = f"{int(value)}GB" if float(value) == int(value) else f"{int(float(value) * 1024)}MB"
-        if key in _SBATCH_NAMES:
-            flags[_SBATCH_NAMES[key]] = value
-        elif key.startswith("slurm_"):
-            flags[key[len("slurm_"):].replace("_", "-")] = value
-        else:
-            raise ConfigError(f"unknown launch parameter `{key}`")
-    flags["signal"] = f"{PREEMPT_SIGNAL}@{params.get('slurm_signal_delay_s', 90)}"
-    for key, value in (params.get("slurm_additional_parameters") or {}).items():
-        flags[key.replace("_", "-")] = value
-    order = {name: i for i, name in enumerate(_FLAG_ORDER)}
-    keys = sorted(flags, key=lambda k: (order.get(k, len(order)), k))
-    return [f"--{k}" if flags[k] is True else f"--{k}={flags[k]}" for k in keys if flags[k] is not False]
+    return _render(_sbatch_options(params, script=False))
 
 
-_FLAG_ORDER = ("job-name", "partition", "account", "qos", "nodes", "ntasks-per-node", "gpus-per-node",
-               "cpus-per-task", "mem", "time", "signal", "requeue")
+def sbatch_header(params: Mapping[str, Any]) -> list[str]:
+    """`params` as a batch script's `#SBATCH` lines: the time as H:MM:SS, the signal to the batch shell."""
+    return [f"#SBATCH {flag}" for flag in _render(_sbatch_options(params, script=True))]
 
 
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")

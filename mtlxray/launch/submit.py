@@ -4,13 +4,14 @@ Each phase is one submitit job running `TrainJob`, a thin picklable `Checkpointa
 its arguments. Every task of a job sets the torch.distributed variables through
 `mtlxray.dist.export_submitit_env` and calls `mtlxray.train.main.run_training`.
 
-Preemption and time limits: submitit's signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)
-reaches every task, where the training loop's stop handlers catch it: every rank saves `last` at
-the same step boundary and training returns 75. Then global rank 0 hands the signal back to
-submitit's own handler, which calls `checkpoint()` (a resubmission with resume="auto") and
-requeues the job; the other ranks exit 0 at once, without a result, so that nothing stale is read
-as the job's outcome, nothing waits for the requeue, and no task exits non-zero (srun's
-`--kill-on-bad-exit` would kill rank 0 before it requeues).
+Preemption and time limits: the preemption signal (`mtlxray.launch.slurm.PREEMPT_SIGNAL`, USR2,
+submitit's default, `launch.requeue_signal_delay_s` before the time limit: the executor's
+`slurm_signal_delay_s`) reaches every task, where the training loop's stop handlers catch it: every
+rank saves `last` at the same step boundary and training returns 75. Then global rank 0 raises the
+signal again, now for the handler submitit installed in the job, which calls `checkpoint()` (a
+resubmission with resume="auto") and requeues the job; the other ranks exit 0 at once, without a
+result, so that nothing stale is read as the job's outcome, nothing waits for the requeue, and no
+task exits non-zero (srun's `--kill-on-bad-exit` would kill rank 0 before it requeues).
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import submitit
-from submitit.core.job_environment import SignalHandler
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from mtlxray.config import load_config
 from mtlxray.errors import EXIT_REQUEUE, ConfigError, MtlxError
 from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
 from mtlxray.launch.progress import ProgressRelay
-from mtlxray.launch.slurm import parse_mem_gb, parse_slurm_time, sbatch_flags, slurm_parameters
+from mtlxray.launch.slurm import PREEMPT_SIGNAL, parse_mem_gb, parse_slurm_time, sbatch_flags, slurm_parameters
 
 __all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "cli_main", "SubmitError"]
 
@@ -94,16 +94,15 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def _requeue_through_submitit() -> None:
-    """Give submitit's preemption signal back to submitit's own handler, which requeues and exits.
+    """Give the preemption signal back to submitit's own handler, which requeues and exits.
 
-    The training loop caught the signal (its stop handlers cover submitit's USR2) so that every
-    rank saved at one step boundary, and restored submitit's handler when it closed. Raising the
-    signal again now runs that handler: it calls `TrainJob.checkpoint()` (the resubmission),
-    `scontrol requeue`s the job and exits.
+    The training loop caught the signal (its stop handlers cover USR2) so that every rank saved at
+    one step boundary, and restored submitit's handler when it closed. Raising the signal again now
+    runs that handler, submitit's preemption protocol: it calls `TrainJob.checkpoint()` (the
+    resubmission), `scontrol requeue`s the job and exits.
     """
-    signum = signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
-    handler = signal.getsignal(signum)
-    if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+    signum = signal.Signals[f"SIG{PREEMPT_SIGNAL}"]
+    if not callable(signal.getsignal(signum)):  # the default action would end the job without a requeue
         raise TrainingFailed(f"training saved, but submitit's {signum.name} handler is not in place to requeue "
                              "the job; resubmit it to resume from checkpoints/last")
     try:
@@ -350,6 +349,9 @@ def submit_pipeline(configs: Sequence[str | Path], executor: Optional[str] = Non
     if kind == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError("executor=slurm: `sbatch` is not on PATH (not a Slurm login node?); "
                           "use executor=local to run the chain on this machine")
+    if submitit.JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG}: mtlxray's jobs save and "
+                          f"requeue on {PREEMPT_SIGNAL}, as slurm/train.sh does; unset it")
     plans = validate_chain(configs, overrides, phase_overrides)
     first = plans[0].cfg
     folder = Path(folder or Path(first.run.output_dir) / first.run.name / "submitit").resolve()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from mtlxray.errors import ConfigError
 from mtlxray.resources import find_config
 from mtlxray.train.logs import build_trackers
 
-__all__ = ["apply_launcher_flags", "build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
+__all__ = ["build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
            "keep_grads_in_parameter_layout"]
 
 logger = logging.getLogger(__name__)
@@ -100,41 +99,6 @@ def keep_grads_in_parameter_layout(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.register_hook(hook(p))
-
-
-def apply_launcher_flags(cfg: Config) -> Optional[str]:
-    """Reconcile `accelerate launch --mixed_precision/--dynamo_backend` with the config, in place.
-
-    accelerate passes its flags to the processes as ACCELERATE_MIXED_PRECISION and
-    ACCELERATE_DYNAMO_BACKEND. `no` (also the launcher's default, so an explicit flag cannot be told
-    apart) makes run.precision=auto fp32 and is overridden, with a warning line, by an explicit
-    run.precision=bf16; `bf16` is honoured unless run.precision asks for fp32, and fp16 (which mtlxray does not train
-    in) is refused, each disagreement in one line; a dynamo backend other than `no` turns on
-    run.compile. Without this, accelerate would silently override or be overridden. Returns the
-    launcher flag that set run.precision, None when the config did."""
-    precision = cfg.run.precision
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    if launched == "no" and cfg.run.precision == "auto":
-        # `accelerate launch --mixed_precision no` (also its default) asks for fp32; `auto` defers to it.
-        cfg.run.precision = "fp32"
-    elif launched == "no" and cfg.run.precision == "bf16":
-        logger.warning("accelerate launch --mixed_precision no (the launcher's default) and run.precision=bf16: "
-                       "training in bf16 as run.precision says; run.precision=fp32 (or auto) trains in fp32")
-    if launched == "fp16":
-        raise ConfigError("accelerate launch --mixed_precision fp16: mtlxray trains in bf16 or fp32; "
-                          "set --mixed_precision bf16 (or no) and run.precision")
-    if launched == "bf16":
-        if cfg.run.precision == "fp32":
-            raise ConfigError("accelerate launch --mixed_precision bf16 disagrees with run.precision=fp32; "
-                              "choose one (run.precision=bf16 or --mixed_precision no)")
-        cfg.run.precision = "bf16"
-    dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
-    if dynamo not in ("no", ""):
-        if dynamo != "inductor":
-            raise ConfigError(f"accelerate launch --dynamo_backend {dynamo}: mtlxray compiles with inductor "
-                              "(run.compile=true or --dynamo_backend inductor)")
-        cfg.run.compile = True
-    return f"accelerate launch --mixed_precision {launched}" if cfg.run.precision != precision else None
 
 
 def build_accelerator(cfg: Config, run_dir: Path):

@@ -91,11 +91,10 @@ def tensorboard_scalars(record: dict) -> dict[str, float]:
 class MetricsLog:
     """Append-only metrics.jsonl, and the run's trackers (TensorBoard, MLflow, W&B), written by rank 0."""
 
-    def __init__(self, path: Path, accelerator, trackers: bool) -> None:
+    def __init__(self, path: Path, accelerator) -> None:
         self.path = path
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.trackers = trackers
 
     def truncate_after(self, step: int) -> int:
         """Drop lines logged after `step` (the resumed run logs them again); returns how many."""
@@ -111,7 +110,7 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        if self.enabled and self.trackers:
+        if self.enabled:
             # TensorBoard groups its panels by prefix (train/, val/); MLflow and W&B get the names of
             # metrics.jsonl, so a run's numbers read the same in every tool.
             for tracker in self.accelerator.trackers:
@@ -120,7 +119,7 @@ class MetricsLog:
 
     def write_text(self, texts: dict[str, str], step: int = 0) -> None:
         """Text panels in TensorBoard (the resolved config, the start-up line), shown as Markdown."""
-        if not (self.enabled and self.trackers):
+        if not self.enabled:
             return
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -131,7 +130,7 @@ class MetricsLog:
 
     def write_images(self, images: dict, step: int) -> None:
         """Image panels in TensorBoard: H×W×3 uint8 arrays (None: nothing to show)."""
-        if not (self.enabled and self.trackers):
+        if not self.enabled:
             return
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -245,15 +244,16 @@ class LossWindow:
         return {n: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] > 0 else math.nan
                 for i, n in enumerate(names)}
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         """The interval in progress as plain numbers (read at a save, which is a sync point anyway)."""
         return {"sums": {n: t.item() for n, t in self.sums.items()},
                 "counts": {n: t.item() for n, t in self.counts.items()}}
 
-    def restore(self, state: dict) -> None:
-        for name, value in state.get("sums", {}).items():
-            self.sums[name] = torch.tensor(value, dtype=torch.float64, device=self.device)
-            self.counts[name] = torch.tensor(state["counts"][name], dtype=torch.float64, device=self.device)
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the interval of `state_dict()`: a resumed run logs what an uninterrupted one would."""
+        self.sums = {n: torch.tensor(v, dtype=torch.float64, device=self.device) for n, v in state["sums"].items()}
+        self.counts = {n: torch.tensor(state["counts"][n], dtype=torch.float64, device=self.device)
+                       for n in state["sums"]}
 
     def reset(self) -> None:
         self.sums, self.counts, self.samples, self.t0 = {}, {}, 0, time.perf_counter()

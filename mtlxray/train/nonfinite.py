@@ -28,15 +28,24 @@ logger = logging.getLogger(__name__)
 class NonFiniteGuard:
     """Device-side skip of non-finite steps (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, budget: int, skipped: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, budget: int, device: torch.device) -> None:
         self.budget = budget
-        self.skipped = skipped
+        self.skipped = 0
         """Skips known on the host (as of the last `check`)."""
-        self._skipped_t = torch.full((), skipped, dtype=torch.int64, device=device)
+        self._skipped_t = torch.zeros((), dtype=torch.int64, device=device)
         self._last_bad_step = torch.zeros((), dtype=torch.int64, device=device)
         self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        and m.track_running_stats]
         self._snapshot: Optional[list[torch.Tensor]] = None
+
+    def state_dict(self) -> dict:
+        """The skips of the run so far (as of the last `check`: a save follows a log step's check)."""
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue counting from a checkpoint's skips (the budget is for the whole run)."""
+        self.skipped = int(state["skipped"])
+        self._skipped_t.fill_(self.skipped)
 
     def _buffers(self) -> list[torch.Tensor]:
         return [b for m in self._norms for b in (m.running_mean, m.running_var, m.num_batches_tracked)

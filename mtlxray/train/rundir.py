@@ -28,7 +28,7 @@ import yaml
 from mtlxray.config import Config, config_to_dict
 from mtlxray.errors import ConfigError, MtlxError
 
-__all__ = ["RUN_INFO_NAME", "RunLock", "RunBusyError", "previous_run_files", "clear_previous_run",
+__all__ = ["RUN_INFO_NAME", "RunLock", "RunBusyError", "previous_run_files", "clear_previous_run", "flatten",
            "config_changes", "RESUMABLE_CHANGES"]
 
 LOCK_NAME = ".lock"
@@ -123,11 +123,12 @@ _PATH_KEYS = ("data.shards", "run.deepspeed_config", "model.first_stage")
 """Local paths, compared as absolute paths (a URL as written)."""
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as `a.b.c` keys."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: value}
 
@@ -142,8 +143,8 @@ def config_changes(cfg: Config, saved_yaml: str) -> dict[str, tuple[Any, Any]]:
     """{key: (trained value, new value)} for every trajectory-changing difference between the resolved
     `cfg` and a checkpoint's config.yaml. Keys only one side has (a config from an older or newer
     mtlxray) are not compared."""
-    saved = _flat(yaml.safe_load(saved_yaml) or {})
-    new = _flat(config_to_dict(cfg))
+    saved = flatten(yaml.safe_load(saved_yaml) or {})
+    new = flatten(config_to_dict(cfg))
     return {k: (saved[k], new[k]) for k in sorted(saved.keys() & new.keys())
             if _comparable(k, saved[k]) != _comparable(k, new[k])
             and not any(k == safe or k.startswith(safe + ".") for safe in RESUMABLE_CHANGES)}

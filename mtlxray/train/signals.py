@@ -1,7 +1,7 @@
 """Preemption signals, decided identically on every rank.
 
-SIGUSR1 (Slurm's `--signal=B:USR1@T`), SIGUSR2 (submitit's default preemption signal) and SIGTERM
-only set a flag. `StopFlag.install()` runs first thing in `mtlxray train`, before torch is
+SIGUSR2 (the preemption signal of both launch paths, `mtlxray.launch.slurm.PREEMPT_SIGNAL`), SIGUSR1
+and SIGTERM only set a flag. `StopFlag.install()` runs first thing in `mtlxray train`, before torch is
 imported, so a signal during start-up is recorded, not fatal. The ranks combine their flags at
 each log step (`agree`), so they all save `last` at the same step and exit with EXIT_REQUEUE.
 """

@@ -17,10 +17,10 @@ world size, backend, attention, compile, versions, config hash), `metrics.jsonl`
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -34,12 +34,11 @@ from mtlxray.data.loader import batch_to_device, build_train_loader
 from mtlxray.dist import resolve_world
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError
 from mtlxray.gate import Gate
-from mtlxray.hardware import resolve_attention, resolve_precision
+from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_json_atomic, write_text_atomic
 from mtlxray.preflight import check_run, raise_first
 from mtlxray.train.compiled import compile_loss
-from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
-                                       keep_grads_in_parameter_layout)
+from mtlxray.train.distributed import build_accelerator, deepspeed_config, keep_grads_in_parameter_layout
 from mtlxray.train.gating import PositiveSelector
 from mtlxray.train.logs import (LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers,
                                 tracker_names)
@@ -48,6 +47,7 @@ from mtlxray.train.multisource import IdleParameters, batches_per_epoch, source_
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
+from mtlxray.train.resolve import resolve
 from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
 from mtlxray.train.validation import VAL_OVERLAYS, Validator, iterate_keeping_rng
@@ -90,23 +90,6 @@ def preflight(cfg: Config, resume_from: Optional[Path]) -> None:
         deepspeed_config(cfg)
 
 
-def resolve_global_batch(cfg: Config, world_size: int) -> None:
-    """Derive the per-process micro-batch and gradient accumulation from data.global_batch_size.
-
-    The fewest accumulation steps whose micro-batch fits data.batch_size; the global batch must
-    split evenly over the processes and steps (ConfigError naming the numbers otherwise)."""
-    total = cfg.data.global_batch_size
-    if total is None:
-        return
-    if total % world_size:
-        raise ConfigError(f"data.global_batch_size={total} does not split over {world_size} processes")
-    per_process = total // world_size
-    for accum in range(1, per_process + 1):
-        if per_process % accum == 0 and per_process // accum <= cfg.data.batch_size:
-            cfg.data.batch_size, cfg.optim.grad_accum = per_process // accum, accum
-            return
-
-
 class Trainer:
     """One phase of training: build everything from the config, `fit()`, then `close()`."""
 
@@ -115,11 +98,7 @@ class Trainer:
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.stop = StopFlag.install()  # before anything slow: a signal now is recorded, not fatal
-        cfg = copy.deepcopy(cfg)  # the caller's config is left as it was
-        requested = cfg.run.precision
-        precision_source = apply_launcher_flags(cfg) or f"run.precision={requested}"
-        cfg.run.precision = resolve_precision(cfg.run.precision, "cuda" if torch.cuda.is_available() else "cpu")
-        resolve_global_batch(cfg, resolve_world().world_size)
+        cfg, precision_source = resolve(cfg, os.environ, resolve_world())  # a copy: the caller's is left as it was
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -171,8 +150,14 @@ class Trainer:
 
         self.state = TrainState(phase=cfg.phase.name)
         self._skipped_resumed = 0  # skipped shards the resumed checkpoint counted
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc, bool(acc.log_with))
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", acc)
         self.window = LossWindow(acc.device)
+        self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, acc.device)
+        # What a checkpoint's state.json keeps of each (`TrainState.components`). Not accelerate's
+        # register_for_checkpointing: it pickles each object to custom_checkpoint_N.pkl, loads them
+        # with weights_only=False, and refuses a checkpoint whose file count differs from the objects
+        # registered, so neither earlier checkpoints nor one with another set of parts would resume.
+        self.components = {"loss_window": self.window, "nonfinite": self.guard}
         if target is not None:
             self._load(target)
         elif resume == "auto":
@@ -186,7 +171,6 @@ class Trainer:
         start_trackers(acc, cfg)
         self.log.write_text({"config": dump_config(cfg), "run": run_info_line(self.info)}, step=self.state.step)
         self._saved_step = self._evaluated_step = self.state.step if target is not None else -1
-        self.guard = NonFiniteGuard(self.raw_model, cfg.run.nan_skip_budget, self.state.nan_skipped, acc.device)
         self._step_t = torch.full((), self.state.step, dtype=torch.int64, device=acc.device)
         # Positive-case training: the gate of teacher forcing (class head or first-stage classifier).
         gate = Gate.from_config(cfg, acc.device, precision=cfg.run.precision)
@@ -256,7 +240,9 @@ class Trainer:
                                   "checkpoint is corrupt; resume from an earlier one with --resume PATH") from None
         self.state = state
         self._skipped_resumed = state.skipped_shards
-        self.window.restore(state.log_window)
+        for name, component in self.components.items():
+            if name in state.components:  # a part the checkpoint does not hold starts afresh
+                component.load_state_dict(state.components[name])
         self.log.truncate_after(state.step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
                     state.batch_in_epoch)
@@ -270,8 +256,7 @@ class Trainer:
                            "attempt wrote to %s", self.ckpt_root, dropped, self.log.path)
 
     def _save(self, *, last: bool, best: bool) -> None:
-        self.state.nan_skipped = self.guard.skipped
-        self.state.log_window = self.window.state()
+        self.state.components = {name: component.state_dict() for name, component in self.components.items()}
         save_checkpoint(self.accelerator, self.model, self.raw_model, self.ckpt_root, self.state, self.cfg,
                         last=last, best=best)
         self._saved_step = self.state.step

@@ -255,15 +255,12 @@ import sys
 from pathlib import Path
 import mtlxray.data.shards
 from mtlxray.cli import main
-
-def status(field):
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-    return int(line.split()[1])
+from mtlxray.resources import proc_status_kib as status
 
 Path("/proc/self/clear_refs").write_text("5")
-base = status("VmRSS:")
+base = status("VmRSS")
 code = main(sys.argv[1:])
-print("GROWTH_KIB", status("VmHWM:") - base, flush=True)
+print("GROWTH_KIB", status("VmHWM") - base, flush=True)
 sys.exit(code)
 """
 

@@ -157,7 +157,7 @@ def test_failed_phase1_leaves_phase2_dependency_never_satisfied(slurm_cluster, d
         slurm_cluster.run("scancel", job2, check=False)
 
 
-def test_usr1_saves_requeues_and_finishes_on_two_nodes_with_a_clean_log(slurm_cluster, demo_overrides, tmp_path):
+def test_usr2_saves_requeues_and_finishes_on_two_nodes_with_a_clean_log(slurm_cluster, demo_overrides, tmp_path):
     runs = tmp_path / "runs"
     steps = 8  # runway: the signal must land before the job can finish
     (runs / "phase1").mkdir(parents=True)
@@ -168,16 +168,16 @@ def test_usr1_saves_requeues_and_finishes_on_two_nodes_with_a_clean_log(slurm_cl
     metrics = runs / "phase1" / "metrics.jsonl"
     try:
         wait_for_steps(metrics, 1, timeout=300)
-        slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+        slurm_cluster.run("scancel", "--signal=USR2", "--batch", job)
         assert slurm_cluster.wait_done(job, timeout=420) == "COMPLETED"
     finally:
         slurm_cluster.run("scancel", job, check=False)
 
     assert slurm_cluster.job_field(job, "Restarts") == "1"
     log = (runs / "phase1" / f"slurm-{job}.out").read_text()
-    assert "mtlxray: SIGUSR1 received: asking training to save" in log
-    assert log.count("SIGUSR1 received") == 3  # the batch shell, then both ranks: the real signal by name
-    assert f"training saved after SIGUSR1 (exit 75); requeueing job {job}" in log
+    assert "mtlxray: SIGUSR2 received: asking training to save" in log
+    assert log.count("SIGUSR2 received") == 3  # the batch shell, then both ranks: the real signal by name
+    assert f"training saved after SIGUSR2 (exit 75); requeueing job {job}" in log
     assert "srun: error" not in log and "exit 138" not in log and "User defined signal" not in log
     assert f"job {job} restart 1 " in log and "resumed from" in log
     assert train_steps(metrics) == list(range(1, steps + 1))

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from mtlxray.config import LaunchConfig
 from mtlxray.errors import ConfigError
-from mtlxray.launch.slurm import (DEFAULT_SLURM_PARAMETERS, format_slurm_time, parse_mem_gb, parse_slurm_time,
-                                  sbatch_flags, slurm_parameters)
+from mtlxray.launch.slurm import (DEFAULT_SLURM_PARAMETERS, parse_mem_gb, parse_slurm_time, sbatch_flags,
+                                  sbatch_header, slurm_parameters)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,30 +51,24 @@ def test_default_slurm_parameters_are_a_default_launch_config():
         launch.nodes, launch.gpus_per_node, launch.cpus_per_task, launch.timeout_min, launch.requeue_signal_delay_s)
 
 
-def _sbatch_header(script: Path) -> dict[str, str]:
-    """`#SBATCH --key=value` lines of a script (flags without a value map to "")."""
-    out = {}
-    for m in re.finditer(r"^#SBATCH --([\w-]+)(?:=(\S+))?\s*$", script.read_text(), re.MULTILINE):
-        out[m.group(1)] = m.group(2) or ""
-    return out
-
-
 @pytest.mark.parametrize("script", ["phase1.sh", "phase2.sh"])
-def test_sbatch_headers_state_the_launch_config_defaults(script):
-    """One source of launch defaults: the #SBATCH headers ask for what a default LaunchConfig asks submitit for."""
-    header = _sbatch_header(ROOT / "slurm" / script)
-    params = slurm_parameters(LaunchConfig())
-    assert int(header["nodes"]) == params["nodes"]
-    assert int(header["ntasks-per-node"]) == params["tasks_per_node"]
-    assert int(header["gpus-per-node"]) == params["gpus_per_node"]
-    assert int(header["cpus-per-task"]) == params["cpus_per_task"]
-    assert header["time"] == format_slurm_time(params["timeout_min"])
-    assert parse_slurm_time(header["time"]) == params["timeout_min"]
-    assert header["signal"] == f"B:USR1@{params['slurm_signal_delay_s']}"
-    assert "requeue" in header and params["slurm_additional_parameters"]["requeue"] is True
+def test_sbatch_headers_are_the_launch_config_defaults_as_the_one_table_writes_them(script):
+    """One source of launch defaults and one signal: the #SBATCH lines are sbatch_header of a default LaunchConfig."""
+    lines = [line for line in (ROOT / "slurm" / script).read_text().splitlines() if line.startswith("#SBATCH ")]
+    params = {**slurm_parameters(LaunchConfig()), "name": f"mtlx-{script.removesuffix('.sh')}"}
+    header = sbatch_header(params)
+    assert lines[:len(header)] == header
+    assert "#SBATCH --time=24:00:00" in header and "#SBATCH --signal=B:USR2@120" in header
+    assert parse_slurm_time(header[header.index("#SBATCH --time=24:00:00")].split("=")[1]) == params["timeout_min"]
     # The log folder ships with the repository, so the job can write its log in a fresh clone.
-    output = Path(header["output"])
-    assert not output.is_absolute() and (ROOT / output.parent / ".gitkeep").is_file()
+    (output,) = [line.split("=", 1)[1] for line in lines[len(header):] if line.startswith("#SBATCH --output=")]
+    assert not Path(output).is_absolute() and (ROOT / Path(output).parent / ".gitkeep").is_file()
+
+
+def test_both_paths_ask_for_the_configured_signal_delay():
+    params = slurm_parameters(LaunchConfig(requeue_signal_delay_s=300))
+    assert params["slurm_signal_delay_s"] == 300  # submitit's executor parameter
+    assert "--signal=USR2@300" in sbatch_flags(params) and "#SBATCH --signal=B:USR2@300" in sbatch_header(params)
 
 
 def test_sbatch_flags_are_what_submitit_writes():

@@ -74,24 +74,23 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 
 def host_reads_per_step(cfg) -> dict[int, int]:
-    """Train one epoch of `cfg` (steps 1..max_steps) counting host reads; {step k: reads between
-    the bookkeeping of steps k-1 and k} for k = 2..max_steps-1: step k's forward, backward and
-    update plus step k-1's bookkeeping (its log line when it is a log step)."""
+    """Train `cfg` (steps 1..max_steps) counting host reads; {step k: reads between the progress
+    updates of steps k-1 and k} for k = 2..max_steps-1: step k-1's bookkeeping (its log line when it
+    is a log step) plus step k's forward, backward and update."""
     from mtlxray.train.trainer import Trainer
 
     trainer = Trainer(cfg, "none")
     counts: list[tuple[int, int]] = []
     try:
-        after = trainer._after_step
+        update = trainer.progress.update  # called once per optimizer step, with the step done
 
-        def counted_after_step(epoch_end):
-            counts.append((trainer.state.step, mode.count))
-            return after(epoch_end)
+        def counted_update(step: int) -> None:
+            counts.append((step, mode.count))
+            update(step)
 
-        trainer._after_step = counted_after_step
-        trainer.model.train()
+        trainer.progress.update = counted_update
         with HostReads() as mode:
-            trainer._train_epoch()
+            trainer.fit()
     finally:
         trainer.close()
     steps = dict(counts)

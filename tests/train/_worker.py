@@ -2,8 +2,9 @@
 
     python _worker.py OUT_DIR MODE STEP CONFIG [KEY=VALUE ...]
 
-MODE `none` trains normally; `term` sends this process SIGTERM after optimizer step STEP;
-`kill-in-save` SIGKILLs it in the middle of writing the checkpoint of step STEP. After training,
+MODE `none` trains normally; `term` sends this process SIGTERM while it writes the checkpoint of
+optimizer step STEP (a save step: the trainer acts on it at its next log or save step, as on a
+signal that arrives between two of them); `kill-in-save` SIGKILLs it there. After training,
 each rank writes OUT_DIR/rank<R>.json with its world size, final step, exit code and a sha256 of
 its full parameters (gathered under ZeRO-3).
 """
@@ -46,29 +47,20 @@ def deepspeed_shm_comm() -> bool:
 
 
 def install_event(mode: str, step: int) -> None:
-    from mtlxray.train.trainer import Trainer
+    """Hook the checkpoint writer's weight file (safetensors' save_file) for the event of `mode`."""
+    import safetensors.torch
 
-    if mode == "term":
-        after = Trainer._after_step
+    save = safetensors.torch.save_file
+    signum = {"term": signal.SIGTERM, "kill-in-save": signal.SIGKILL}.get(mode)
+    if signum is None:
+        return
 
-        def after_step(self, epoch_end):
-            stop = after(self, epoch_end)
-            if self.state.step == step:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return stop
+    def save_file(tensors, filename, *args, **kwargs):
+        save(tensors, filename, *args, **kwargs)
+        if f".tmp-step-{step:06d}" in str(filename):
+            os.kill(os.getpid(), signum)
 
-        Trainer._after_step = after_step
-    elif mode == "kill-in-save":
-        import safetensors.torch
-
-        save = safetensors.torch.save_file
-
-        def save_file(tensors, filename, *args, **kwargs):
-            save(tensors, filename, *args, **kwargs)
-            if f".tmp-step-{step:06d}" in str(filename):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        safetensors.torch.save_file = save_file
+    safetensors.torch.save_file = save_file
 
 
 def main() -> int:

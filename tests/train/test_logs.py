@@ -35,7 +35,7 @@ def test_tensorboard_gets_train_and_val_prefixes_no_counters_and_the_config_as_t
     tracker = TensorBoardTracker("run", tmp_path)  # what accelerate's init_trackers("tensorboard") makes
     tracker.start()
     acc = SimpleNamespace(is_main_process=True, trackers=[tracker])  # the accelerator's side of MetricsLog
-    log = MetricsLog(tmp_path / "metrics.jsonl", acc, trackers=True)
+    log = MetricsLog(tmp_path / "metrics.jsonl", acc)
     log.write_text({"config": "model:\n  name: mtl_swin_unet"})
     log.write({"type": "train", "step": 5, "epoch": 1, "world_size": 2, "loss": 0.5, "loss/lung": 0.25,
                "lr": 1e-3, "time": 1.0})
