@@ -22,16 +22,13 @@ allowed), 1 when it cannot, 2 for a config that does not load.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import importlib.metadata
-import json
 import os
 import platform
 import re
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +38,7 @@ import torch
 
 from mtlxray.errors import ConfigError, MtlxError
 
-__all__ = ["Problem", "Diagnosis", "diagnose", "cli_main"]
+__all__ = ["Problem", "Diagnosis", "diagnose", "render"]
 
 _GiB = 2**30
 
@@ -536,39 +533,3 @@ def render(diag: Diagnosis) -> str:
     lines.append(f"doctor: {errors} error(s), {len(diag.problems) - errors} warning(s): "
                  + ("the config can run here" if diag.ok else "the config cannot run here"))
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr(enabled: bool):
-    """Send everything written to file descriptor 1 (Python's prints, and C libraries') to stderr."""
-    if not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    import logging
-
-    from mtlxray.config import load_config
-
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    if args.overrides and not args.config:
-        raise ConfigError("overrides need --config")
-    for name in ("mtlxray", "deepspeed", "accelerate"):  # the report is the output; keep logs out of it
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with _stdout_to_stderr(args.json):  # DeepSpeed and others print on stdout; --json keeps it for the report
-        diag = diagnose(cfg)
-    if args.json:
-        sys.stdout.write(json.dumps(diag.as_dict(), indent=1, default=str) + "\n")
-    else:
-        sys.stdout.write(render(diag) + "\n")
-    return 0 if diag.ok else 1

@@ -61,3 +61,19 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "x.py"
     sample.write_text("def f():\n    from mtlxray.train.trainer import Trainer\n    import mtlxray.report.evaluate\n")
     assert _imports(sample) == {"train", "report"}
+
+
+def test_command_handlers_live_only_in_the_cli_package():
+    """The library takes keyword arguments; turning a parsed command line into them is mtlxray/cli's job."""
+    handlers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.is_relative_to(PACKAGE / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            annotations = [a.annotation for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+            if node.name.startswith("cli_") or any(a is not None and "Namespace" in ast.unparse(a)
+                                                   for a in annotations):
+                handlers.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert handlers == []
