@@ -13,7 +13,7 @@ Run it on a login or compute node before submitting. It reports:
 - whether the shards are readable and their manifest complete, for the training and validation
   splits the config reads;
 - free disk in the run folder against the checkpoints the run will keep;
-- a memory projection of the config on the GPU it sees (`mtlxray.bench.memory`; on a node without
+- a memory projection of the config on the GPU it sees (`mtlxray.memory_plan`; on a node without
   GPU, on the memory plan's 80 GB and 141 GB cards).
 
 It ends with one verdict line per problem. Exit status: 0 when the config can run here (warnings
@@ -37,6 +37,7 @@ from typing import Any, Optional
 import torch
 
 from mtlxray.errors import ConfigError, MtlxError
+from mtlxray.hardware import cuda_devices
 
 __all__ = ["Problem", "Diagnosis", "diagnose", "render"]
 
@@ -97,19 +98,6 @@ def versions() -> dict:
         "accelerate": _version("accelerate"), "deepspeed": _version("deepspeed"), "mtlxray": _version("mtlxray"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-
-
-def gpus() -> list[dict]:
-    """Every visible CUDA device ([] without CUDA)."""
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "memory_bytes": p.total_memory,
-                    "capability": f"{p.major}.{p.minor}", "bf16": (p.major, p.minor) >= (8, 0),
-                    "multiprocessors": p.multi_processor_count})
-    return out
 
 
 def slurm_env() -> dict[str, str]:
@@ -311,7 +299,7 @@ def _backend(cfg) -> tuple[str, dict]:
     """(memory-plan backend name, DeepSpeed bucket settings) of the config."""
     if cfg.run.backend != "deepspeed":
         return "ddp", {}
-    from mtlxray.bench.memory import DS_BUCKET_DEFAULT
+    from mtlxray.memory_plan import DS_BUCKET_DEFAULT
     from mtlxray.train.distributed import deepspeed_config
 
     ds = deepspeed_config(cfg)
@@ -324,10 +312,9 @@ def _backend(cfg) -> tuple[str, dict]:
 
 
 def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict:
-    """Project the config's per-GPU memory (`mtlxray.bench.memory`) on the smallest GPU seen, or
+    """Project the config's per-GPU memory (`mtlxray.memory_plan`) on the smallest GPU seen, or
     on the memory plan's cards without GPU; warn when it would not fit."""
-    from mtlxray.bench.gpus import CARDS
-    from mtlxray.bench.memory import max_batch, measure_activations, model_params, project
+    from mtlxray.memory_plan import CARDS, max_batch, measure_activations, model_params, project
 
     backend, bucket = _backend(cfg)
     n_gpus = max(1, cfg.launch.nodes * cfg.launch.gpus_per_node)
@@ -362,7 +349,7 @@ def diagnose(cfg=None) -> Diagnosis:
 
     diag = Diagnosis()
     diag.sections["versions"] = versions()
-    seen = gpus()
+    seen = cuda_devices()
     diag.sections["gpus"] = seen
     diag.sections["slurm"] = slurm_env()
     if cfg is None:
@@ -407,7 +394,7 @@ def diagnose(cfg=None) -> Diagnosis:
 
     model = None
     if cfg.model.name == "mtl_swin_unet":
-        from mtlxray.bench.workloads import ours_from_config
+        from mtlxray.memory_plan import ours_from_config
 
         try:
             model = ours_from_config(cfg)

@@ -77,3 +77,8 @@ def test_command_handlers_live_only_in_the_cli_package():
                                                    for a in annotations):
                 handlers.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
     assert handlers == []
+
+
+def test_doctor_imports_no_benchmark_code():
+    """The doctor's memory projection and GPU listing are the library's (memory_plan, hardware), not bench's."""
+    assert "bench" not in _imports(PACKAGE / "doctor.py")

@@ -23,8 +23,9 @@ from torch import nn
 
 from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, count_flops
 from mtlxray.bench.gpus import bf16_dense_peak
-from mtlxray.bench.workloads import TINY, monai_swin_t, ours, tensor_sum
+from mtlxray.bench.workloads import TINY, monai_swin_t, ours
 from mtlxray.errors import error_line
+from mtlxray.memory_plan import tensor_sum
 
 log = logging.getLogger(__name__)
 
