@@ -1,4 +1,4 @@
-"""Suite registry and the `mtlxray bench` entry point: run suites, write JSON, print tables.
+"""Suite registry behind `mtlxray bench` (mtlxray/cli/bench.py): run suites, write JSON, render tables.
 
 Results go to `--out`, by default `runs/bench` under the working directory, like every other
 command's outputs. The tracked results of the mtlxray checkout (`benchmarks/results/*.json` and
