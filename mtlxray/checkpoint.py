@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from mtlxray.config import Config, dump_config
-from mtlxray.errors import CheckpointError, NonFiniteLossError
+from mtlxray.errors import CheckpointError, NonFiniteLossError, error_line
 from mtlxray.model.base import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["TrainState", "save_checkpoint", "find_resume", "resolve_checkpoint", "read_state",
@@ -295,7 +295,7 @@ def verify_checkpoint(ckpt: Path, *, resumable: bool = True) -> TrainState:
                 missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
             except Exception as e:  # any unpickling failure means the file is unusable
                 raise CheckpointError(f"{rng}: unreadable RNG state ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                                      f"{error_line(e, default='')})") from None
             if missing:
                 raise CheckpointError(f"{rng}: RNG state lacks {sorted(missing)}")
     return state
@@ -403,8 +403,8 @@ def check_deepspeed_pickles(ckpt: Path) -> None:
             with torch.serialization.safe_globals(safe):
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for forbidden globals, others for corrupt files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: refused: not loadable with weights_only=True ({first[:200]})") from None
+            raise CheckpointError(f"{path}: refused: not loadable with weights_only=True "
+                                  f"({error_line(e)[:200]})") from None
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: str = "cpu"):

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from mtlxray.errors import ConfigError
+from mtlxray.errors import ConfigError, error_line
 from mtlxray.resources import find_config, shipped_config
 
 __all__ = [
@@ -645,7 +645,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: invalid YAML: {error_line(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     parent = raw.pop("extends", None)

@@ -11,7 +11,6 @@ shards (when up to date) and finished training runs (`--resume auto`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -291,8 +290,3 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     print(f"lung Dice {lung['lung_dice']:.4f}, infection Dice {inf['inf_dice']:.4f}, accuracy {lung['accuracy']:.4f}")
     print(f"report: {path}")
     return path
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    run_demo(args.out, scale=args.scale, config=args.config, overrides=args.overrides, n_boot=args.bootstrap)
-    return 0

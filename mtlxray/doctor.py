@@ -14,7 +14,7 @@ Run it on a login or compute node before submitting. It reports:
   (what `mtlxray train` would refuse), and whether the shards are readable and their manifest
   complete, for the training and validation splits the config reads;
 - free disk in the run folder against the checkpoints the run will keep;
-- a memory projection of the config on the GPU it sees (`mtlxray.bench.memory`; on a node without
+- a memory projection of the config on the GPU it sees (`mtlxray.memory_plan`; on a node without
   GPU, on the memory plan's 80 GB and 141 GB cards).
 
 It ends with one verdict line per problem. Exit status: 0 when the config can run here (warnings
@@ -23,16 +23,13 @@ allowed), 1 when it cannot, 2 for a config that does not load.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import importlib.metadata
-import json
 import os
 import platform
 import re
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +38,10 @@ from typing import Any, Optional
 import torch
 
 from mtlxray.errors import ConfigError, MtlxError
+from mtlxray.hardware import cuda_devices
 from mtlxray.preflight import check_run
 
-__all__ = ["Problem", "Diagnosis", "diagnose", "cli_main"]
+__all__ = ["Problem", "Diagnosis", "diagnose", "render"]
 
 _GiB = 2**30
 
@@ -103,19 +101,6 @@ def versions() -> dict:
         "accelerate": _version("accelerate"), "deepspeed": _version("deepspeed"), "mtlxray": _version("mtlxray"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-
-
-def gpus() -> list[dict]:
-    """Every visible CUDA device ([] without CUDA)."""
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "memory_bytes": p.total_memory,
-                    "capability": f"{p.major}.{p.minor}", "bf16": (p.major, p.minor) >= (8, 0),
-                    "multiprocessors": p.multi_processor_count})
-    return out
 
 
 def slurm_env() -> dict[str, str]:
@@ -312,7 +297,7 @@ def _backend(cfg) -> tuple[str, dict]:
     """(memory-plan backend name, DeepSpeed bucket settings) of the config."""
     if cfg.run.backend != "deepspeed":
         return "ddp", {}
-    from mtlxray.bench.memory import DS_BUCKET_DEFAULT
+    from mtlxray.memory_plan import DS_BUCKET_DEFAULT
     from mtlxray.train.distributed import deepspeed_config
 
     ds = deepspeed_config(cfg)
@@ -325,10 +310,9 @@ def _backend(cfg) -> tuple[str, dict]:
 
 
 def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict:
-    """Project the config's per-GPU memory (`mtlxray.bench.memory`) on the smallest GPU seen, or
+    """Project the config's per-GPU memory (`mtlxray.memory_plan`) on the smallest GPU seen, or
     on the memory plan's cards without GPU; warn when it would not fit."""
-    from mtlxray.bench.gpus import CARDS
-    from mtlxray.bench.memory import max_batch, measure_activations, model_params, project
+    from mtlxray.memory_plan import CARDS, max_batch, measure_activations, model_params, project
 
     backend, bucket = _backend(cfg)
     n_gpus = max(1, cfg.launch.nodes * cfg.launch.gpus_per_node)
@@ -363,7 +347,7 @@ def diagnose(cfg=None) -> Diagnosis:
 
     diag = Diagnosis()
     diag.sections["versions"] = versions()
-    seen = gpus()
+    seen = cuda_devices()
     diag.sections["gpus"] = seen
     diag.sections["slurm"] = slurm_env()
     if cfg is None:
@@ -408,7 +392,7 @@ def diagnose(cfg=None) -> Diagnosis:
 
     model = None
     if cfg.model.name == "mtl_swin_unet":
-        from mtlxray.bench.workloads import ours_from_config
+        from mtlxray.memory_plan import ours_from_config
 
         try:
             model = ours_from_config(cfg)
@@ -536,39 +520,3 @@ def render(diag: Diagnosis) -> str:
     lines.append(f"doctor: {errors} error(s), {len(diag.problems) - errors} warning(s): "
                  + ("the config can run here" if diag.ok else "the config cannot run here"))
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr(enabled: bool):
-    """Send everything written to file descriptor 1 (Python's prints, and C libraries') to stderr."""
-    if not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    import logging
-
-    from mtlxray.config import load_config
-
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    if args.overrides and not args.config:
-        raise ConfigError("overrides need --config")
-    for name in ("mtlxray", "deepspeed", "accelerate"):  # the report is the output; keep logs out of it
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with _stdout_to_stderr(args.json):  # DeepSpeed and others print on stdout; --json keeps it for the report
-        diag = diagnose(cfg)
-    if args.json:
-        sys.stdout.write(json.dumps(diag.as_dict(), indent=1, default=str) + "\n")
-    else:
-        sys.stdout.write(render(diag) + "\n")
-    return 0 if diag.ok else 1

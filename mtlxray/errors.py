@@ -42,6 +42,15 @@ class NonFiniteLossError(MtlxError):
 EXIT_REQUEUE = 75
 
 
+def error_line(error: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (library errors span many lines), or
+    `default` (the exception's type name when None) for an empty message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(error).__name__ if default is None else default
+
+
 def unwrap_worker_error(error: BaseException) -> BaseException:
     """A named error re-raised by a DataLoader worker, with its message back to one line.
 

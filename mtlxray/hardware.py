@@ -11,7 +11,7 @@ import torch
 
 from mtlxray.errors import ConfigError
 
-__all__ = ["cpu_has_native_bf16", "bf16_is_fast", "resolve_precision", "resolve_attention"]
+__all__ = ["cpu_has_native_bf16", "bf16_is_fast", "resolve_precision", "resolve_attention", "cuda_devices"]
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +82,17 @@ def resolve_attention(impl: str, dtype: Union[torch.dtype, str],
                                   "runs its slower math path"
     log.info("window attention: %s (%s)", kernel, why)
     return kernel  # type: ignore[return-value]
+
+
+def cuda_devices() -> list[dict]:
+    """Every visible CUDA device: index, name, memory, compute capability, bf16 support and
+    multiprocessor count ([] without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": p.name, "memory_bytes": p.total_memory,
+                    "capability": f"{p.major}.{p.minor}", "bf16": (p.major, p.minor) >= (8, 0),
+                    "multiprocessors": p.multi_processor_count})
+    return out

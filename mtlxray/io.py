@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtlxray.errors import MtlxError
+from mtlxray.errors import MtlxError, error_line
 from mtlxray.resources import proc_status
 
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
@@ -83,8 +83,7 @@ def write_error(path: str | Path, error: BaseException) -> MtlxError:
     if isinstance(error, OSError) and error.strerror:
         reason = error.strerror
     else:
-        lines = str(error).strip().splitlines()
-        reason = lines[0][:200] if lines else type(error).__name__
+        reason = error_line(error)[:200]
     return MtlxError(f"{path}: cannot write: {reason} ({free_space(path)} free there)")
 
 

@@ -17,7 +17,7 @@
 #                            configs/phase1.yaml, configs/phase2.yaml)
 # Phase k>1 gets phase.init_from=<run dir of phase k-1>/checkpoints/best. Each job logs to
 # <run dir>/slurm-<job id>.out. Other MTLX_* variables reach the jobs (see slurm/train.sh).
-# Before anything is submitted, the chain is checked (`python -m mtlxray.launch.chain`: configs,
+# Before anything is submitted, the chain is checked (`python -m mtlxray.cli.chain`: configs,
 # shards, run folders, the init_from chain) and every job is put to `sbatch --test-only`, so that
 # a mistake or a request the cluster can never run fails at once, in one line, with nothing queued.
 # Run from the repository root.
@@ -52,7 +52,7 @@ done
 errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
 rc=0
-plan=$(python -m mtlxray.launch.chain "${chain_args[@]}" "${configs[@]}" 2>"$errors") || rc=$?
+plan=$(python -m mtlxray.cli.chain "${chain_args[@]}" "${configs[@]}" 2>"$errors") || rc=$?
 if [[ $rc -ne 0 ]]; then
     msg=$(sed -n 's/^error: //p' "$errors" | tail -n 1)
     die "${msg:-$(tail -n 1 "$errors")}; nothing was submitted"

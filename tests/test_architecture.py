@@ -111,3 +111,24 @@ def test_no_import_cycle_runs_through_the_model_package():
     in_model = [name for name in graph if name == "mtlxray.model" or name.startswith("mtlxray.model.")]
     cycles = [" -> ".join(cycle) for cycle in map(cycle_from, in_model) if cycle]
     assert cycles == []
+
+
+def test_command_handlers_live_only_in_the_cli_package():
+    """The library takes keyword arguments; turning a parsed command line into them is mtlxray/cli's job."""
+    handlers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.is_relative_to(PACKAGE / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            annotations = [a.annotation for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+            if node.name.startswith("cli_") or any(a is not None and "Namespace" in ast.unparse(a)
+                                                   for a in annotations):
+                handlers.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert handlers == []
+
+
+def test_doctor_imports_no_benchmark_code():
+    """The doctor's memory projection and GPU listing are the library's (memory_plan, hardware), not bench's."""
+    assert "bench" not in _imports(PACKAGE / "doctor.py")

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mtlxray.hardware import cuda_devices
+
 Fn = Callable[[], Any]
 
 
@@ -124,14 +126,8 @@ def cpu_model() -> str:
 
 def gpu_info() -> list[dict]:
     """Each visible CUDA device: name, memory, compute capability ([] without CUDA)."""
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                    "capability": f"{p.major}.{p.minor}"})
-    return out
+    return [{"index": g["index"], "name": g["name"], "memory_gib": round(g["memory_bytes"] / 2**30, 1),
+             "capability": g["capability"]} for g in cuda_devices()]
 
 
 def machine_info() -> dict:

@@ -39,7 +39,7 @@ def _model():
 
 
 def _loss(model, x: torch.Tensor) -> torch.Tensor:
-    from mtlxray.bench.workloads import tensor_sum
+    from mtlxray.memory_plan import tensor_sum
 
     return tensor_sum(model(x))
 

@@ -23,7 +23,9 @@ from torch import nn
 
 from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, count_flops
 from mtlxray.bench.gpus import bf16_dense_peak
-from mtlxray.bench.workloads import TINY, monai_swin_t, ours, tensor_sum
+from mtlxray.bench.workloads import TINY, monai_swin_t, ours
+from mtlxray.errors import error_line
+from mtlxray.memory_plan import tensor_sum
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +183,7 @@ def run(ctx: Context) -> SuiteResult:
             mem = _peak_memory(step, device)
         except Exception as e:  # noqa: BLE001 - a compiler or memory failure is the finding to record
             log.warning("gpu suite: %s %s batch %d: %s", net, mode, batch, e)
-            return {**row, "note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            return {**row, "note": f"failed: {type(e).__name__}: {error_line(e)[:160]}"}
         achieved = batch / seconds * flops[key]
         row.update({"img/s": batch / seconds, "ms/img": 1e3 * seconds / batch, "GFLOP/img": flops[key] / 1e9,
                     "TFLOP/s": achieved / 1e12, "peak_frac": achieved / peak if peak else None,

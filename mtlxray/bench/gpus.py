@@ -1,11 +1,12 @@
-"""What NVIDIA cards can do, by name: dense bf16 peaks (for MFU) and the memory sizes the memory
-plan projects onto. Looked up by substring of `torch.cuda.get_device_name()`."""
+"""What NVIDIA cards can do, by name: dense bf16 peaks (for MFU), looked up by substring of
+`torch.cuda.get_device_name()`. The memory sizes the memory plan projects onto are
+`mtlxray.memory_plan.CARDS`."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["BF16_DENSE_TFLOPS", "bf16_dense_peak", "CARDS"]
+__all__ = ["BF16_DENSE_TFLOPS", "bf16_dense_peak"]
 
 BF16_DENSE_TFLOPS: dict[str, float] = {
     # name fragment (lower case, most specific first) -> dense bf16 tensor-core TFLOP/s (no sparsity),
@@ -30,11 +31,3 @@ def bf16_dense_peak(device_name: str) -> Optional[float]:
     name = device_name.lower()
     hits = [k for k in BF16_DENSE_TFLOPS if k in name]
     return BF16_DENSE_TFLOPS[max(hits, key=len)] * 1e12 if hits else None
-
-
-CARDS: dict[str, int] = {
-    "80GB": 81_559 * 2**20,
-    "141GB": 143_771 * 2**20,
-}
-"""The memory plan's cards: total memory as nvidia-smi and `torch.cuda.get_device_properties`
-report it (H100/A100 80 GB: 81,559 MiB; H200 141 GB: 143,771 MiB)."""

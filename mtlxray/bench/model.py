@@ -22,7 +22,8 @@ from torch import nn
 from mtlxray.bench.common import (Context, SuiteResult, Target, count_flops, matmul_peak, measure_side_by_side)
 from mtlxray.bench.gpus import bf16_dense_peak
 from mtlxray.bench.profiling import top_ops
-from mtlxray.bench.workloads import DTYPES, TINY, monai_swin_t, ours, train_step
+from mtlxray.bench.workloads import TINY, monai_swin_t, ours, train_step
+from mtlxray.memory_plan import DTYPES
 from mtlxray.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Suite registry and the `mtlxray bench` entry point: run suites, write JSON, print tables.
+"""Suite registry behind `mtlxray bench` (mtlxray/cli/bench.py): run suites, write JSON, render tables.
 
 Results go to `--out`, by default `runs/bench` under the working directory, like every other
 command's outputs. The tracked results of the mtlxray checkout (`benchmarks/results/*.json` and
@@ -9,7 +9,6 @@ needs the working directory inside a checkout (found by walking up to the folder
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import time
@@ -96,26 +95,3 @@ def render(data: dict) -> str:
     for table in extra_tables(data):
         parts += ["", table]
     return "\n".join(parts)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    names = list(SUITES) if args.suite == "all" else [args.suite]
-    unknown = [n for n in names if n not in SUITES]
-    if unknown:
-        raise ConfigError(f"unknown benchmark suite {unknown[0]!r}; choose from {', '.join(SUITES)}, all")
-    update = getattr(args, "update_results", False)
-    if update and args.out:
-        raise ConfigError("--update-results writes the checkout's benchmarks/results; it takes no --out")
-    ctx = Context(quick=args.quick, out=Path(args.out) if args.out else default_out(update))
-    for name in names:
-        data = run_suite(name, ctx)
-        print(render(data), flush=True)
-        print(flush=True)
-    if update:
-        from mtlxray.bench.report import update_readme
-
-        readme = ctx.out.parent / "README.md"
-        update_readme(readme, ctx.out, list(SUITES))
-        log.info("updated the results section of %s", readme)
-    log.info("results in %s", ctx.out)
-    return 0

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from mtlxray.bench.common import SuiteUnavailable
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
+from mtlxray.memory_plan import ours_from_config, place, tensor_sum
 
 TINY = ["model.img_size=64", "model.embed_dim=24", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,4,8]",
         "model.window_size=4", "model.ppm_bins=[1,2]", "model.ppm_channels=24",
@@ -27,30 +25,6 @@ def ours(overrides: list[str] | None = None, phase: str = "phase2") -> nn.Module
     return ours_from_config(load_config(None, overrides or []), phase)
 
 
-def ours_from_config(cfg, phase: str | None = None) -> nn.Module:
-    """The model of a loaded `Config` in `phase` (default: the config's), frozen as training freezes it."""
-    from mtlxray.model import build_model
-    from mtlxray.train.phases import apply_freezing
-
-    phase = phase or cfg.phase.name
-    model = build_model(cfg.model)
-    model.set_mode(phase)
-    if phase == "phase1":
-        apply_freezing(model, cfg.phase.frozen)
-    return model
-
-
-def place(model: nn.Module, dtype: str, device: str | torch.device = "cpu", attention: str = "auto") -> nn.Module:
-    """Apply the window-attention kernel that `attention` (`model.attention`) resolves to for
-    `dtype` on `device`, as the trainer does where it places the model; models without window
-    attention (MONAI's) are returned unchanged."""
-    if hasattr(model, "set_attention"):
-        from mtlxray.hardware import resolve_attention
-
-        model.set_attention(resolve_attention(attention, DTYPES[dtype], torch.device(device).type))
-    return model
-
-
 def monai_swin_t(*, use_checkpoint: bool = False, tiny: bool = False) -> nn.Module:
     """MONAI's SwinTransformer configured as Swin-T (2D, 1 channel, patch 4, embed 96, 2-2-6-2,
     heads 3-6-12-24, window 7): the peer encoder. `tiny` shrinks widths and depths for smoke runs."""
@@ -62,26 +36,6 @@ def monai_swin_t(*, use_checkpoint: bool = False, tiny: bool = False) -> nn.Modu
     return SwinTransformer(
         in_chans=1, embed_dim=embed, window_size=(7, 7), patch_size=(4, 4), depths=depths,
         num_heads=heads, spatial_dims=2, use_checkpoint=use_checkpoint)
-
-
-def tensor_sum(out: Any) -> torch.Tensor:
-    """A scalar loss touching every tensor output (dicts, lists and tuples are walked; None skipped)."""
-    if out is None:
-        return torch.zeros(())
-    if isinstance(out, torch.Tensor):
-        return out.float().mean()
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return sum((tensor_sum(o) for o in out if o is not None), torch.zeros((), device=_device_of(out)))
-    raise TypeError(f"unexpected model output {type(out).__name__}")
-
-
-def _device_of(out: Any) -> torch.device:
-    for o in out:
-        if isinstance(o, torch.Tensor):
-            return o.device
-    return torch.device("cpu")
 
 
 def train_step(model: nn.Module, x: torch.Tensor, dtype: str = "fp32",

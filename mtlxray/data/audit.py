@@ -32,11 +32,9 @@ O(images) however many pairs there are (40,000 copies of one image are one group
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -46,11 +44,11 @@ from PIL import Image, ImageDraw
 from scipy import fft, ndimage
 
 from mtlxray.errors import ShardError
-from mtlxray.io import atomic_path, write_stdout
+from mtlxray.io import atomic_path
 
 __all__ = ["NEAR_THRESHOLD", "SAMPLE_PAIRS", "IMAGE_COLUMNS", "ImageRef", "Pair", "Group", "AuditResult",
            "content_hash", "perceptual_hash", "hamming", "manifest_images", "find_pairs", "duplicate_groups",
-           "overlap", "overlap_images", "summary", "audit", "format_audit", "contact_sheet", "cli_audit",
+           "overlap", "overlap_images", "summary", "audit", "format_audit", "contact_sheet",
            "EXIT_LEAKAGE"]
 
 log = logging.getLogger(__name__)
@@ -703,13 +701,3 @@ def format_audit(result: AuditResult, show: int = 20) -> str:
     if result.csv is not None:
         lines.append(f"wrote {result.csv}" + (f" and {result.sheet}" if result.sheet else ""))
     return "\n".join(lines) + "\n"
-
-
-def cli_audit(args: argparse.Namespace) -> int:
-    result = audit(args.shards, args.out, threshold=args.threshold, sheet_pairs=args.sheet_pairs,
-                   all_pairs=args.all_pairs)
-    write_stdout(format_audit(result))
-    if result.leakage_pairs:
-        print(f"mtlxray shards audit: {result.leakage_pairs:,} leakage pair(s); see {result.csv}", file=sys.stderr)
-        return EXIT_LEAKAGE
-    return 0

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mtlxray.errors import DataError
+from mtlxray.errors import DataError, error_line
 
 __all__ = ["INPUT_RANGES", "MAX_PIXELS", "ImageReadError", "read_grayscale", "to_uint8_gray", "is_dicom",
            "png_significant_bits"]
@@ -212,7 +212,7 @@ def _read_dicom(path: Path, max_pixels: int, notes: Optional[list[str]], what: s
     except ImageReadError:
         raise
     except Exception as e:  # pydicom raises many types (InvalidDicomError, ValueError, NotImplementedError)
-        raise ImageReadError(path, f"unreadable DICOM: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ImageReadError(path, f"unreadable DICOM: {error_line(e)}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour DICOM (RGB / YBR): luminance
         arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])

@@ -37,7 +37,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mtlxray.errors import ShardError
+from mtlxray.errors import ShardError, error_line
 
 __all__ = ["RetryPolicy", "is_remote", "normalise_root", "join", "fetch_bytes", "open_stream", "sha256_url"]
 
@@ -246,7 +246,7 @@ def _describe(e: BaseException) -> str:
         e = e.reason if isinstance(e.reason, BaseException) else e
     if isinstance(e, (socket.timeout, TimeoutError)):
         return "timed out"
-    text = str(e).splitlines()[0] if str(e) else ""
+    text = error_line(e, default="")
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 

@@ -17,7 +17,6 @@ pixel limit). The manifest's image table holds each sample's content and percept
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -42,10 +41,10 @@ from mtlxray.data.sources import (CLASS_SCHEMES, RADIOGRAPHY_RELEASE, Record, li
                                   source_fingerprint)
 from mtlxray.errors import ConfigError, DataError
 from mtlxray.data.manifest import SUBSETS, read_manifest
-from mtlxray.io import atomic_path, write_stdout, write_text_atomic
+from mtlxray.io import atomic_path, write_text_atomic
 
 __all__ = ["BUILDER_VERSION", "IMAGE_SIZE", "DEFAULT_OUTPUT", "DEDUPE_MODES", "build_shards", "sample_key",
-           "format_tables", "release_check", "cli_build", "cli_info"]
+           "format_tables", "release_check", "refuse_other_set"]
 
 log = logging.getLogger(__name__)
 
@@ -541,8 +540,9 @@ def format_tables(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _refuse_other_set(out: Path, args: argparse.Namespace, classes: str) -> None:
-    """Without --output, never rebuild the default folder's set as a different kind of set."""
+def refuse_other_set(out: Path, *, input: str | Path, layout: str, format: str, image_size: int,
+                     classes: str) -> None:
+    """Before building into `out` by default: never rebuild its set as a different kind of set."""
     path = out / "manifest.json"
     if not path.is_file():
         return
@@ -551,37 +551,14 @@ def _refuse_other_set(out: Path, args: argparse.Namespace, classes: str) -> None
     except (OSError, json.JSONDecodeError):
         return
     params = old.get("params", {})
-    want = {"format": args.format, "image_size": args.image_size, "layout": args.layout, "classes": classes}
+    want = {"format": format, "image_size": image_size, "layout": layout, "classes": classes}
     have = {"format": old.get("format"), "image_size": old.get("image_size"), "layout": old.get("layout"),
             "classes": params.get("classes", "covid3")}
     differ = [k for k in want if want[k] != have[k]]
     old_root = old.get("source", {}).get("root")
-    if old_root and Path(old_root) != Path(args.input).resolve():
+    if old_root and Path(old_root) != Path(input).resolve():
         differ.append("input")
     if differ:
         what = ", ".join(f"{k} {have[k] if k != 'input' else old_root}" for k in differ)
         raise ConfigError(f"{out} already holds another shard set ({what}); pass --output to write this one "
                           f"elsewhere, or remove {out} first")
-
-
-def cli_build(args: argparse.Namespace) -> int:
-    out = args.output
-    if out is None:
-        out = DEFAULT_OUTPUT
-        _refuse_other_set(Path(out), args, args.classes)
-    manifest = build_shards(args.input, out, layout=args.layout, format=args.format,
-                            shard_size=args.shard_size, workers=args.workers, skip_bad=args.skip_bad,
-                            seed=args.seed, val_fraction=args.val_fraction, image_size=args.image_size,
-                            classes=args.classes, dedupe=args.dedupe, exclude_from=args.exclude_from or (),
-                            near_threshold=args.near_threshold)
-    write_stdout(format_tables(manifest) + "\n")
-    return 0
-
-
-def cli_info(args: argparse.Namespace) -> int:
-    manifest = read_manifest(args.root)
-    if args.json:
-        write_stdout(json.dumps(manifest.counts, indent=1, sort_keys=True) + "\n")
-    else:
-        write_stdout(format_tables(manifest.raw) + "\n")
-    return 0

@@ -17,7 +17,6 @@ subset (COVID-QU-Ex's infection images come from the lung subset's pool). Counts
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import multiprocessing as mp
@@ -38,7 +37,7 @@ from mtlxray.paper import SUBSET_COUNTS
 
 __all__ = [
     "SCALE_COUNTS", "PhantomSpec", "plan", "file_name", "render_phantom",
-    "synthesize", "plant_duplicates", "NEAR_TRANSFORMS", "cli_main",
+    "synthesize", "plant_duplicates", "NEAR_TRANSFORMS",
 ]
 
 log = logging.getLogger(__name__)
@@ -327,13 +326,3 @@ def synthesize(output: str | Path, scale: str = "small", seed: int = 0, size: in
     else:
         (root / "duplicates.json").unlink(missing_ok=True)
     return SCALE_COUNTS[scale]
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    counts = synthesize(args.output, args.scale, args.seed, args.size, args.workers,
-                        duplicates=args.duplicates)
-    for subset, splits in counts.items():
-        total = sum(sum(c.values()) for c in splits.values())
-        print(f"{subset}: {total} images  " + "  ".join(
-            f"{split}={sum(c.values())}" for split, c in splits.items()))
-    return 0

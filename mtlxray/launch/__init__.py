@@ -1,6 +1,6 @@
 """Launch layer: Slurm parameters, the phase chain and its submitit jobs.
 
-The names below load their module on first use, so that `python -m mtlxray.launch.chain` (run by
+The names below load their module on first use, so that `python -m mtlxray.cli.chain` (run by
 slurm/pipeline.sh) and `mtlxray.launch.slurm` do not import submitit's job machinery.
 """
 

@@ -6,19 +6,17 @@ overrides and run folder; `validate_chain` checks the whole chain: every config 
 phase writes its own run folder, and every phase passes `mtlxray.preflight.check_run` (its shards,
 image size, metric, loss weights), where a `phase.init_from` is a checkpoint that exists or one that
 an earlier phase of the chain will write. `mtlxray submit`,
-`submit_pipeline` and slurm/pipeline.sh (through `python -m mtlxray.launch.chain`) all use it.
+`submit_pipeline` and slurm/pipeline.sh (through `python -m mtlxray.cli.chain`) all use it.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from mtlxray.config import Config, load_config
-from mtlxray.errors import ConfigError, MtlxError
+from mtlxray.errors import ConfigError
 from mtlxray.resources import find_config
 
 __all__ = ["PhasePlan", "plan_chain", "validate_chain"]
@@ -95,34 +93,3 @@ def validate_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
         if problems:
             raise problems[0].error(f"{plan.label}: {problems[0]}")
     return plans
-
-
-def _main(argv: Sequence[str]) -> int:
-    """`python -m mtlxray.launch.chain`: validate a chain and print one line per phase (for slurm/pipeline.sh)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mtlxray.launch.chain",
-        description="Validate a chain of phases before submitting it; print, per phase, a tab-separated "
-                    "line: index, config, run folder, overrides (space-separated, init_from included).")
-    parser.add_argument("configs", nargs="+", metavar="YAML",
-                        help="the phases' configs, in order (paths, or names of shipped configs)")
-    parser.add_argument("--overrides", default="", help="`key=value` overrides for every phase, space-separated")
-    parser.add_argument("--phase-overrides", nargs=2, action="append", default=[], metavar=("K", "OVERRIDES"),
-                        help="overrides for phase K only (1-based), space-separated; repeatable")
-    args = parser.parse_args(argv)
-    try:
-        per_phase: dict[int, list[str]] = {}
-        for k, text in args.phase_overrides:
-            if not k.isdigit():
-                raise ConfigError(f"--phase-overrides: phase index {k!r} is not a number")
-            per_phase.setdefault(int(k), []).extend(text.split())
-        plans = validate_chain(args.configs, args.overrides.split(), per_phase)
-    except MtlxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    for plan in plans:
-        print(f"{plan.index}\t{plan.config}\t{plan.run_dir}\t{' '.join(plan.overrides)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -8,7 +8,6 @@ wheel install. The configs they name (`configs/phase1.yaml`) are shipped configs
 
 from __future__ import annotations
 
-import argparse
 import re
 import shlex
 import sys
@@ -63,13 +62,3 @@ def write_slurm_scripts(out: str | Path, venv: Path | None = None) -> list[Path]
         path.chmod(0o755)
         written.append(path)
     return written
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    venv = Path(args.venv).resolve() if args.venv else current_venv()
-    for path in write_slurm_scripts(args.out, venv):
-        print(path)
-    if venv is None:
-        print("slurm-scripts: not run from a virtual environment: the jobs use the `python` on their PATH "
-              "(set MTLX_VENV, or pass --venv)", file=sys.stderr)
-    return 0

@@ -16,7 +16,6 @@ task exits non-zero (srun's `--kill-on-bad-exit` would kill rank 0 before it req
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
@@ -38,9 +37,9 @@ from mtlxray.config import load_config
 from mtlxray.errors import EXIT_REQUEUE, ConfigError, MtlxError
 from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
 from mtlxray.launch.progress import ProgressRelay
-from mtlxray.launch.slurm import PREEMPT_SIGNAL, parse_mem_gb, parse_slurm_time, sbatch_flags, slurm_parameters
+from mtlxray.launch.slurm import PREEMPT_SIGNAL, sbatch_flags, slurm_parameters
 
-__all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "cli_main", "SubmitError"]
+__all__ = ["TrainJob", "PhaseReport", "Pipeline", "submit_pipeline", "SubmitError"]
 
 logger = logging.getLogger(__name__)
 
@@ -398,41 +397,3 @@ def _succeeded(phase: Phase, relay_every_s: float) -> bool:
         logger.error("job %s failed: %s", job.job_id, _job_error(job, e))
         return False
     return True
-
-
-def _print_line(line: str) -> None:
-    print(line, flush=True)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray submit --config C [--then C2 ...]`."""
-    params: dict[str, Any] = {}
-    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
-        if getattr(args, key) is not None:
-            params[key] = getattr(args, key)
-    if args.time is not None and args.timeout_min is not None:
-        raise ConfigError("give --time or --timeout-min, not both")
-    if args.time is not None:
-        params["timeout_min"] = parse_slurm_time(args.time)
-    elif args.timeout_min is not None:
-        params["timeout_min"] = args.timeout_min
-    if args.mem is not None:
-        params["mem_gb"] = parse_mem_gb(args.mem)
-    for key in ("partition", "account", "qos"):
-        if getattr(args, key) is not None:
-            params[f"slurm_{key}"] = getattr(args, key)
-    pipeline = submit_pipeline([args.config, *args.then], executor=args.executor, overrides=args.overrides,
-                               folder=args.folder, dry_run=args.dry_run, relay=_print_line, **params)
-    if args.dry_run:
-        sys.stdout.write(pipeline.describe())
-        return 0
-    for phase in pipeline.phases:
-        job_id = phase.job.job_id if phase.job else "-"
-        sys.stdout.write(f"{Path(phase.config).name}\t{job_id}\t{phase.run_dir}\n")
-    sys.stdout.flush()
-    if not args.wait:
-        return 0
-    reports = pipeline.wait()
-    for report in reports:
-        sys.stdout.write(f"{report}\n")
-    return 0 if all(r.state == "COMPLETED" for r in reports) else 1

@@ -22,7 +22,6 @@ running, and runs the rest again (training resumes from their checkpoints).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import itertools
@@ -47,8 +46,7 @@ from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
 from mtlxray.launch.slurm import sbatch_flags, slurm_parameters
 from mtlxray.launch.submit import Phase, Pipeline, SubmitError, TrainingFailed, TrainJob, _sbatch_test_only
 
-__all__ = ["Point", "Element", "Sweep", "SweepPhaseJob", "parse_grid", "plan_sweep", "run_sweep", "core_slots",
-           "cli_main"]
+__all__ = ["Point", "Element", "Sweep", "SweepPhaseJob", "parse_grid", "plan_sweep", "run_sweep", "core_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -518,38 +516,6 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, wait: bool = True) -> Sweep:
             _wait_slurm(sweep, todo, arrays)
     sweep.save()
     return sweep
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray sweep --config C [--then C2 ...] --seeds S... [--grid k=v1,v2 ...] --out DIR`."""
-    params: dict[str, Any] = {}
-    if args.time is not None:
-        from mtlxray.launch.slurm import parse_slurm_time
-
-        params["timeout_min"] = parse_slurm_time(args.time)
-    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
-        if getattr(args, key) is not None:
-            params[key] = getattr(args, key)
-    if args.partition is not None:
-        params["slurm_partition"] = args.partition
-    if args.array_parallelism is not None:
-        params["slurm_array_parallelism"] = args.array_parallelism
-    t0 = time.perf_counter()
-    sweep = plan_sweep([args.config, *args.then], args.out, args.seeds, args.grid, args.overrides, args.executor,
-                       args.eval_subset, args.eval_split, args.eval_bootstrap, params)
-    if args.dry_run:
-        sys.stdout.write(sweep.describe())
-        return 0
-    run_sweep(sweep, jobs=args.jobs, wait=sweep.executor == "local" or args.wait)
-    for e in sweep.elements:
-        sys.stdout.write(f"{e.key}\t{e.state}\t{' '.join(j or '-' for j in e.job_ids or []) or '-'}\t{e.dir}\n")
-    done = sum(e.state == FINISHED for e in sweep.elements)
-    sys.stdout.write(f"{done}/{len(sweep.elements)} element(s) finished in {time.perf_counter() - t0:.0f} s; "
-                     f"record in {sweep.out / 'sweep.json'}\n")
-    if done == len(sweep.elements):
-        sys.stdout.write(f"aggregate: mtlxray compare --sweep {sweep.out}\n")
-    failed = any(e.state == FAILED for e in sweep.elements)
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 import torch
 import torch.nn as nn
 
-from mtlxray.errors import CheckpointError
+from mtlxray.errors import CheckpointError, error_line
 from mtlxray.model.registry import build_model
 from mtlxray.model.swin import WindowAttention, check_kernel
 
@@ -47,8 +47,7 @@ def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     try:
         return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own error types for corrupt headers and short files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable weights (corrupt or truncated): {first}") from None
+        raise CheckpointError(f"{path}: unreadable weights (corrupt or truncated): {error_line(e)}") from None
 
 
 def check_mode(mode: str) -> Mode:

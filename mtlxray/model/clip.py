@@ -25,9 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from mtlxray import CLASS_NAMES  # noqa: E402
 from mtlxray.config import ModelConfig  # noqa: E402
-from mtlxray.errors import CheckpointError, ConfigError, MtlxError  # noqa: E402
+from mtlxray.errors import CheckpointError, ConfigError, MtlxError, error_line  # noqa: E402
 from mtlxray.model.base import MTLModel, Mode, check_mode  # noqa: E402
-from mtlxray.model.pretrained import error_line  # noqa: E402
 from mtlxray.model.registry import register_model  # noqa: E402
 from mtlxray.resources import find_config  # noqa: E402
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 import torch.nn as nn
 
-from mtlxray.errors import CheckpointError
+from mtlxray.errors import CheckpointError, error_line
 from mtlxray.model.base import under_prefix
 
 if TYPE_CHECKING:
@@ -27,18 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "read_state_dict", "timm_from_state_dict", "timm_swin_to_mtlxray", "load_timm_swin_encoder",
-    "load_state_dict_transfer", "error_line",
+    "load_state_dict_transfer",
 ]
 
 log = logging.getLogger(__name__)
 
 SWIN_T = "swin_tiny_patch4_window7_224"
-
-
-def error_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (library errors span many lines)."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

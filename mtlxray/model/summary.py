@@ -6,7 +6,6 @@ the model zoo) by its top-level submodules.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -14,9 +13,10 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mtlxray.config import Config
 from mtlxray.paper import PART_PARAMS
 
-__all__ = ["count_params_by_part", "count_params_by_child", "count_flops", "cli_main"]
+__all__ = ["count_params_by_part", "count_params_by_child", "count_flops", "summarise_model"]
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,12 @@ def _child_table(counts: dict[str, int], flops: dict[str, float], name: str, img
     return "\n".join(lines)
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray model-summary [--config C] [--json] [overrides]`."""
-    from mtlxray.config import load_config
+def summarise_model(cfg: Config, as_json: bool = False) -> str:
+    """The parameter counts per part and GFLOPs per image of the model `cfg` builds (no weights
+    loaded), as a table or as JSON."""
     from mtlxray.model.net import MultiTaskUNet
     from mtlxray.model.registry import build_model
 
-    cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model, pretrained=False)  # counting needs no weights
     mode = cfg.phase.name
     model.set_mode(mode)
@@ -106,21 +105,17 @@ def cli_main(args: argparse.Namespace) -> int:
     if not isinstance(model, MultiTaskUNet):  # a baseline: its own parts, no paper column
         counts = count_params_by_child(model)
         tasks = sorted(model.tasks)
-        if args.json:
-            print(json.dumps({
+        if as_json:
+            return json.dumps({
                 "model": cfg.model.name, "img_size": cfg.model.img_size, "mode": mode, "tasks": tasks,
                 "params": counts, "paper_params": None, "gflops": {k: v / 1e9 for k, v in flops.items()},
-            }, indent=2))
-        else:
-            print(_child_table(counts, flops, cfg.model.name, cfg.model.img_size, mode, tasks))
-        return 0
+            }, indent=2)
+        return _child_table(counts, flops, cfg.model.name, cfg.model.img_size, mode, tasks)
     counts = count_params_by_part(model)
-    if args.json:
-        print(json.dumps({
+    if as_json:
+        return json.dumps({
             "model": cfg.model.name, "img_size": cfg.model.img_size, "mode": mode,
             "params": counts, "paper_params": PART_PARAMS,
             "gflops": {k: v / 1e9 for k, v in flops.items()},
-        }, indent=2))
-    else:
-        print(_table(counts, flops, cfg.model.name, cfg.model.img_size, mode))
-    return 0
+        }, indent=2)
+    return _table(counts, flops, cfg.model.name, cfg.model.img_size, mode)

@@ -30,11 +30,11 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mtlxray.config import ModelConfig  # noqa: E402
-from mtlxray.errors import CheckpointError, ConfigError  # noqa: E402
+from mtlxray.errors import CheckpointError, ConfigError, error_line  # noqa: E402
 from mtlxray.model.base import MTLModel, Mode, check_mode, under_prefix  # noqa: E402
 from mtlxray.model.detection import detect  # noqa: E402
 from mtlxray.model.pretrained import (  # noqa: E402
-    error_line, read_state_dict, timm_from_state_dict,
+    read_state_dict, timm_from_state_dict,
 )
 from mtlxray.model.registry import register_model  # noqa: E402
 

@@ -28,7 +28,6 @@ prints the Markdown table. `--sweep DIR` aggregates a sweep instead (`mtlxray.re
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -40,10 +39,9 @@ from pathlib import Path
 from typing import Optional
 
 from mtlxray.errors import ConfigError
-from mtlxray.io import write_text_atomic
 
 __all__ = ["COLUMNS", "RunSummary", "find_evaluation", "summarise_run", "compare_runs", "markdown_table",
-           "csv_table", "cli_main"]
+           "csv_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,24 +282,3 @@ def csv_table(rows: list[RunSummary]) -> str:
                          num(r.img_per_s), r.world_size or "", r.precision or "", r.train_steps or "",
                          str(r.eval_dir)])
     return buf.getvalue()
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray compare RUN_DIR... [--out DIR] [--split S] [--subset S] [--shards SHARDS]`, or `--sweep DIR`."""
-    if args.sweep is not None:
-        if args.runs:
-            raise ConfigError("give run folders or --sweep DIR, not both")
-        from mtlxray.report.sweep import cli_main as sweep_main
-
-        return sweep_main(args)
-    if not args.runs:
-        raise ConfigError("no runs to compare: give RUN_DIR... or --sweep DIR")
-    out = Path(args.out or "compare")
-    rows = compare_runs(args.runs, split=args.split, subset=args.subset, shards=args.shards, n_boot=args.bootstrap,
-                        evaluations=out / "evaluations")
-    md = markdown_table(rows)
-    write_text_atomic(out / "compare.md", md)
-    write_text_atomic(out / "compare.csv", csv_table(rows))
-    print(md)
-    print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
-    return 0

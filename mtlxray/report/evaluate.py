@@ -23,7 +23,6 @@ of its own evaluation.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -55,7 +54,7 @@ from mtlxray.report.markdown import evaluation_markdown, infection_count
 from mtlxray.report.outdir import claim_output_dir
 
 __all__ = ["evaluate_checkpoint", "evaluate_config", "evaluate_model", "default_out_dir", "per_image_csv", "FIGURES",
-           "EVALUATE_OUTPUTS", "cli_main"]
+           "EVALUATE_OUTPUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -525,23 +524,3 @@ def headline(summary: dict) -> str:
                          f"{100 * m['det_fp_share_gated']:.1f}%")
         parts.append("gated: " + ", ".join(gated))
     return ", ".join(parts)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    gate = {"source": args.gate_source, "threshold": args.gate, "first_stage": args.first_stage}
-    common = dict(split=args.split, subset=args.subset, out=args.out, batch_size=args.batch_size,
-                  n_boot=args.bootstrap, gate=gate, overwrite=args.overwrite)
-    if args.model_config is not None:
-        summary = evaluate_config(args.model_config, args.overrides, args.shards, **common)
-    else:
-        if args.overrides:
-            raise ConfigError(f"KEY=VALUE overrides ({' '.join(args.overrides)}) go with --model-config; a "
-                              "checkpoint is evaluated with the config it was trained with")
-        summary = evaluate_checkpoint(args.checkpoint, args.shards, allow_leakage=args.allow_leakage, **common)
-    from mtlxray.dist import is_main_process
-
-    if is_main_process():
-        print(headline(summary))
-        out = Path(summary["out"])
-        print(f"wrote {out / 'metrics.json'}, {out / 'per_image.csv'} and {out / 'report.md'}")
-    return 0

@@ -16,7 +16,6 @@ bottleneck).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import logging
@@ -274,17 +273,3 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> tupl
         _require_onnx()  # before the (slow) load
     model, cfg = load_for_export(checkpoint)
     return export_model(model, cfg, fmt, out), model, cfg
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    out, model, cfg = export_checkpoint(args.checkpoint, args.format, args.out)
-    print(f"exported {args.checkpoint} as {args.format} -> {out} ({out.stat().st_size / 1e6:.1f} MB, "
-          f"{time.perf_counter() - start:.1f} s)")
-    if args.format == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-        print("numerical check skipped: install onnxruntime to compare the ONNX graph with PyTorch")
-        return 0
-    x = example_input(cfg, batch=2, seed=1)
-    diff = max_abs_diff(model, out, args.format, x)
-    print(f"max |export - PyTorch| on a test batch of {x.shape[0]}: {diff:.2e}")
-    return 0

@@ -37,7 +37,6 @@ the mode the umask gives.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import errno
 import io
@@ -45,7 +44,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,10 +55,9 @@ import torch.nn.functional as F
 from mtlxray import CLASS_NAMES
 from mtlxray.data.images import read_grayscale
 from mtlxray.data.loader import label_names
-from mtlxray.errors import ConfigError, DataError, MtlxError
+from mtlxray.errors import ConfigError, DataError
 from mtlxray.io import write_text_atomic
 from mtlxray.report.figures import prediction_overlay, save_png
-from mtlxray.report.outdir import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -378,43 +375,12 @@ def load_predictor(checkpoint: str | Path, device: torch.device | str = "cpu"):
     return model, cfg
 
 
-def cli_gate(cfg, args: argparse.Namespace, device: torch.device | str = "cpu"):
-    """The gate of `predict`/`evaluate`: the checkpoint's `phase.teacher_forcing` gate, with
-    `--gate P` (the threshold; the class head when the config has no gate), `--gate-source` and
-    `--first-stage` overriding it; None for no gate."""
+def predict_gate(cfg, device: torch.device | str = "cpu", *, threshold: float | None = None,
+                 source: str | None = None, first_stage: str | None = None):
+    """The gate of `predict`: the checkpoint's `phase.teacher_forcing` gate, with `threshold` (the
+    class head when the config has no gate), `source` and `first_stage` overriding it; None for no gate."""
     from mtlxray.gate import Gate
 
-    source = getattr(args, "gate_source", None)
-    if source is None and args.gate is not None and cfg.phase.teacher_forcing.gate == "none":
+    if source is None and threshold is not None and cfg.phase.teacher_forcing.gate == "none":
         source = "cls_head"
-    return Gate.from_config(cfg, device, source=source, threshold=args.gate,
-                            first_stage=getattr(args, "first_stage", None))
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    check_gate(args.gate)
-    paths, failures = collect_inputs(args.inputs)
-    if not paths:  # before the output folder exists: no folder holding an empty CSV
-        raise DataError("nothing to predict: " + ("; ".join(f"{f.path}: {f.error}" for f in failures)
-                                                  or f"no {'/'.join(IMAGE_SUFFIXES)} files in {' '.join(args.inputs)}"))
-    model, cfg = load_predictor(args.checkpoint)
-    gating = cli_gate(cfg, args)
-    with claim_output_dir(args.out, PREDICT_OUTPUTS, overwrite=args.overwrite, command="predict") as out:
-        try:
-            records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
-                                         batch_size=args.batch_size, gating=gating,
-                                         input_range=getattr(args, "input_range", "auto"))
-            failures += bad
-            write_predictions(out, records, failures)
-        except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback
-            raise MtlxError(f"--out {out}: writing failed: {e.strerror or e}"
-                            f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
-    for r in records:
-        sev = "n/a" if r["severity_percent"] is None else f"{r['severity_percent']:.1f}%"
-        boxes = "" if r["boxes"] is None else f", {len(r['boxes'])} infection box(es)"
-        print(f"{r['file']}: {r['predicted_class']} (p={r['probs'][r['predicted_class']]:.3f}), severity {sev}{boxes}")
-    for f in failures:
-        print(f"FAILED {f.path}: {f.error}", file=sys.stderr)
-    print(f"{len(records)} image(s) predicted, {len(failures)} failed -> {out / 'predictions.jsonl'}, "
-          f"{out / 'predictions.csv'}")
-    return 1 if failures else 0
+    return Gate.from_config(cfg, device, source=source, threshold=threshold, first_stage=first_stage)

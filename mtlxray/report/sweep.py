@@ -21,7 +21,6 @@ Writes DIR/report.md, DIR/summary.csv, DIR/summary.json and one figure per metri
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -38,7 +37,7 @@ from mtlxray.errors import ConfigError
 from mtlxray.io import write_json_atomic, write_text_atomic
 
 __all__ = ["METRICS", "PER_IMAGE", "PointSummary", "Paired", "load_sweep", "summarise_point", "paired_comparison",
-           "mean_bootstrap_ci", "seed_bootstrap_ci", "write_sweep_report", "cli_main"]
+           "mean_bootstrap_ci", "seed_bootstrap_ci", "write_sweep_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -358,14 +357,3 @@ def _markdown(sweep: dict, summaries: Sequence[PointSummary], comparisons: Seque
         lines += [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures]
         lines.append("")
     return "\n".join(lines)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """`mtlxray compare --sweep DIR [--pair A B ...] [--bootstrap N] [--out DIR]`."""
-    out = Path(args.out) if args.out is not None else Path(args.sweep)
-    result = write_sweep_report(args.sweep, pairs=[tuple(p) for p in args.pair or []], n_boot=args.bootstrap,
-                                out=out)
-    print((out / "report.md").read_text())
-    print(f"wrote {out / 'report.md'}, {out / 'summary.csv'}, {out / 'summary.json'} and "
-          f"{len(list((out / 'figures').glob('*.png')))} figure(s) in {out / 'figures'}")
-    return 0 if result["points"] else 1

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
+from mtlxray.config import Config
 
-from mtlxray.config import Config, load_config
-from mtlxray.errors import ConfigError
-
-__all__ = ["run_training", "cli_main"]
+__all__ = ["run_training"]
 
 
 def run_training(cfg: Config, resume: str = "auto", overwrite: bool = False,
@@ -26,14 +22,3 @@ def run_training(cfg: Config, resume: str = "auto", overwrite: bool = False,
     finally:
         trainer.close()
 
-
-def cli_main(args: argparse.Namespace) -> int:
-    # accelerate logs every file of every checkpoint at INFO; our own checkpoint line says enough.
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if args.overwrite and args.resume != "none":
-        raise ConfigError("--overwrite replaces an earlier run and goes with `--resume none`")
-    if args.allow_config_change and args.resume == "none":
-        raise ConfigError("--allow-config-change continues a run with changed settings and goes with "
-                          "`--resume auto` or a checkpoint path")
-    return run_training(load_config(args.config, args.overrides), args.resume, args.overwrite,
-                        args.allow_config_change)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from mtlxray import memory_plan as plan
 from mtlxray.bench import memory as mem
 from mtlxray.bench.common import Context
-from mtlxray.bench.gpus import CARDS, bf16_dense_peak
+from mtlxray.bench.gpus import bf16_dense_peak
 from mtlxray.bench.projection import loader_cores, project_phase
 from mtlxray.bench.run import default_out, find_checkout, run_suite
 
@@ -78,15 +79,15 @@ def test_checkpointing_suite_measures_every_configuration(ctx):
 def test_memory_suite_measures_each_mode_and_projects_every_backend(ctx):
     data = _run("memory", ctx)
     rows = {(r["phase"], r["grad_checkpoint"]): r for r in data["rows"]}
-    assert set(rows) == {(p, m) for p in ("phase1", "phase2") for m in mem.CHECKPOINT_MODES}
+    assert set(rows) == {(p, m) for p in ("phase1", "phase2") for m in plan.CHECKPOINT_MODES}
     for phase in ("phase1", "phase2"):
         # recomputing whole blocks keeps less than recomputing attention only, which keeps less than nothing
         assert rows[(phase, "block")]["retained_MiB/img"] < rows[(phase, "attention")]["retained_MiB/img"] \
             < rows[(phase, "none")]["retained_MiB/img"]
     assert rows[("phase1", "none")]["retained_MiB/img"] < rows[("phase2", "none")]["retained_MiB/img"]
     grid = data["details"]["projection"]
-    assert {(g["backend"], g["batch"]) for g in grid} == {(b, n) for b in mem.BACKENDS for n in mem.BATCHES}
-    assert all(isinstance(g[f"fits_{c}"], bool) for g in grid for c in CARDS)
+    assert {(g["backend"], g["batch"]) for g in grid} == {(b, n) for b in plan.BACKENDS for n in mem.BATCHES}
+    assert all(isinstance(g[f"fits_{c}"], bool) for g in grid for c in plan.CARDS)
     assert any("PROJECTION" in title for title in data["details"]["tables"])
 
 
@@ -148,14 +149,14 @@ def tiny_fp32():
 
 def test_fake_tensors_count_the_bytes_real_tensors_hold(tiny_fp32):
     # selective checkpointing: autograd's saved tensors, checkpoint inputs and SAC's kept outputs all count
-    real = mem.measure_activations(tiny_fp32, precision="fp32", fake=False, modes=("selective",))
-    fake = mem.measure_activations(tiny_fp32, precision="fp32", fake=True, modes=("selective",))
+    real = plan.measure_activations(tiny_fp32, precision="fp32", fake=False, modes=("selective",))
+    fake = plan.measure_activations(tiny_fp32, precision="fp32", fake=True, modes=("selective",))
     for r, f in zip(real, fake):
         assert (r.retained, r.backward_peak, r.saved_by_hooks) == (f.retained, f.backward_peak, f.saved_by_hooks)
 
 
 def test_activation_counts_grow_with_the_batch_and_shrink_with_checkpointing(tiny_fp32):
-    none, block = mem.measure_activations(tiny_fp32, precision="bf16", batches=(2, 4), modes=("none", "block"))
+    none, block = plan.measure_activations(tiny_fp32, precision="bf16", batches=(2, 4), modes=("none", "block"))
     for a in (none, block):
         assert a.retained[1] > a.retained[0] and a.per_image() > 0
         assert a.backward_peak[0] >= a.retained[0]  # backward starts from what forward kept
@@ -168,27 +169,28 @@ def test_activation_counts_grow_with_the_batch_and_shrink_with_checkpointing(tin
 
 
 def test_projection_moves_with_gpus_batch_and_backend():
-    act = mem.ActivationBytes(phase="phase1", grad_checkpoint="none", precision="bf16", img_size=256,
+    act = plan.ActivationBytes(phase="phase1", grad_checkpoint="none", precision="bf16", img_size=256,
                               batches=(2, 4), retained=(300 * 2**20, 500 * 2**20),
                               backward_peak=(320 * 2**20, 540 * 2**20), saved_by_hooks=(0, 0),
                               attention_matrices=(0, 0), fake=True)
     params, trainable = 44_000_000, 30_000_000
     # sharded state shrinks with more GPUs; DDP's does not
     for backend, shrinks in (("ddp", False), ("zero1", True), ("zero2", True), ("zero3", True)):
-        one, eight = (mem.state_bytes(backend, n, params, trainable)["total"] for n in (1, 8))
+        one, eight = (plan.state_bytes(backend, n, params, trainable)["total"] for n in (1, 8))
         assert (eight < one) == shrinks, backend
-    assert mem.state_bytes("zero3", 8, params, trainable)["weights"] < mem.state_bytes("zero2", 8, params, trainable)["weights"]
-    assert mem.state_bytes("zero1", 8, params, trainable, bucket_elements=10**6)["total"] < \
-        mem.state_bytes("zero1", 8, params, trainable)["total"]
+    assert plan.state_bytes("zero3", 8, params, trainable)["weights"] < plan.state_bytes("zero2", 8, params, trainable)["weights"]
+    assert plan.state_bytes("zero1", 8, params, trainable, bucket_elements=10**6)["total"] < \
+        plan.state_bytes("zero1", 8, params, trainable)["total"]
     # activations grow linearly with the batch
-    p8, p16, p32 = (mem.project(act, b, "ddp", 8, params, trainable)["total"] for b in (8, 16, 32))
+    p8, p16, p32 = (plan.project(act, b, "ddp", 8, params, trainable)["total"] for b in (8, 16, 32))
     assert p16 - p8 == pytest.approx((p32 - p16) / 2)
     # the largest batch that fits does fit, and one more does not
-    for cap in CARDS.values():
-        b = mem.max_batch(act, cap, "ddp", 8, params, trainable)
-        assert mem.project(act, b, "ddp", 8, params, trainable)["total"] <= cap
-        assert mem.project(act, b + 1, "ddp", 8, params, trainable)["total"] > cap
-    assert mem.max_batch(act, CARDS["141GB"], "ddp", 8, params, trainable) > mem.max_batch(act, CARDS["80GB"], "ddp", 8, params, trainable)
+    for cap in plan.CARDS.values():
+        b = plan.max_batch(act, cap, "ddp", 8, params, trainable)
+        assert plan.project(act, b, "ddp", 8, params, trainable)["total"] <= cap
+        assert plan.project(act, b + 1, "ddp", 8, params, trainable)["total"] > cap
+    assert plan.max_batch(act, plan.CARDS["141GB"], "ddp", 8, params, trainable) > \
+        plan.max_batch(act, plan.CARDS["80GB"], "ddp", 8, params, trainable)
 
 
 def test_time_projection_moves_with_flops_gpus_and_loader_rate():

@@ -24,7 +24,8 @@ def main() -> int:
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     dist.init_process_group("nccl", timeout=timedelta(minutes=5))
-    from mtlxray.bench.workloads import ours, place, tensor_sum
+    from mtlxray.bench.workloads import ours
+    from mtlxray.memory_plan import place, tensor_sum
     from _gpu_support import TINY_MODEL
 
     def model():

@@ -35,8 +35,8 @@ def test_memory_projection_is_near_the_allocator_peak_of_a_real_step(mode):
     """Phase 1 of the paper model at batch 32: the CPU-counted activation bytes (the projection's
     input) against `max_memory_allocated` over one bf16 step, less what was allocated before it and
     the parameter gradients. Batch 32 keeps cuDNN's workspaces a small part of the peak."""
-    from mtlxray.bench.memory import ALLOCATOR_MARGIN, measure_activations, paper_config
-    from mtlxray.bench.workloads import ours_from_config, place, tensor_sum
+    from mtlxray.bench.memory import paper_config
+    from mtlxray.memory_plan import ALLOCATOR_MARGIN, measure_activations, ours_from_config, place, tensor_sum
 
     cfg = paper_config("phase1", False, f"model.grad_checkpoint={mode}")
     projected = measure_activations(cfg, precision="bf16")[0].at(32) * (1 + ALLOCATOR_MARGIN)

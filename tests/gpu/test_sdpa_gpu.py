@@ -22,7 +22,7 @@ FUSED = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
 def _shifted_stage1_attention():
     """The paper model's first shifted window attention at 256² (64×64 map padded to 70, shift 3:
     relative-position bias plus shift and padding mask) and its input shape."""
-    from mtlxray.bench.workloads import ours_from_config
+    from mtlxray.memory_plan import ours_from_config
     from mtlxray.config import load_config
     from mtlxray.doctor import window_attention_shapes
 

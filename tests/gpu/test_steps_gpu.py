@@ -24,7 +24,7 @@ def _loss(out: dict, batch: dict) -> torch.Tensor:
 
 
 def _step(phase: str, mode: str) -> tuple[float, dict[str, torch.Tensor]]:
-    from mtlxray.bench.workloads import ours_from_config, place
+    from mtlxray.memory_plan import ours_from_config, place
     from mtlxray.config import load_config
 
     cfg = load_config(CONFIGS / f"{phase}.yaml", [f"model.grad_checkpoint={mode}"])

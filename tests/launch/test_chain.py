@@ -66,7 +66,7 @@ def test_two_phases_writing_one_run_folder_are_refused(demo_overrides, tmp_path)
 
 def test_chain_module_prints_the_plan_for_pipeline_sh(demo_overrides, third_phase, tmp_path):
     over = " ".join(demo_overrides(tmp_path, 2))
-    res = subprocess.run([sys.executable, "-m", "mtlxray.launch.chain", "--overrides", over,
+    res = subprocess.run([sys.executable, "-m", "mtlxray.cli.chain", "--overrides", over,
                           "--phase-overrides", "3", "optim.lr=0.5", *DEMO, str(third_phase)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -74,7 +74,7 @@ def test_chain_module_prints_the_plan_for_pipeline_sh(demo_overrides, third_phas
     assert [(k, run) for k, _, run, _ in lines] == [("1", str(tmp_path / "phase1")), ("2", str(tmp_path / "phase2")),
                                                     ("3", str(tmp_path / "phase3"))]
     assert lines[2][3].endswith(f"optim.lr=0.5 phase.init_from={tmp_path / 'phase2' / 'checkpoints' / 'best'}")
-    bad = subprocess.run([sys.executable, "-m", "mtlxray.launch.chain", "--overrides", over, DEMO[1]],
+    bad = subprocess.run([sys.executable, "-m", "mtlxray.cli.chain", "--overrides", over, DEMO[1]],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: phase 1")
 
