@@ -12,9 +12,9 @@ FORBIDDEN = {
     "report": {"train", "launch", "bench", "demo"},
     "train": {"launch", "report", "bench", "demo"},
     "launch": {"report", "bench", "demo"},
+    "eval": {"train", "report", "launch", "bench", "cli", "demo"},
 }
-SHARED = {"config", "errors", "io", "dist", "paper", "metrics", "evaluation", "checkpoint", "gate", "provenance",
-          "detection_metrics", "resources", "overlays"}
+SHARED = {"config", "errors", "io", "dist", "paper", "checkpoint", "provenance", "resources", "overlays"}
 """Modules neither side owns; they import nothing from train, report or launch."""
 
 

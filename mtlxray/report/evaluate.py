@@ -1,9 +1,9 @@
 """`mtlxray evaluate`: every metric of a checkpoint on a shard split, with intervals, figures and a report.
 
 Each process runs the model on its contiguous share of the split and keeps per-image records
-(`mtlxray.evaluation.RecordCollector`) and a few best/worst cases for the overlay figure; the
+(`mtlxray.eval.records.RecordCollector`) and a few best/worst cases for the overlay figure; the
 records are gathered once, de-duplicated by sample key, and checked against the manifest's count
-(every image is seen exactly once). `mtlxray.evaluation.summarise` computes the metrics under the
+(every image is seen exactly once). `mtlxray.eval.records.summarise` computes the metrics under the
 names training logs them with; rank 0 writes metrics.json, per_image.csv, report.md, figures and
 the resolved config.yaml.
 
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlxray import metrics as M
+from mtlxray.eval import metrics as M
 from mtlxray.errors import ConfigError, DataError, MtlxError, unwrap_worker_error
-from mtlxray.evaluation import RecordCollector, Records, summarise
+from mtlxray.eval.records import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_error, write_json_atomic, write_text_atomic
 from mtlxray.provenance import provenance
@@ -121,7 +121,7 @@ def _case_scores(out: dict, batch: dict, by_infection: bool, inf_classes: Tensor
 def run_model(model, loader, device: torch.device, by_infection: bool, inf_classes: list[int],
               multilabel: bool = False, gate=None) -> tuple[Records, list[Case], list[Case]]:
     """This process's records and its best and worst cases (by infection Dice or lung Dice); class
-    probabilities are sigmoids with `multilabel`; with a `gate` (`mtlxray.gate.Gate`) the records
+    probabilities are sigmoids with `multilabel`; with a `gate` (`mtlxray.eval.gate.Gate`) the records
     hold its P(positive class) per image."""
     from mtlxray.data.loader import batch_to_device
 
@@ -342,7 +342,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     """Evaluate a checkpoint on a split; every rank returns the summary, rank 0 writes the files.
 
     `gate`: overrides of the checkpoint's teacher-forcing gate (`source`, `threshold`,
-    `first_stage`, as `mtlxray.gate.Gate.from_config` takes them); with a gate, metrics come
+    `first_stage`, as `mtlxray.eval.gate.Gate.from_config` takes them); with a gate, metrics come
     gated and ungated. `out`: a folder that must be empty unless `overwrite` (the default folder,
     `default_out_dir`, is replaced).
 
@@ -449,7 +449,7 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
     loader = build_eval_loader(data_cfg, subset=subset, split=split, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, batch_size=batch_size)
     by_infection = model.mode == "phase2" and "inf" in model.tasks and subset == "infection"
-    from mtlxray.gate import Gate
+    from mtlxray.eval.gate import Gate
 
     gate = dict(gate or {})
     if gate.get("threshold") is not None and gate.get("source") is None and cfg.phase.teacher_forcing.gate == "none":

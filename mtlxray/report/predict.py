@@ -286,12 +286,12 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
 
     The model runs as given (its device, dtype and attention kernel); `load_predictor` prepares
     one for CPU. `gate`: report infection and boxes only when P(COVID-19) under the class head is
-    at least this; `gating` (a `mtlxray.gate.Gate`: the class head or a first-stage classifier, its
+    at least this; `gating` (a `mtlxray.eval.gate.Gate`: the class head or a first-stage classifier, its
     positive classes and threshold) replaces it. ConfigError for a gate outside [0, 1] or a batch
     size below 1. `input_range`: how 16-bit images are scaled (`mtlxray.data.images`)."""
     check_gate(gate)
     if gating is None and gate is not None:
-        from mtlxray.gate import Gate
+        from mtlxray.eval.gate import Gate
 
         cfg = getattr(model, "config", None)
         gating = Gate("cls_head", cfg.phase.positive_classes if cfg is not None else [COVID], gate,
@@ -382,7 +382,7 @@ def cli_gate(cfg, args: argparse.Namespace, device: torch.device | str = "cpu"):
     """The gate of `predict`/`evaluate`: the checkpoint's `phase.teacher_forcing` gate, with
     `--gate P` (the threshold; the class head when the config has no gate), `--gate-source` and
     `--first-stage` overriding it; None for no gate."""
-    from mtlxray.gate import Gate
+    from mtlxray.eval.gate import Gate
 
     source = getattr(args, "gate_source", None)
     if source is None and args.gate is not None and cfg.phase.teacher_forcing.gate == "none":

@@ -9,7 +9,7 @@ metrics.jsonl holds one strict-JSON object per line (a nan is written as null), 
   skipped so far), `skipped_shards` (shards skipped by `data.skip_failed_shards` so far in the run,
   all ranks and sources; kept in the checkpoint), `img_per_s` (all ranks), `world_size`, `time` (unix seconds);
 - evaluation lines: `type`="eval", `step`, `epoch` and `val/<metric>` for every metric of
-  `mtlxray.evaluation` plus `val/loss` and `val/loss/<task>`.
+  `mtlxray.eval.records` plus `val/loss` and `val/loss/<task>`.
 
 On resume, lines after the checkpoint's step are dropped and the interval in progress is
 restored from the checkpoint, so a resumed run's lines equal an uninterrupted run's.

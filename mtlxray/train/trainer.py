@@ -1,7 +1,7 @@
 """The training loop shared by every phase, on Accelerate (DDP) or DeepSpeed.
 
 `Trainer` owns the loop and nothing else; the run folder (`rundir`), what is logged (`logs`),
-validation (`validation`, through `mtlxray.evaluation`), non-finite steps (`nonfinite`) and
+validation (`validation`, through `mtlxray.eval.records`), non-finite steps (`nonfinite`) and
 checkpoint files (`mtlxray.checkpoint`) are components it calls.
 
 Host synchronisation: a training step on the DDP backend reads nothing back from the device.
@@ -33,8 +33,8 @@ from mtlxray.config import Config, dump_config
 from mtlxray.data.loader import batch_to_device, build_train_loader, label_names, read_manifest, shard_urls
 from mtlxray.dist import resolve_world
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
-from mtlxray.evaluation import metric_names
-from mtlxray.gate import Gate
+from mtlxray.eval.records import metric_names
+from mtlxray.eval.gate import Gate
 from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_json_atomic, write_text_atomic
 from mtlxray.train.compiled import compile_loss

@@ -1,4 +1,4 @@
-"""Validation during training: the model on the validation split, summarised by `mtlxray.evaluation`.
+"""Validation during training: the model on the validation split, summarised by `mtlxray.eval.records`.
 
 Each rank evaluates its contiguous share of the split (every image once across ranks). Ranks may
 hold unequal numbers of batches; they step in lockstep (a rank that ran out repeats a blank
@@ -20,7 +20,7 @@ import torch
 from mtlxray.config import Config
 from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names
 from mtlxray.errors import unwrap_worker_error
-from mtlxray.evaluation import RecordCollector, Records, summarise
+from mtlxray.eval.records import RecordCollector, Records, summarise
 from mtlxray.overlays import overlay_row
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.signals import agree

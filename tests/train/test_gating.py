@@ -6,7 +6,7 @@ import torch
 
 from mtlxray.config import load_config
 from mtlxray.errors import ConfigError
-from mtlxray.gate import FirstStage, Gate, positive_probability
+from mtlxray.eval.gate import FirstStage, Gate, positive_probability
 from mtlxray.train.gating import PositiveSelector, coin_flips
 from mtlxray.train.losses import phase_loss
 

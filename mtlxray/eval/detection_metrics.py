@@ -3,7 +3,7 @@
 `mean_average_precision` is torchmetrics' `MeanAveragePrecision` (COCO's definition: 101-point
 interpolated precision, up to 100 boxes per image) with the faster-coco-eval backend, or
 pycocotools where only that is installed; mtlxray does not reimplement it. Infection is one
-class. `det_summary` turns an evaluation's per-image candidates (`mtlxray.evaluation.Records.det`)
+class. `det_summary` turns an evaluation's per-image candidates (`mtlxray.eval.records.Records.det`)
 into the kept boxes (NMS, `mtlxray.model.detection.postprocess`) and the metrics:
 
 - `det_map` (mAP@[.5:.95]) and `det_map_50` (mAP@0.5) over the images annotated with infection

@@ -23,7 +23,7 @@ of names, which training logs as `val/<name>` and `evaluate` writes to metrics.j
   thresholded at 0.5 on its own (an image may then be predicted in no class or in several);
 - with a detection head (`model.det_head`): `det_map` (mAP@[.5:.95]), `det_map_50`, `det_n`,
   `det_fp_share` (negative images with a box scoring at least `model.det_score_threshold`) and
-  `det_negatives_n` (see `mtlxray.detection_metrics`);
+  `det_negatives_n` (see `mtlxray.eval.detection_metrics`);
 - with a gate (`phase.teacher_forcing.gate`, or evaluate's `--gate-source`): `gate_sensitivity`
   and `gate_specificity` (positives passed, negatives stopped), and the same infection and box
   figures as an image the gate stops reports them (no mask, no box): `inf_dice_gated`,
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mtlxray import metrics as M
+from mtlxray.eval import metrics as M
 
 __all__ = ["Records", "RecordCollector", "summarise", "metric_names", "threshold_f1", "CI_METRICS"]
 
@@ -206,7 +206,7 @@ def metric_names(tasks: Sequence[str], class_names: Sequence[str], multilabel: b
 
 def threshold_f1(probs: Tensor, labels: Tensor, threshold: float = 0.5) -> tuple[list[float], float]:
     """Per-class F1 of independent decisions `probs[:, c] >= threshold` against `labels == c`, and
-    their macro average over the classes present in `labels` (0/0 is 0, as in `mtlxray.metrics`).
+    their macro average over the classes present in `labels` (0/0 is 0, as in `mtlxray.eval.metrics`).
 
     probs: N×C, labels: N class indices. Returns ([f1 per class], macro); macro is nan with no images."""
     pred = probs >= threshold  # N×C
@@ -290,7 +290,7 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
             boot["inf_dice_gated"] = lambda idx: gated_dice[idx][scored[idx]].mean().item() if scored[idx].any() \
                 else math.nan
     if records.det is not None:
-        from mtlxray.detection_metrics import det_summary
+        from mtlxray.eval.detection_metrics import det_summary
 
         det_values, shown = det_summary(records.det, records.gt_boxes, records.inf_annotated, ~positive,
                                         score_threshold=det_score_threshold, nms_iou=det_nms_iou,

@@ -9,7 +9,7 @@ once) or from a frozen first-stage classifier (`FirstStage`, any checkpoint with
 (`phase.teacher_forcing.threshold`).
 
 Training uses it through `mtlxray.train.gating` (teacher forcing), validation and `mtlxray
-evaluate` to report gated beside ungated figures (`mtlxray.evaluation`), and `mtlxray predict` to
+evaluate` to report gated beside ungated figures (`mtlxray.eval.records`), and `mtlxray predict` to
 decide whether infection and boxes are reported.
 """
 
