@@ -2,7 +2,7 @@
 
 `Trainer` owns the loop and nothing else; the run folder (`rundir`), what is logged (`logs`),
 validation (`validation`, through `mtlxray.eval.records`), non-finite steps (`nonfinite`) and
-checkpoint files (`mtlxray.checkpoint`) are components it calls.
+checkpoint files (`mtlxray.train.checkpoints`) are components it calls.
 
 Host synchronisation: a training step on the DDP backend reads nothing back from the device.
 Loss parts, skipped-step counts and the stop flag stay on the device and are read once per
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from mtlxray.checkpoint import (WEIGHTS_NAME, TrainState, check_deepspeed_pickles, find_resume, resolve_checkpoint,
-                                save_checkpoint, verify_checkpoint)
+                                verify_checkpoint)
 from mtlxray.config import Config, dump_config
 from mtlxray.data.loader import batch_to_device, build_train_loader, label_names, read_manifest, shard_urls
 from mtlxray.dist import resolve_world
@@ -37,6 +37,7 @@ from mtlxray.eval.records import metric_names
 from mtlxray.eval.gate import Gate
 from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.train.checkpoints import save_checkpoint
 from mtlxray.train.compiled import compile_loss
 from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
