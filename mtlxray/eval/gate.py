@@ -8,7 +8,7 @@ once) or from a frozen first-stage classifier (`FirstStage`, any checkpoint with
 `model.first_stage`), and passes the image when that probability reaches the threshold
 (`phase.teacher_forcing.threshold`).
 
-Training uses it through `mtlxray.train.gating` (teacher forcing), validation and `mtlxray
+Training uses it through `mtlxray.train.teacher_forcing` (teacher forcing), validation and `mtlxray
 evaluate` to report gated beside ungated figures (`mtlxray.eval.records`), and `mtlxray predict` to
 decide whether infection and boxes are reported.
 """

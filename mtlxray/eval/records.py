@@ -136,7 +136,7 @@ class RecordCollector:
     def add(self, out: dict, batch: dict, gate: Optional[Tensor] = None) -> None:
         """out: the model's dict (lung/inf B×1×H×W logits, cls B×C logits, det B×N×6, or None);
         batch: a device batch with `lung`, `inf` masks, `label`, `has_inf`, `key` (and `boxes`
-        with det); gate: B probabilities of a positive class under the gate (`mtlxray.train.gating`)."""
+        with det); gate: B probabilities of a positive class under the gate (`mtlxray.train.teacher_forcing`)."""
         part: dict = {"keys": list(batch["key"]), "labels": batch["label"].detach(),
                       "inf_annotated": batch["has_inf"].detach().bool()}
         lung_pred = None

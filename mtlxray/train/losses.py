@@ -85,7 +85,7 @@ def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str
     """Weighted sum of the lung, infection, class and detection losses; returns (total, per-task losses).
 
     Positive-case training: the infection and detection losses count only the samples in
-    `include` (B bool; default: labels in `positive_classes`, see `mtlxray.train.gating` for the
+    `include` (B bool; default: labels in `positive_classes`, see `mtlxray.train.teacher_forcing` for the
     teacher-forced choice) that carry an infection mask; the infection loss is averaged over those,
     or over the batch (`inf_mean_over`), the detection loss over their boxes. Tasks whose weight is
     0, or whose output the model does not produce, are left out. `cls_loss`: see `class_loss`.

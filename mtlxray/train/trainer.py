@@ -39,9 +39,9 @@ from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_json_atomic, write_text_atomic
 from mtlxray.train.checkpoints import save_checkpoint
 from mtlxray.train.compiled import compile_loss
-from mtlxray.train.distributed import (apply_launcher_flags, build_accelerator, deepspeed_config,
+from mtlxray.train.accelerator import (apply_launcher_flags, build_accelerator, deepspeed_config,
                                        keep_grads_in_parameter_layout)
-from mtlxray.train.gating import PositiveSelector
+from mtlxray.train.teacher_forcing import PositiveSelector
 from mtlxray.train.logs import (LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers,
                                 tracker_names)
 from mtlxray.train.losses import phase_loss

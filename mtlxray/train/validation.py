@@ -60,7 +60,7 @@ def iterate_keeping_rng(loader) -> Iterator[dict]:
 class Validator:
     """Runs validation for a Trainer; returns `val/<metric>` values.
 
-    With a `gate` (`mtlxray.train.gating.Gate`, the phase's teacher-forcing gate) the metrics come
+    With a `gate` (`mtlxray.eval.gate.Gate`, the phase's teacher-forcing gate) the metrics come
     gated and ungated; the validation loss always selects positives by the ground truth.
 
     With `overlays` > 0, `image` holds after each run the main process's first `overlays`

@@ -164,7 +164,7 @@ def test_compiled_model_trains_to_the_same_losses_as_eager(tiny_shards, tmp_path
 def test_accelerate_launch_precision_flag_is_honoured_or_refused_in_one_line(monkeypatch):
     from mtlxray.config import load_config
     from mtlxray.errors import ConfigError
-    from mtlxray.train.distributed import apply_launcher_flags
+    from mtlxray.train.accelerator import apply_launcher_flags
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     cfg = load_config(DEMO, ["run.precision=auto"])
