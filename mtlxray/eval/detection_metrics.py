@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mtlxray.model.detection import postprocess
+
 __all__ = ["mean_average_precision", "kept_boxes", "det_summary", "map_backend"]
 
 
@@ -51,8 +53,6 @@ def mean_average_precision(preds: Sequence[Tensor], targets: Sequence[Sequence[S
 
 def kept_boxes(det: Tensor, nms_iou: float, max_boxes: int) -> list[Tensor]:
     """Per image (det: N×k×5 candidates) the boxes kept after NMS, M×5, best first."""
-    from mtlxray.model.detection import postprocess
-
     return [postprocess(c, nms_iou, max_boxes) for c in det]
 
 

@@ -46,6 +46,8 @@ import torch
 from torch import Tensor
 
 from mtlxray.eval import metrics as M
+from mtlxray.eval.detection_metrics import det_summary
+from mtlxray.model.detection import det_candidates
 
 __all__ = ["Records", "RecordCollector", "summarise", "metric_names", "threshold_f1", "CI_METRICS"]
 
@@ -154,8 +156,6 @@ class RecordCollector:
             logits = out["cls"].detach().float()
             part["probs"] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
         if out.get("det") is not None:
-            from mtlxray.model.detection import det_candidates
-
             part["det"] = det_candidates(out["det"], tuple(batch["img"].shape[-2:]))
             part["gt_boxes"] = [[list(b) for b in boxes] for boxes in batch["boxes"]]
         if gate is not None:
@@ -290,8 +290,6 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
             boot["inf_dice_gated"] = lambda idx: gated_dice[idx][scored[idx]].mean().item() if scored[idx].any() \
                 else math.nan
     if records.det is not None:
-        from mtlxray.eval.detection_metrics import det_summary
-
         det_values, shown = det_summary(records.det, records.gt_boxes, records.inf_annotated, ~positive,
                                         score_threshold=det_score_threshold, nms_iou=det_nms_iou,
                                         max_boxes=det_max_boxes, passed=passed)

@@ -41,11 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mtlxray.checkpoint import find_resume
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.io import write_json_atomic
 from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
-from mtlxray.launch.slurm import sbatch_flags, slurm_parameters
+from mtlxray.launch.slurm import parse_slurm_time, sbatch_flags, slurm_parameters
 from mtlxray.launch.submit import Phase, Pipeline, SubmitError, TrainingFailed, TrainJob, _sbatch_test_only
+from mtlxray.train.logs import mlflow_uri
+from mtlxray.train.rundir import clear_previous_run
 
 __all__ = ["Point", "Element", "Sweep", "SweepPhaseJob", "parse_grid", "plan_sweep", "run_sweep", "core_slots",
            "cli_main"]
@@ -463,7 +466,6 @@ def _prepare_tracker_store(sweep: Sweep) -> None:
     cfg = sweep.elements[0].plans[0].cfg
     if "mlflow" not in cfg.run.trackers:
         return
-    from mtlxray.train.logs import mlflow_uri
 
     try:
         import mlflow
@@ -480,9 +482,6 @@ def reset_for_rerun(element: Element) -> None:
     afresh (a later phase must start from the redone one's new best), and its evaluations are redone.
 
     Earlier phases resume (`--resume auto`): a finished one ends at once."""
-    from mtlxray.checkpoint import find_resume
-    from mtlxray.train.rundir import clear_previous_run
-
     redo = False
     for plan in element.plans:
         redo = redo or find_resume(plan.run_dir / "checkpoints") is None
@@ -524,8 +523,6 @@ def cli_main(args: argparse.Namespace) -> int:
     """`mtlxray sweep --config C [--then C2 ...] --seeds S... [--grid k=v1,v2 ...] --out DIR`."""
     params: dict[str, Any] = {}
     if args.time is not None:
-        from mtlxray.launch.slurm import parse_slurm_time
-
         params["timeout_min"] = parse_slurm_time(args.time)
     for key in ("nodes", "gpus_per_node", "cpus_per_task"):
         if getattr(args, key) is not None:

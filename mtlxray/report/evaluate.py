@@ -43,11 +43,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+from mtlxray.config import dump_config, load_config
+from mtlxray.data.audit import overlap
+from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names, read_manifest
+from mtlxray.dist import export_torch_env, is_main_process, process_group_kwargs, resolve_world
+from mtlxray.errors import (CheckpointError, ConfigError, DataError, MtlxError, ShardError, ShardsNotFoundError,
+                            unwrap_worker_error)
 from mtlxray.eval import metrics as M
-from mtlxray.errors import ConfigError, DataError, MtlxError, unwrap_worker_error
+from mtlxray.eval.gate import Gate
 from mtlxray.eval.records import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_error, write_json_atomic, write_text_atomic
+from mtlxray.model import build_model
+from mtlxray.model.kinds import resizes_input
 from mtlxray.provenance import provenance
 from mtlxray.report import figures
 from mtlxray.report.markdown import evaluation_markdown, infection_count
@@ -123,8 +132,6 @@ def run_model(model, loader, device: torch.device, by_infection: bool, inf_class
     """This process's records and its best and worst cases (by infection Dice or lung Dice); class
     probabilities are sigmoids with `multilabel`; with a `gate` (`mtlxray.eval.gate.Gate`) the records
     hold its P(positive class) per image."""
-    from mtlxray.data.loader import batch_to_device
-
     collector = RecordCollector(multilabel)
     best, worst = _TopK(N_CASES), _TopK(N_CASES)  # worst keeps the highest -score
     classes = torch.as_tensor(inf_classes, device=device)
@@ -266,10 +273,6 @@ def _locate(path: str, base: Optional[Path]) -> str:
 def _training_data(cfg, ckpt: Path, seen: frozenset = frozenset()) -> tuple[list[tuple[str, str, str]], list[str]]:
     """(shards, subset, split) a checkpoint was trained on, following phase.init_from to earlier
     phases, and the training sources that cannot be found (an earlier phase's folder that is gone)."""
-    from mtlxray.checkpoint import resolve_checkpoint
-    from mtlxray.config import load_config
-    from mtlxray.errors import CheckpointError
-
     base = _training_dir(ckpt, cfg)
     subsets = [cfg.data.subset] if cfg.data.subset in ("lung", "infection") else ["lung", "infection"]
     sets = [(_locate(cfg.data.shards, base), s, cfg.data.train_split) for s in subsets]
@@ -293,9 +296,6 @@ def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool,
     cannot be found (the check would be silently weaker), unless `allow`. Relative paths of the
     checkpoint's config are taken from the run's training directory when the checkpoint sits in
     its run folder. Returns what the report states."""
-    from mtlxray.data.audit import overlap
-    from mtlxray.errors import ShardError, ShardsNotFoundError
-
     pairs, checked, unchecked = [], [], []
     sets, missing = _training_data(cfg, ckpt)
     for train_shards, train_subset, train_split in dict.fromkeys(sets):
@@ -323,8 +323,6 @@ def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool,
 def _accelerator():
     from accelerate import Accelerator
 
-    from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
-
     world = resolve_world()
     export_torch_env(world)
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[process_group_kwargs(world)])
@@ -349,8 +347,6 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     Refuses (DataError) a split that shares images with the checkpoint's training data unless
     `allow_leakage`. Runs in one process, or in several under `accelerate launch`/`torchrun`
     (records are gathered)."""
-    from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg = load_model_from_checkpoint(ckpt)
     subset = subset or default_subset(cfg)
@@ -368,9 +364,6 @@ def evaluate_config(config: str | Path, overrides: list[str], shards: str | Path
 
     The default output folder is `<run.output_dir>/<run.name>/eval-pretrained-<shards>-<subset>-<split>`,
     which `mtlxray compare` reads as that run's evaluation."""
-    from mtlxray.config import load_config
-    from mtlxray.model import build_model
-
     cfg = load_config(config, overrides)
     model = build_model(cfg.model, pretrained=True)
     model.set_mode(cfg.phase.name)
@@ -395,9 +388,6 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
     whole evaluation and which must be empty unless `overwrite` (see the module docstring).
 
     Class names are those of the config's label scheme (`data.classes`), which the loader labels by."""
-    from mtlxray.data.loader import label_names, read_manifest
-    from mtlxray.model.kinds import resizes_input
-
     what = source.get("checkpoint") or source.get("model_config")
     manifest = read_manifest(shards)
     if manifest.get("image_size") != cfg.model.img_size and not resizes_input(cfg.model):
@@ -439,9 +429,6 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
     """`evaluate_model`'s work once the output folder is held: run, gather, summarise, write."""
     from accelerate.utils import gather_object
 
-    from mtlxray.config import dump_config
-    from mtlxray.data.loader import build_eval_loader
-
     model.to(accelerator.device)
     model.set_attention(resolve_attention(cfg.model.attention, "fp32", accelerator.device.type))
     expected = sum(manifest["counts"].get(subset, {}).get(split, {}).values())
@@ -449,7 +436,6 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
     loader = build_eval_loader(data_cfg, subset=subset, split=split, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, batch_size=batch_size)
     by_infection = model.mode == "phase2" and "inf" in model.tasks and subset == "infection"
-    from mtlxray.eval.gate import Gate
 
     gate = dict(gate or {})
     if gate.get("threshold") is not None and gate.get("source") is None and cfg.phase.teacher_forcing.gate == "none":
@@ -538,7 +524,6 @@ def cli_main(args: argparse.Namespace) -> int:
             raise ConfigError(f"KEY=VALUE overrides ({' '.join(args.overrides)}) go with --model-config; a "
                               "checkpoint is evaluated with the config it was trained with")
         summary = evaluate_checkpoint(args.checkpoint, args.shards, allow_leakage=args.allow_leakage, **common)
-    from mtlxray.dist import is_main_process
 
     if is_main_process():
         print(headline(summary))

@@ -35,7 +35,9 @@ from typing import Optional
 
 import torch
 
+from mtlxray.errors import ConfigError
 from mtlxray.io import json_safe, write_text_atomic
+from mtlxray.provenance import provenance
 
 __all__ = ["MetricsLog", "LossWindow", "Progress", "format_duration", "run_info", "run_info_line", "tracker_names",
            "build_trackers", "start_trackers", "mlflow_uri", "config_params"]
@@ -47,8 +49,6 @@ def run_info(cfg, accelerator, model, precision_source: str) -> dict:
     """How this run trains, as decided at start-up, with what produced it (`mtlxray.provenance`):
     device, precision (and what chose it), world size, backend, attention kernel and compile."""
     import torch.distributed as dist
-
-    from mtlxray.provenance import provenance
 
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -176,8 +176,6 @@ def build_trackers(cfg, run_dir: Path) -> list:
 
 def _require(module: str, tracker: str) -> None:
     import importlib.util
-
-    from mtlxray.errors import ConfigError
 
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"run.trackers: {tracker} needs the `{module}` package: pip install 'mtlxray[track]'")

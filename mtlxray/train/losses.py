@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtlxray.model.detection import detection_loss
+
 __all__ = ["seg_loss_per_sample", "masked_seg_loss", "class_loss", "multitask_loss", "phase_loss"]
 
 
@@ -94,8 +96,6 @@ def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str
     `carried`: the labels this batch has (`data.sources`; None: all). A weighted task outside it
     has no loss part and adds an exact zero with an exactly zero gradient to its head.
     """
-    from mtlxray.model.detection import detection_loss
-
     parts: dict[str, Tensor] = {}
     idle: list[Tensor] = []
 

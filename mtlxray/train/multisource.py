@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from mtlxray.config import DataConfig, SourceConfig
-from mtlxray.data.loader import build_train_loader, label_names, read_manifest, shard_urls, train_batches_per_epoch
+from mtlxray.data.loader import (_labels, build_train_loader, label_names, read_manifest, shard_urls,
+                                 train_batches_per_epoch)
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.errors import ConfigError, ShardError
 
@@ -105,8 +106,6 @@ def source_batches(data: DataConfig, *, seed: int, epoch: int, rank: int, world_
 
 def check_sources(data: DataConfig) -> None:
     """Preflight: every source's shard set holds its subset's training split, and its classes have labels."""
-    from mtlxray.data.loader import _labels  # the loader's own class-name -> label rule
-
     for src in data.sources:
         cfg = source_config(data, src)
         try:
