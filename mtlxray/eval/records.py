@@ -51,8 +51,6 @@ from mtlxray.model.detection import det_candidates
 
 __all__ = ["Records", "RecordCollector", "summarise", "metric_names", "threshold_f1", "CI_METRICS"]
 
-SEG = ("dice", "iou", "pixel_accuracy", "sensitivity", "specificity")
-CLS = ("precision", "recall", "specificity", "f1")
 CI_METRICS = ("lung_dice", "inf_dice", "accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_macro",
               "f1_at_0.5_macro")
 """Headline metrics that get bootstrap confidence intervals."""
@@ -181,27 +179,21 @@ class RecordCollector:
 def metric_names(tasks: Sequence[str], class_names: Sequence[str], multilabel: bool = False,
                  gated: bool = False) -> list[str]:
     """The metric names `summarise` produces for a model with outputs `tasks` (lung, inf, cls, det),
-    a multi-label class head (`multilabel`), and records with the gate's probabilities (`gated`)."""
-    names = ["n_images"]
-    for task in ("lung", "inf"):
-        if task in tasks:
-            names += [f"{task}_{m}{s}" for m in SEG for s in ("", "_global")] + [f"{task}_n"]
-    if "inf" in tasks:
-        names += ["inf_fp_share", "inf_fp_area_pct", "inf_negatives_n", "inf_positives_n"]
-    if "cls" in tasks:
-        names += ["accuracy", *(f"{m}_macro" for m in (*CLS, "auc"))]
-        names += [f"{m}/{c}" for m in (*CLS, "auc") for c in class_names]
-        if multilabel:
-            names += ["f1_at_0.5_macro", *(f"f1_at_0.5/{c}" for c in class_names)]
-    if "det" in tasks:
-        names += ["det_map", "det_map_50", "det_n", "det_fp_share", "det_negatives_n"]
-    if gated:
-        names += ["gate_sensitivity", "gate_specificity"]
-        if "inf" in tasks:
-            names += ["inf_dice_gated", "inf_fp_share_gated", "inf_fp_area_pct_gated"]
-        if "det" in tasks:
-            names += ["det_map_gated", "det_map_50_gated", "det_fp_share_gated"]
-    return names
+    a multi-label class head (`multilabel`), and records with the gate's probabilities (`gated`).
+
+    Read off `summarise` itself on two blank images with those outputs, so that the names have one
+    source; which images are positive changes no name."""
+    n, c = 2, len(class_names)
+    counts, zeros = torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    no = torch.zeros(n, dtype=torch.bool)
+    probe = Records(keys=["a", "b"], labels=zeros, inf_annotated=no,
+                    probs=torch.full((n, c), 1.0 / c) if "cls" in tasks else None,
+                    lung=counts if "lung" in tasks else None, lung_area=zeros if "lung" in tasks else None,
+                    inf=counts if "inf" in tasks else None, inf_area=zeros if "inf" in tasks else None,
+                    inf_any=no if "inf" in tasks else None,
+                    det=torch.zeros(n, 1, 5) if "det" in tasks else None, gt_boxes=[[], []] if "det" in tasks else None,
+                    gate=torch.zeros(n) if gated else None)
+    return list(summarise(probe, class_names, [0], multilabel=multilabel)["metrics"])
 
 
 def threshold_f1(probs: Tensor, labels: Tensor, threshold: float = 0.5) -> tuple[list[float], float]:
