@@ -33,15 +33,14 @@ from mtlxray.config import Config, dump_config
 from mtlxray.data.loader import batch_to_device, build_train_loader, label_names, read_manifest, shard_urls
 from mtlxray.dist import resolve_world
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError, ShardError
-from mtlxray.eval.records import metric_names
 from mtlxray.eval.gate import Gate
+from mtlxray.eval.records import metric_names
 from mtlxray.hardware import resolve_attention, resolve_precision
 from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.train.accelerator import (apply_launcher_flags, build_accelerator, deepspeed_config,
+                                      keep_grads_in_parameter_layout)
 from mtlxray.train.checkpoints import save_checkpoint
 from mtlxray.train.compiled import compile_loss
-from mtlxray.train.accelerator import (apply_launcher_flags, build_accelerator, deepspeed_config,
-                                       keep_grads_in_parameter_layout)
-from mtlxray.train.teacher_forcing import PositiveSelector
 from mtlxray.train.logs import (LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers,
                                 tracker_names)
 from mtlxray.train.losses import phase_loss
@@ -51,6 +50,7 @@ from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
 from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
+from mtlxray.train.teacher_forcing import PositiveSelector
 from mtlxray.train.validation import VAL_OVERLAYS, Validator, eval_subset, iterate_keeping_rng
 
 __all__ = ["Trainer", "preflight", "resume_target"]
