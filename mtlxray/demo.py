@@ -24,12 +24,24 @@ from typing import Any
 import torch
 
 from mtlxray import CLASS_NAMES
+from mtlxray.checkpoint import load_model_from_checkpoint, read_state
 from mtlxray.config import Config, load_config
-from mtlxray.data.manifest import SUBSETS, Manifest
+from mtlxray.data.manifest import SUBSETS, Manifest, read_manifest
+from mtlxray.data.shards import build_shards
+from mtlxray.data.synth import plan, synthesize
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.hardware import resolve_precision
+from mtlxray.io import write_text_atomic
+from mtlxray.launch.submit import submit_pipeline
 from mtlxray.paper import subset_total
+from mtlxray.provenance import provenance
+from mtlxray.report.evaluate import FIGURES, evaluate_checkpoint
+from mtlxray.report.figures import plot_loss_curves
+from mtlxray.report.markdown import (evaluation_markdown, fmt, fmt_ci, fmt_pct, manifest_tables, provenance_line,
+                                     rel_path, table)
+from mtlxray.report.predict import predict_files, write_predictions
 from mtlxray.resources import find_config, shipped_config
+from mtlxray.train.logs import run_info_line
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +85,6 @@ class _Steps:
 
 
 def _synthesise(root: Path, scale: str, seed: int) -> None:
-    from mtlxray.data.synth import synthesize
-
     marker = root / f".complete-{scale}-{seed}"
     if marker.is_file():
         print(f"      reusing phantoms in {root}")
@@ -84,8 +94,6 @@ def _synthesise(root: Path, scale: str, seed: int) -> None:
 
 
 def _train(configs: Sequence[Path], overrides: list[str], folder: Path) -> list:
-    from mtlxray.launch.submit import submit_pipeline
-
     pipeline = submit_pipeline([str(c) for c in configs], executor="local", overrides=overrides,
                                folder=folder, relay=lambda line: print(f"      {line}", flush=True))
     reports = pipeline.wait()
@@ -98,8 +106,6 @@ def _train(configs: Sequence[Path], overrides: list[str], folder: Path) -> list:
 
 def _predict_inputs(tree: Path, scale: str) -> list[Path]:
     """A few test images of each class from the infection subset's folders."""
-    from mtlxray.data.synth import plan
-
     picked: dict[str, list[Path]] = {c: [] for c in CLASS_NAMES}
     for spec in plan(scale):
         if spec.subset == "infection" and spec.split == "test" and len(picked[spec.class_name]) < PREDICT_PER_CLASS:
@@ -108,9 +114,6 @@ def _predict_inputs(tree: Path, scale: str) -> list[Path]:
 
 
 def _predict(ckpt: str, inputs: list[Path], out: Path) -> list[dict]:
-    from mtlxray.checkpoint import load_model_from_checkpoint
-    from mtlxray.report.predict import predict_files, write_predictions
-
     model, cfg = load_model_from_checkpoint(ckpt)
     records, failures = predict_files(model, cfg.model.img_size, inputs, out)
     if failures:
@@ -161,9 +164,6 @@ def _scaled_down_rows(phases: Sequence[tuple[Config, Config]], manifest: Manifes
 
 
 def _phase_rows(reports: list, out: Path) -> list[list[object]]:
-    from mtlxray.checkpoint import read_state
-    from mtlxray.report.markdown import rel_path
-
     rows = []
     for r in reports:
         state = read_state(Path(r.best_checkpoint))
@@ -189,13 +189,6 @@ def write_demo_report(out: Path, *, phases: Sequence[tuple[Config, Config]], man
                       evals: dict[str, dict], predictions: list[dict],
                       timings: list[tuple[str, float]]) -> Path:
     """<out>/report.md: data tables, what was scaled down, training curves, evaluations, predictions."""
-    from mtlxray.io import write_text_atomic
-    from mtlxray.provenance import provenance
-    from mtlxray.report.evaluate import FIGURES
-    from mtlxray.report.markdown import (evaluation_markdown, fmt, fmt_ci, fmt_pct, manifest_tables, provenance_line,
-                                         table)
-    from mtlxray.train.logs import run_info_line
-
     lung, inf = evals["lung"]["metrics"], evals["infection"]["metrics"]
     headline = (f"lung Dice **{fmt(lung['lung_dice'])}** (95% CI {fmt_ci(evals['lung']['ci95']['lung_dice'])}) "
                 f"and classification accuracy **{fmt(lung['accuracy'])}** (chance {1 / len(CLASS_NAMES):.3f}) on "
@@ -246,11 +239,6 @@ def run_demo(out: str | Path = "runs/demo", *, scale: str = "small", config: str
     (`a.b=c`) apply to both training phases after the demo's own (shards, output dir, and at the
     tiny scale `TINY_SCALE_OVERRIDES`).
     """
-    from mtlxray.data.manifest import read_manifest
-    from mtlxray.data.shards import build_shards
-    from mtlxray.report.evaluate import evaluate_checkpoint
-    from mtlxray.report.figures import plot_loss_curves
-
     out = Path(out).resolve()
     phase1 = find_config(config) if config else shipped_config("demo")
     phase2 = phase2_config_of(phase1)

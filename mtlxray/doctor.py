@@ -298,7 +298,7 @@ def _backend(cfg) -> tuple[str, dict]:
     if cfg.run.backend != "deepspeed":
         return "ddp", {}
     from mtlxray.memory_plan import DS_BUCKET_DEFAULT
-    from mtlxray.train.distributed import deepspeed_config
+    from mtlxray.train.accelerator import deepspeed_config
 
     ds = deepspeed_config(cfg)
     zero = ds.get("zero_optimization", {})
@@ -381,7 +381,7 @@ def diagnose(cfg=None) -> Diagnosis:
 
     if cfg.run.backend == "deepspeed":
         try:
-            from mtlxray.train.distributed import deepspeed_config
+            from mtlxray.train.accelerator import deepspeed_config
 
             deepspeed_config(cfg)
             diag.sections["deepspeed_ops"] = deepspeed_ops()

@@ -20,12 +20,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from mtlxray.errors import MtlxError, error_line
+from mtlxray.errors import MtlxError
 from mtlxray.resources import proc_status
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "json_safe",
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "json_safe",
            "sha256_file", "free_port", "default_file_mode", "free_space", "write_error", "write_stdout"]
 
 
@@ -59,38 +59,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def free_space(path: str | Path) -> str:
-    """The free space of the file system `path` is (or would be) on, e.g. "1.4 GB"; "unknown" if
-    no folder above it can be read."""
+    """The free space of the file system `path` is (or would be) on, in MiB (e.g. "1432.7 MiB", one
+    unit so that messages compare at a glance); "unknown" if no folder above it can be read."""
     folder = Path(path).absolute()
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
     try:
-        free = float(shutil.disk_usage(folder).free)
+        free = shutil.disk_usage(folder).free
     except OSError:
         return "unknown"
-    for unit in ("B", "kB", "MB", "GB"):
-        if free < 1000:
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-        free /= 1000
-    return f"{free:.1f} TB"
+    return f"{free / 2**20:.1f} MiB"
 
 
-def write_error(path: str | Path, error: BaseException) -> MtlxError:
-    """A one-line `MtlxError` for a failed write of `path`: the reason and the free space there.
+def write_error(path: str | Path, error: Optional[BaseException], *, what: str = "", after: str = "",
+                error_type: type[MtlxError] = MtlxError) -> MtlxError:
+    """A one-line error for a failed write of `path` (`what` names it): the reason, the free space
+    there, and `after` (what was kept). `error` None: another process failed to write its part.
 
     Writers report a full disk in their own words (OSError ENOSPC, safetensors' SafetensorError,
-    torch's "file write failed"); the free space says which it was without parsing them."""
-    if isinstance(error, OSError) and error.strerror:
+    torch's "file write failed"); the free space says which it was without parsing them. Torch's
+    writer ends a multi-line message with the cause, so the last line is the reason."""
+    if error is None:
+        reason = "another process failed to write its part"
+    elif isinstance(error, OSError) and error.strerror:
         reason = error.strerror
     else:
-        reason = error_line(error)[:200]
-    return MtlxError(f"{path}: cannot write: {reason} ({free_space(path)} free there)")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
+        lines = str(error).strip().splitlines()
+        reason = lines[-1].strip()[:200] if lines else type(error).__name__
+    message = f"{path}: cannot write{' ' + what if what else ''}: {reason} ({free_space(path)} free there)"
+    return error_type(message + (f"; {after}" if after else ""))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -26,7 +26,7 @@ from mtlxray.data.loader import _labels, label_names, shard_urls, source_config 
 from mtlxray.data.manifest import Manifest, read_manifest, shard_subsets, validation_subset
 from mtlxray.data.remote import RetryPolicy
 from mtlxray.errors import CheckpointError, ConfigError, MtlxError, ShardError, ShardsNotFoundError
-from mtlxray.evaluation import metric_names
+from mtlxray.eval.records import metric_names
 from mtlxray.model.registry import model_spec, model_tasks
 
 __all__ = ["Problem", "check_run", "check_image_size", "raise_first"]

@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from mtlxray import __version__
+from mtlxray.config import dump_config
+
 __all__ = ["provenance", "config_hash", "git_commit"]
 
 
@@ -34,8 +37,6 @@ def git_commit() -> Optional[str]:
 
 def config_hash(cfg) -> str:
     """The first 12 hex digits of the SHA-256 of the resolved config as YAML (`dump_config`)."""
-    from mtlxray.config import dump_config
-
     return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:12]
 
 
@@ -43,9 +44,7 @@ def provenance(cfg=None) -> dict:
     """{mtlxray_version, git_commit, torch_version[, config_hash]}."""
     import torch
 
-    import mtlxray
-
-    out = {"mtlxray_version": mtlxray.__version__, "git_commit": git_commit(),
+    out = {"mtlxray_version": __version__, "git_commit": git_commit(),
            "torch_version": torch.__version__}
     if cfg is not None:
         out["config_hash"] = config_hash(cfg)

@@ -5,24 +5,36 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtlxray"
 
-# package -> packages it must never import (directly or inside a function)
+# package (or top-level module) -> packages and modules it must never import (directly or inside a function).
+# Bottom to top: the shared modules; model and data; checkpoint (reads a saved model); eval; preflight (whether a
+# run fits its shards and model); memory_plan; train and report; launch; the commands (cli, demo, doctor, bench).
 FORBIDDEN = {
-    "model": {"train", "report", "launch", "data", "bench", "cli", "demo", "hardware"},
-    "data": {"train", "report", "launch", "model", "bench", "cli", "demo"},
-    "report": {"train", "launch", "bench", "demo"},
-    "train": {"launch", "report", "bench", "demo"},
-    "launch": {"report", "bench", "demo"},
+    "model": {"data", "checkpoint", "eval", "preflight", "memory_plan", "train", "report", "launch", "bench", "cli",
+              "demo", "doctor", "hardware"},
+    "data": {"model", "checkpoint", "eval", "preflight", "memory_plan", "train", "report", "launch", "bench", "cli",
+             "demo", "doctor"},
+    "checkpoint": {"data", "eval", "preflight", "memory_plan", "train", "report", "launch", "bench", "cli", "demo",
+                   "doctor"},
+    "eval": {"preflight", "memory_plan", "train", "report", "launch", "bench", "cli", "demo", "doctor"},
+    "preflight": {"memory_plan", "train", "report", "launch", "bench", "cli", "demo", "doctor"},
+    "memory_plan": {"report", "launch", "bench", "cli", "demo", "doctor"},
+    "train": {"report", "launch", "bench", "cli", "demo", "doctor"},
+    "report": {"train", "launch", "bench", "cli", "demo", "doctor"},
+    "launch": {"report", "bench", "demo", "doctor"},
 }
-SHARED = {"config", "errors", "io", "dist", "paper", "metrics", "evaluation", "checkpoint", "gate", "provenance",
-          "detection_metrics", "resources", "overlays", "preflight"}
-"""Modules neither side owns; they import nothing from train, report or launch."""
+SHARED = {"config", "errors", "io", "dist", "hardware", "paper", "provenance", "resources", "overlays"}
+"""Top-level modules every layer may use; they import no package or module of a layer."""
+LAYERS = {"model", "data", "checkpoint", "eval", "preflight", "memory_plan", "train", "report", "launch", "bench",
+          "cli", "demo", "doctor"}
 
 
 def _imports(path: Path) -> set[str]:
     """mtlxray subpackages/modules imported by a file (absolute imports, any depth)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.ImportFrom) and node.module == "mtlxray" and node.level == 0:
+            names = [f"mtlxray.{a.name}" for a in node.names]  # from mtlxray import eval
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -52,15 +64,16 @@ def test_every_package_imports_only_in_the_allowed_directions():
 def test_shared_modules_import_no_layer_above_them():
     violations = []
     for name in SHARED:
-        for target in _imports(PACKAGE / f"{name}.py") & {"train", "report", "launch", "bench", "cli", "demo"}:
+        for target in _imports(PACKAGE / f"{name}.py") & LAYERS:
             violations.append(f"mtlxray/{name}.py imports mtlxray.{target}")
     assert violations == []
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     sample = tmp_path / "x.py"
-    sample.write_text("def f():\n    from mtlxray.train.trainer import Trainer\n    import mtlxray.report.evaluate\n")
-    assert _imports(sample) == {"train", "report"}
+    sample.write_text("def f():\n    from mtlxray.train.trainer import Trainer\n    import mtlxray.report.evaluate\n"
+                      "    from mtlxray import eval\n")
+    assert _imports(sample) == {"train", "report", "eval"}
 
 
 def test_no_import_cycle_runs_through_the_model_package():

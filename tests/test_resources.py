@@ -65,7 +65,7 @@ def test_a_name_with_another_suffix_is_not_that_config(elsewhere):
 
 
 def test_the_deepspeed_config_is_found_by_name_too(elsewhere):
-    from mtlxray.train.distributed import deepspeed_config
+    from mtlxray.train.accelerator import deepspeed_config
 
     cfg = load_config("phase1", ["run.backend=deepspeed", "run.deepspeed_config=deepspeed/zero2"])
     assert deepspeed_config(cfg)["zero_optimization"]["stage"] == 2

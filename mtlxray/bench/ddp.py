@@ -59,7 +59,7 @@ def _worker(rank: int, port: int, rounds: int, steps: int, out: str) -> None:
     import deepspeed
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from mtlxray.train.distributed import keep_deepspeed_collectives_on_gloo
+    from mtlxray.train.accelerator import keep_deepspeed_collectives_on_gloo
 
     keep_deepspeed_collectives_on_gloo()  # compare DDP and ZeRO over the same gloo all-reduce
 

@@ -27,7 +27,7 @@ SUITES: dict[str, str] = {
     "attention": "mtlxray.bench.attention",
     "model": "mtlxray.bench.model",
     "gpu": "mtlxray.bench.gpu",
-    "checkpointing": "mtlxray.bench.checkpointing",
+    "checkpointing": "mtlxray.bench.recompute",
     "memory": "mtlxray.bench.memory",
     "loader": "mtlxray.bench.loader",
     "shards": "mtlxray.bench.shards",

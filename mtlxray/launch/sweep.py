@@ -40,11 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mtlxray.checkpoint import find_resume
 from mtlxray.errors import ConfigError, MtlxError
 from mtlxray.io import write_json_atomic
 from mtlxray.launch.chain import PhasePlan, plan_chain, validate_chain
 from mtlxray.launch.slurm import sbatch_flags, slurm_parameters
 from mtlxray.launch.submit import Phase, Pipeline, SubmitError, TrainingFailed, TrainJob, _sbatch_test_only
+from mtlxray.train.logs import mlflow_uri
+from mtlxray.train.rundir import clear_previous_run
 
 __all__ = ["Point", "Element", "Sweep", "SweepPhaseJob", "parse_grid", "plan_sweep", "run_sweep", "core_slots"]
 
@@ -461,7 +464,6 @@ def _prepare_tracker_store(sweep: Sweep) -> None:
     cfg = sweep.elements[0].plans[0].cfg
     if "mlflow" not in cfg.run.trackers:
         return
-    from mtlxray.train.logs import mlflow_uri
 
     try:
         import mlflow
@@ -478,9 +480,6 @@ def reset_for_rerun(element: Element) -> None:
     afresh (a later phase must start from the redone one's new best), and its evaluations are redone.
 
     Earlier phases resume (`--resume auto`): a finished one ends at once."""
-    from mtlxray.checkpoint import find_resume
-    from mtlxray.train.rundir import clear_previous_run
-
     redo = False
     for plan in element.plans:
         redo = redo or find_resume(plan.run_dir / "checkpoints") is None

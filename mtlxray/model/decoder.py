@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlxray.model.checkpointing import CheckpointMode, run_segment
+from mtlxray.model.recompute import CheckpointMode, run_segment
 
 __all__ = ["ConvBNReLU", "PPM", "UpConv", "CrossAttention", "DecoderBranch"]
 

@@ -319,7 +319,7 @@ def detection_loss(det: Tensor, points: Optional[Tensor], boxes: Sequence, inclu
                    size: tuple[int, int], *, kbox_confidence: bool = False) -> Tensor:
     """The detection loss of a batch: `det`, `det_points` from the model, `boxes` the batch's
     per-sample box lists, `include` (B bool) the samples whose boxes train the head (see
-    `mtlxray.train.gating`), `kbox_confidence` whether a `kbox` head has confidences
+    `mtlxray.train.teacher_forcing`), `kbox_confidence` whether a `kbox` head has confidences
     (`model.det_kbox_confidence`). An excluded sample contributes an exact zero, and with no
     sample included the loss is an exact 0 with an exactly zero gradient."""
     det = det.float()

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from mtlxray.config import ModelConfig
 from mtlxray.errors import ConfigError
-from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode
+from mtlxray.model.recompute import CHECKPOINT_MODES, CheckpointMode
 from mtlxray.model.decoder import PPM, CrossAttention, DecoderBranch, UpConv
 from mtlxray.model.detection import detect
 from mtlxray.model.base import MTLModel, Mode, check_mode
@@ -67,7 +67,7 @@ class MultiTaskUNet(MTLModel):
         """Standardise the [0, 1] image with a fixed mean and spread before the encoder (model.input_norm)."""
 
     def set_grad_checkpointing(self, mode: CheckpointMode) -> None:
-        """Activation checkpointing (see `mtlxray.model.checkpointing`): `attention` recomputes the
+        """Activation checkpointing (see `mtlxray.model.recompute`): `attention` recomputes the
         encoder's window attention; `block` and `selective` recompute every encoder block and every
         decoder stage and cross-attention, whole or selectively."""
         if mode not in CHECKPOINT_MODES:

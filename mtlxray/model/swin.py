@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtlxray.model.checkpointing import CHECKPOINT_MODES, CheckpointMode, run_checkpointed, run_segment
+from mtlxray.model.recompute import CHECKPOINT_MODES, CheckpointMode, run_checkpointed, run_segment
 
 __all__ = [
     "SwinEncoder", "SwinBlock", "WindowAttention", "PatchEmbed", "PatchMerging", "DropPath",
@@ -362,7 +362,7 @@ class SwinEncoder(nn.Module):
 
     def set_grad_checkpointing(self, mode: CheckpointMode = "block") -> None:
         """Recompute activations in backward per window attention, or per block (whole or
-        selectively; see `mtlxray.model.checkpointing`)."""
+        selectively; see `mtlxray.model.recompute`)."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"grad_checkpoint must be one of {'|'.join(CHECKPOINT_MODES)}, got {mode!r}")
         for m in self.modules():

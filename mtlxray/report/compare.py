@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from mtlxray.config import load_config
 from mtlxray.errors import ConfigError
+from mtlxray.model import build_model
+from mtlxray.model.base import under_prefix
+from mtlxray.model.registry import model_tasks
+from mtlxray.model.summary import count_flops
+from mtlxray.report.evaluate import evaluate_checkpoint
 
 __all__ = ["COLUMNS", "RunSummary", "find_evaluation", "summarise_run", "compare_runs", "markdown_table",
            "csv_table"]
@@ -104,8 +110,6 @@ def find_evaluation(run: Path, split: str, subset: Optional[str] = None) -> Opti
 
 def _evaluate_run(run: Path, shards: str, split: str, subset: Optional[str], n_boot: int, into: Path) -> Path:
     """Evaluate the run's best (else last) checkpoint into `into`/eval-<checkpoint>-<shards>-<split>."""
-    from mtlxray.report.evaluate import evaluate_checkpoint
-
     for link in ("best", "last"):
         ckpt = run / "checkpoints" / link
         if ckpt.exists():
@@ -119,8 +123,6 @@ def _evaluate_run(run: Path, shards: str, split: str, subset: Optional[str], n_b
 
 def _config_of(run: Path, eval_dir: Path, summary: dict):
     """The run's resolved config: the evaluation's config.yaml, the run's, or the checkpoint's."""
-    from mtlxray.config import load_config
-
     candidates = [eval_dir / "config.yaml", run / "config.yaml"]
     if summary.get("checkpoint"):
         candidates.append(Path(summary["checkpoint"]) / "config.yaml")
@@ -148,10 +150,6 @@ def _model_cost(cfg) -> tuple[int, int, float, float]:
 
     The trained ones are those the phase's mode uses (`set_mode` parks the rest) outside
     `phase.frozen` and the first `phase.freeze_encoder_blocks` encoder blocks, as the trainer has them."""
-    from mtlxray.model import build_model
-    from mtlxray.model.base import under_prefix
-    from mtlxray.model.summary import count_flops
-
     model = build_model(cfg.model, pretrained=False)  # the count needs no weights
     model.set_mode(cfg.phase.name)
     flops = count_flops(model, cfg.model.img_size, cfg.model.in_chans, cfg.phase.name)
@@ -185,7 +183,6 @@ def summarise_run(run: str | Path, *, split: str = "test", subset: Optional[str]
     summary = json.loads((eval_dir / "metrics.json").read_text())
     train_dir = run if (run / "metrics.jsonl").is_file() or eval_dir.parent == own else eval_dir.parent
     cfg = _config_of(train_dir, eval_dir, summary)
-    from mtlxray.model.registry import model_tasks
 
     params, trainable, gflops, gflops_fb = _model_cost(cfg)
     img_per_s, world, steps = _training_speed(train_dir)

@@ -1,9 +1,9 @@
 """`mtlxray evaluate`: every metric of a checkpoint on a shard split, with intervals, figures and a report.
 
 Each process runs the model on its contiguous share of the split and keeps per-image records
-(`mtlxray.evaluation.RecordCollector`) and a few best/worst cases for the overlay figure; the
+(`mtlxray.eval.records.RecordCollector`) and a few best/worst cases for the overlay figure; the
 records are gathered once, de-duplicated by sample key, and checked against the manifest's count
-(every image is seen exactly once). `mtlxray.evaluation.summarise` computes the metrics under the
+(every image is seen exactly once). `mtlxray.eval.records.summarise` computes the metrics under the
 names training logs them with; rank 0 writes metrics.json, per_image.csv, report.md, figures and
 the resolved config.yaml.
 
@@ -42,12 +42,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlxray import metrics as M
-from mtlxray.data.manifest import Manifest, read_manifest
-from mtlxray.errors import ConfigError, DataError, MtlxError, unwrap_worker_error
-from mtlxray.evaluation import RecordCollector, Records, summarise
+from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+from mtlxray.config import dump_config, load_config
+from mtlxray.data.audit import overlap
+from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names
+from mtlxray.data.manifest import Manifest, read_manifest, shard_subsets
+from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
+from mtlxray.errors import (CheckpointError, ConfigError, DataError, MtlxError, ShardError, ShardsNotFoundError,
+                            unwrap_worker_error)
+from mtlxray.eval import metrics as M
+from mtlxray.eval.gate import Gate
+from mtlxray.eval.records import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_error, write_json_atomic, write_text_atomic
+from mtlxray.model import build_model
+from mtlxray.preflight import check_image_size
 from mtlxray.provenance import provenance
 from mtlxray.report import figures
 from mtlxray.report.markdown import evaluation_markdown, infection_count
@@ -121,10 +130,8 @@ def _case_scores(out: dict, batch: dict, by_infection: bool, inf_classes: Tensor
 def run_model(model, loader, device: torch.device, by_infection: bool, inf_classes: list[int],
               multilabel: bool = False, gate=None) -> tuple[Records, list[Case], list[Case]]:
     """This process's records and its best and worst cases (by infection Dice or lung Dice); class
-    probabilities are sigmoids with `multilabel`; with a `gate` (`mtlxray.gate.Gate`) the records
+    probabilities are sigmoids with `multilabel`; with a `gate` (`mtlxray.eval.gate.Gate`) the records
     hold its P(positive class) per image."""
-    from mtlxray.data.loader import batch_to_device
-
     collector = RecordCollector(multilabel)
     best, worst = _TopK(N_CASES), _TopK(N_CASES)  # worst keeps the highest -score
     classes = torch.as_tensor(inf_classes, device=device)
@@ -266,11 +273,6 @@ def _locate(path: str, base: Optional[Path]) -> str:
 def _training_data(cfg, ckpt: Path, seen: frozenset = frozenset()) -> tuple[list[tuple[str, str, str]], list[str]]:
     """(shards, subset, split) a checkpoint was trained on, following phase.init_from to earlier
     phases, and the training sources that cannot be found (an earlier phase's folder that is gone)."""
-    from mtlxray.checkpoint import resolve_checkpoint
-    from mtlxray.config import load_config
-    from mtlxray.data.manifest import shard_subsets
-    from mtlxray.errors import CheckpointError
-
     base = _training_dir(ckpt, cfg)
     sets = [(_locate(cfg.data.shards, base), s, cfg.data.train_split) for s in shard_subsets(cfg.data)]
     sets += [(_locate(src.shards or cfg.data.shards, base), src.subset, cfg.data.train_split)
@@ -293,9 +295,6 @@ def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool,
     cannot be found (the check would be silently weaker), unless `allow`. Relative paths of the
     checkpoint's config are taken from the run's training directory when the checkpoint sits in
     its run folder. Returns what the report states."""
-    from mtlxray.data.audit import overlap
-    from mtlxray.errors import ShardError, ShardsNotFoundError
-
     pairs, checked, unchecked = [], [], []
     sets, missing = _training_data(cfg, ckpt)
     for train_shards, train_subset, train_split in dict.fromkeys(sets):
@@ -323,8 +322,6 @@ def check_leakage(cfg, shards: str | Path, subset: str, split: str, allow: bool,
 def _accelerator():
     from accelerate import Accelerator
 
-    from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
-
     world = resolve_world()
     export_torch_env(world)
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[process_group_kwargs(world)])
@@ -342,15 +339,13 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     """Evaluate a checkpoint on a split; every rank returns the summary, rank 0 writes the files.
 
     `gate`: overrides of the checkpoint's teacher-forcing gate (`source`, `threshold`,
-    `first_stage`, as `mtlxray.gate.Gate.from_config` takes them); with a gate, metrics come
+    `first_stage`, as `mtlxray.eval.gate.Gate.from_config` takes them); with a gate, metrics come
     gated and ungated. `out`: a folder that must be empty unless `overwrite` (the default folder,
     `default_out_dir`, is replaced).
 
     Refuses (DataError) a split that shares images with the checkpoint's training data unless
     `allow_leakage`. Runs in one process, or in several under `accelerate launch`/`torchrun`
     (records are gathered)."""
-    from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg = load_model_from_checkpoint(ckpt)
     subset = subset or default_subset(cfg)
@@ -368,9 +363,6 @@ def evaluate_config(config: str | Path, overrides: list[str], shards: str | Path
 
     The default output folder is `<run.output_dir>/<run.name>/eval-pretrained-<shards>-<subset>-<split>`,
     which `mtlxray compare` reads as that run's evaluation."""
-    from mtlxray.config import load_config
-    from mtlxray.model import build_model
-
     cfg = load_config(config, overrides)
     model = build_model(cfg.model, pretrained=True)
     model.set_mode(cfg.phase.name)
@@ -395,9 +387,6 @@ def evaluate_model(model, cfg, shards: str | Path, source: dict, out_dir: Path, 
     whole evaluation and which must be empty unless `overwrite` (see the module docstring).
 
     Class names are those of the config's label scheme (`data.classes`), which the loader labels by."""
-    from mtlxray.data.loader import label_names
-    from mtlxray.preflight import check_image_size
-
     what = source.get("checkpoint") or source.get("model_config")
     manifest = read_manifest(shards)
     wrong_size = check_image_size(cfg.model, manifest, shards)
@@ -438,9 +427,6 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
     """`evaluate_model`'s work once the output folder is held: run, gather, summarise, write."""
     from accelerate.utils import gather_object
 
-    from mtlxray.config import dump_config
-    from mtlxray.data.loader import build_eval_loader
-
     model.to(accelerator.device)
     model.set_attention(resolve_attention(cfg.model.attention, "fp32", accelerator.device.type))
     expected = manifest.count(subset, split) or 0
@@ -448,7 +434,6 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
     loader = build_eval_loader(data_cfg, subset=subset, split=split, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, batch_size=batch_size)
     by_infection = model.mode == "phase2" and "inf" in model.tasks and subset == "infection"
-    from mtlxray.gate import Gate
 
     gate = dict(gate or {})
     if gate.get("threshold") is not None and gate.get("source") is None and cfg.phase.teacher_forcing.gate == "none":

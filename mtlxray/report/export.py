@@ -28,9 +28,14 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from mtlxray.checkpoint import load_model_from_checkpoint
 from mtlxray.config import Config, config_from_dict, dump_config
+from mtlxray.data.loader import label_names
 from mtlxray.errors import CheckpointError, MtlxError
+from mtlxray.hardware import resolve_attention
 from mtlxray.io import atomic_path, write_error
+from mtlxray.model import build_model
+from mtlxray.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +140,6 @@ def load_safetensors_export(path: str | Path) -> tuple[nn.Module, Config]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mtlxray.hardware import resolve_attention
-    from mtlxray.model import build_model
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
@@ -169,9 +171,6 @@ def onnx_metadata(model: nn.Module, cfg: Config) -> dict[str, str]:
     class names in the order of the `cls` output, the input's size, channels and value range (the
     scaling `predict` applies), the outputs, and what produced the file."""
     import json
-
-    from mtlxray.data.loader import label_names
-    from mtlxray.provenance import provenance
 
     size = cfg.model.img_size
     meta = {"class_names": json.dumps(label_names(cfg.data)), "outputs": json.dumps(list(output_names(model))),
@@ -246,9 +245,6 @@ EXPORTERS = {"safetensors": export_safetensors, "torchscript": export_torchscrip
 def load_for_export(checkpoint: str | Path) -> tuple[nn.Module, Config]:
     """(fp32 model in eval mode on CPU, its config) from a checkpoint or `save_pretrained` folder,
     with the window-attention kernel chosen for CPU fp32 (`auto` resolved there)."""
-    from mtlxray.checkpoint import load_model_from_checkpoint
-    from mtlxray.hardware import resolve_attention
-
     model, cfg = load_model_from_checkpoint(checkpoint)
     model = model.float().eval()
     model.set_attention(resolve_attention(cfg.model.attention, torch.float32, "cpu"))

@@ -53,10 +53,14 @@ import torch
 import torch.nn.functional as F
 
 from mtlxray import CLASS_NAMES
+from mtlxray.checkpoint import load_model_from_checkpoint
 from mtlxray.data.images import read_grayscale
 from mtlxray.data.loader import label_names
 from mtlxray.errors import ConfigError, DataError
+from mtlxray.eval.gate import Gate
+from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_text_atomic
+from mtlxray.model.detection import det_candidates, postprocess
 from mtlxray.report.figures import prediction_overlay, save_png
 
 logger = logging.getLogger(__name__)
@@ -185,8 +189,6 @@ def _infer(model, images: list[np.ndarray], size: int, device: torch.device, gat
     """Per image: (lung prob, inf prob) at the original size, class probabilities (C), whether
     there is an infection output, the gate's P(positive) (None without a gate), and the boxes
     (M×5 x0 y0 x1 y1 score at the original size, reported ones only; None without a box head)."""
-    from mtlxray.model.detection import det_candidates, postprocess
-
     x = to_model_input(images, size).to(device)
     out = model(x)
     probs = ClassScheme.of(model).probabilities(out["cls"]).cpu()  # B×C
@@ -283,13 +285,11 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
 
     The model runs as given (its device, dtype and attention kernel); `load_predictor` prepares
     one for CPU. `gate`: report infection and boxes only when P(COVID-19) under the class head is
-    at least this; `gating` (a `mtlxray.gate.Gate`: the class head or a first-stage classifier, its
+    at least this; `gating` (a `mtlxray.eval.gate.Gate`: the class head or a first-stage classifier, its
     positive classes and threshold) replaces it. ConfigError for a gate outside [0, 1] or a batch
     size below 1. `input_range`: how 16-bit images are scaled (`mtlxray.data.images`)."""
     check_gate(gate)
     if gating is None and gate is not None:
-        from mtlxray.gate import Gate
-
         cfg = getattr(model, "config", None)
         gating = Gate("cls_head", cfg.phase.positive_classes if cfg is not None else [COVID], gate,
                       multilabel=cfg is not None and cfg.model.cls_loss == "bce_multilabel")
@@ -365,9 +365,6 @@ def write_predictions(out: str | Path, records: Sequence[dict], failures: Sequen
 def load_predictor(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """(model, cfg) from a checkpoint or `save_pretrained` folder, ready for `predict_files` on
     `device` in fp32: eval mode, the window-attention kernel resolved for that device."""
-    from mtlxray.checkpoint import load_model_from_checkpoint
-    from mtlxray.hardware import resolve_attention
-
     device = torch.device(device)
     model, cfg = load_model_from_checkpoint(checkpoint)  # MTLModel.from_pretrained, weights checked finite
     model = model.to(device).float().eval()
@@ -379,8 +376,6 @@ def predict_gate(cfg, device: torch.device | str = "cpu", *, threshold: float | 
                  source: str | None = None, first_stage: str | None = None):
     """The gate of `predict`: the checkpoint's `phase.teacher_forcing` gate, with `threshold` (the
     class head when the config has no gate), `source` and `first_stage` overriding it; None for no gate."""
-    from mtlxray.gate import Gate
-
     if source is None and threshold is not None and cfg.phase.teacher_forcing.gate == "none":
         source = "cls_head"
     return Gate.from_config(cfg, device, source=source, threshold=threshold, first_stage=first_stage)

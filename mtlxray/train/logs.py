@@ -9,7 +9,7 @@ metrics.jsonl holds one strict-JSON object per line (a nan is written as null), 
   skipped so far), `skipped_shards` (shards skipped by `data.skip_failed_shards` so far in the run,
   all ranks and sources; kept in the checkpoint), `img_per_s` (all ranks), `world_size`, `time` (unix seconds);
 - evaluation lines: `type`="eval", `step`, `epoch` and `val/<metric>` for every metric of
-  `mtlxray.evaluation` plus `val/loss` and `val/loss/<task>`.
+  `mtlxray.eval.records` plus `val/loss` and `val/loss/<task>`.
 
 On resume, lines after the checkpoint's step are dropped and the interval in progress is
 restored from the checkpoint, so a resumed run's lines equal an uninterrupted run's.
@@ -35,7 +35,9 @@ from typing import Optional
 
 import torch
 
+from mtlxray.errors import ConfigError
 from mtlxray.io import json_safe, write_text_atomic
+from mtlxray.provenance import provenance
 
 __all__ = ["MetricsLog", "LossWindow", "Progress", "format_duration", "run_info", "run_info_line", "tracker_names",
            "build_trackers", "start_trackers", "mlflow_uri", "config_params"]
@@ -47,8 +49,6 @@ def run_info(cfg, accelerator, model, precision_source: str) -> dict:
     """How this run trains, as decided at start-up, with what produced it (`mtlxray.provenance`):
     device, precision (and what chose it), world size, backend, attention kernel and compile."""
     import torch.distributed as dist
-
-    from mtlxray.provenance import provenance
 
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -175,8 +175,6 @@ def build_trackers(cfg, run_dir: Path) -> list:
 
 def _require(module: str, tracker: str) -> None:
     import importlib.util
-
-    from mtlxray.errors import ConfigError
 
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"run.trackers: {tracker} needs the `{module}` package: pip install 'mtlxray[track]'")

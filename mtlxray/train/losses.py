@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtlxray.model.detection import detection_loss
+
 __all__ = ["seg_loss_per_sample", "masked_seg_loss", "class_loss", "multitask_loss", "phase_loss"]
 
 
@@ -85,7 +87,7 @@ def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str
     """Weighted sum of the lung, infection, class and detection losses; returns (total, per-task losses).
 
     Positive-case training: the infection and detection losses count only the samples in
-    `include` (B bool; default: labels in `positive_classes`, see `mtlxray.train.gating` for the
+    `include` (B bool; default: labels in `positive_classes`, see `mtlxray.train.teacher_forcing` for the
     teacher-forced choice) that carry an infection mask; the infection loss is averaged over those,
     or over the batch (`inf_mean_over`), the detection loss over their boxes. Tasks whose weight is
     0, or whose output the model does not produce, are left out. `cls_loss`: see `class_loss`.
@@ -94,8 +96,6 @@ def multitask_loss(out: dict[str, Tensor | None], batch: dict, weights: dict[str
     `carried`: the labels this batch has (`data.sources`; None: all). A weighted task outside it
     has no loss part and adds an exact zero with an exactly zero gradient to its head.
     """
-    from mtlxray.model.detection import detection_loss
-
     parts: dict[str, Tensor] = {}
     idle: list[Tensor] = []
 

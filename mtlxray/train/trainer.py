@@ -1,8 +1,8 @@
 """The training loop shared by every phase, on Accelerate (DDP) or DeepSpeed.
 
 `Trainer` owns the loop and nothing else; the run folder (`rundir`), what is logged (`logs`),
-validation (`validation`, through `mtlxray.evaluation`), non-finite steps (`nonfinite`) and
-checkpoint files (`mtlxray.checkpoint`) are components it calls.
+validation (`validation`, through `mtlxray.eval.records`), non-finite steps (`nonfinite`) and
+checkpoint files (`mtlxray.train.checkpoints`) are components it calls.
 
 Host synchronisation: a training step on the DDP backend reads nothing back from the device.
 Loss parts, skipped-step counts and the stop flag stay on the device and are read once per
@@ -28,18 +28,18 @@ from typing import Optional
 import torch
 
 from mtlxray.checkpoint import (WEIGHTS_NAME, TrainState, check_deepspeed_pickles, find_resume, resolve_checkpoint,
-                                save_checkpoint, verify_checkpoint)
+                                verify_checkpoint)
 from mtlxray.config import Config, dump_config
 from mtlxray.data.loader import batch_to_device, build_train_loader
 from mtlxray.dist import resolve_world
 from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError
-from mtlxray.gate import Gate
+from mtlxray.eval.gate import Gate
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_json_atomic, write_text_atomic
 from mtlxray.preflight import check_run, raise_first
+from mtlxray.train.accelerator import build_accelerator, deepspeed_config, keep_grads_in_parameter_layout
+from mtlxray.train.checkpoints import save_checkpoint
 from mtlxray.train.compiled import compile_loss
-from mtlxray.train.distributed import build_accelerator, deepspeed_config, keep_grads_in_parameter_layout
-from mtlxray.train.gating import PositiveSelector
 from mtlxray.train.logs import (LossWindow, MetricsLog, Progress, run_info, run_info_line, start_trackers,
                                 tracker_names)
 from mtlxray.train.losses import phase_loss
@@ -50,6 +50,7 @@ from mtlxray.train.phases import prepare_phase
 from mtlxray.train.resolve import resolve
 from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
+from mtlxray.train.teacher_forcing import PositiveSelector
 from mtlxray.train.validation import VAL_OVERLAYS, Validator, iterate_keeping_rng
 
 __all__ = ["Trainer", "preflight", "resume_target"]

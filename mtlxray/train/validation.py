@@ -1,4 +1,4 @@
-"""Validation during training: the model on the validation split, summarised by `mtlxray.evaluation`.
+"""Validation during training: the model on the validation split, summarised by `mtlxray.eval.records`.
 
 Each rank evaluates its contiguous share of the split (every image once across ranks). Ranks may
 hold unequal numbers of batches; they step in lockstep (a rank that ran out repeats a blank
@@ -21,7 +21,7 @@ from mtlxray.config import Config
 from mtlxray.data.loader import batch_to_device, build_eval_loader, label_names
 from mtlxray.data.manifest import validation_subset
 from mtlxray.errors import unwrap_worker_error
-from mtlxray.evaluation import RecordCollector, Records, summarise
+from mtlxray.eval.records import RecordCollector, Records, summarise
 from mtlxray.overlays import overlay_row
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.signals import agree
@@ -56,7 +56,7 @@ def iterate_keeping_rng(loader) -> Iterator[dict]:
 class Validator:
     """Runs validation for a Trainer; returns `val/<metric>` values.
 
-    With a `gate` (`mtlxray.train.gating.Gate`, the phase's teacher-forcing gate) the metrics come
+    With a `gate` (`mtlxray.eval.gate.Gate`, the phase's teacher-forcing gate) the metrics come
     gated and ungated; the validation loss always selects positives by the ground truth.
 
     With `overlays` > 0, `image` holds after each run the main process's first `overlays`

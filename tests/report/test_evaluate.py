@@ -217,7 +217,7 @@ def test_a_full_disk_while_writing_the_evaluation_is_one_line_and_leaves_no_part
                "--out", str(out), "--bootstrap", "0", "--allow-leakage"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
-    assert f"{out}: cannot write: No space left on device (" in err and " free there)" in err
+    assert f"{out}: cannot write: No space left on device (" in err and " MiB free there)" in err
     assert list(out.iterdir()) == []  # no figure, no metrics.json that would read as a finished evaluation
 
 

@@ -146,7 +146,7 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_no_file(tiny_ckpt, tmp
     assert main(["export", "--checkpoint", str(tiny_ckpt), "--format", "safetensors", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{out}: cannot write: " in err and "StorageFull" in err
-    assert err.endswith(" free there)")
+    assert err.endswith(" MiB free there)")
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temp
 
 

@@ -16,7 +16,7 @@ from tiny_baselines import BASELINES, NAMES, baseline_overrides, model_overrides
 from tiny_data import write_png
 from mtlxray.config import load_config
 from mtlxray.errors import ConfigError
-from mtlxray.evaluation import metric_names
+from mtlxray.eval.records import metric_names
 from mtlxray.train.main import run_training
 
 TRAINED = [n for n in NAMES if n != "clip_zeroshot"]

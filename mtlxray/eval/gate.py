@@ -8,8 +8,8 @@ once) or from a frozen first-stage classifier (`FirstStage`, any checkpoint with
 `model.first_stage`), and passes the image when that probability reaches the threshold
 (`phase.teacher_forcing.threshold`).
 
-Training uses it through `mtlxray.train.gating` (teacher forcing), validation and `mtlxray
-evaluate` to report gated beside ungated figures (`mtlxray.evaluation`), and `mtlxray predict` to
+Training uses it through `mtlxray.train.teacher_forcing` (teacher forcing), validation and `mtlxray
+evaluate` to report gated beside ungated figures (`mtlxray.eval.records`), and `mtlxray predict` to
 decide whether infection and boxes are reported.
 """
 
@@ -21,8 +21,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 from mtlxray.config import Config
 from mtlxray.errors import ConfigError
+from mtlxray.hardware import resolve_attention
 
 __all__ = ["positive_probability", "ground_truth", "FirstStage", "Gate"]
 
@@ -52,9 +54,6 @@ class FirstStage:
     optimised nor saved with the run's checkpoints, and every rank runs it on every step."""
 
     def __init__(self, checkpoint: str, device: torch.device | str, num_classes: int, precision: str = "fp32") -> None:
-        from mtlxray.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-        from mtlxray.hardware import resolve_attention
-
         device = torch.device(device)
         try:
             path = resolve_checkpoint(checkpoint)

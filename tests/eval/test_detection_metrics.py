@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from mtlxray import CLASS_NAMES
-from mtlxray.evaluation import RecordCollector, metric_names, summarise
+from mtlxray.eval.records import RecordCollector, metric_names, summarise
 
 # Hand-made predictions: per image (x0, y0, x1, y1, score); within an image no two overlap, so NMS keeps all.
 PREDS = [
@@ -65,7 +65,7 @@ def _torchmetrics_map(keep) -> dict:
 
 
 def test_map_matches_torchmetrics_on_hand_made_boxes_through_the_record_path():
-    from mtlxray.detection_metrics import map_backend
+    from mtlxray.eval.detection_metrics import map_backend
 
     out, batch = _output_and_batch()
     collector = RecordCollector()
@@ -93,7 +93,7 @@ def test_map_matches_torchmetrics_on_hand_made_boxes_through_the_record_path():
 
 
 def test_gated_infection_dice_counts_a_stopped_positive_as_an_empty_mask():
-    from mtlxray.evaluation import Records
+    from mtlxray.eval.records import Records
 
     # tp, fp, fn, tn per image: a positive found well, a positive the gate stops, a negative with a false positive.
     counts = torch.tensor([[90, 10, 10, 890], [50, 0, 50, 900], [0, 20, 0, 980]])
@@ -170,7 +170,7 @@ def test_evaluate_reports_boxes_and_the_gate_with_and_without_it(det_ckpt, shard
 def test_predict_writes_boxes_gated_and_ungated_to_json_csv_and_the_overlay(det_ckpt, tmp_path):
     from PIL import Image
 
-    from mtlxray.gate import Gate
+    from mtlxray.eval.gate import Gate
     from mtlxray.report import predict as P
 
     model, cfg = P.load_predictor(det_ckpt)

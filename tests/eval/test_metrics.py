@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtlxray import metrics as M
+from mtlxray.eval import metrics as M
 
 
 def _mask(rows: list[list[int]]) -> torch.Tensor:

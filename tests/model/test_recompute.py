@@ -4,7 +4,7 @@ checkpointing, keeps fewer activations, and selective mode saves only compute-bo
 import pytest
 import torch
 
-import mtlxray.model.checkpointing as ckpt
+import mtlxray.model.recompute as ckpt
 from _model_support import tiny_config
 from mtlxray.errors import ConfigError
 from mtlxray.model import build_model

@@ -2,7 +2,7 @@
 
 MultiCheXNet trains its segmentation and detection heads on positive cases only (here: labels in
 `phase.positive_classes`). Because the heads then never see a negative, while at inference a gate
-(`mtlxray.gate.Gate`) decides what reaches them, `PositiveSelector` tosses a coin per sample (or,
+(`mtlxray.eval.gate.Gate`) decides what reaches them, `PositiveSelector` tosses a coin per sample (or,
 as the paper does, per batch: `phase.teacher_forcing.per`): with probability p the ground truth decides whether the sample reaches the infection
 and detection losses, with 1 - p the gate's prediction does - so some negatives that the gate
 would pass train the heads to predict nothing on them.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mtlxray.config import Config
-from mtlxray.gate import Gate, ground_truth
+from mtlxray.eval.gate import Gate, ground_truth
 
 __all__ = ["coin_flips", "PositiveSelector"]
 

@@ -16,6 +16,7 @@ from mtlxray.config import Config
 from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
 from mtlxray.errors import ConfigError
 from mtlxray.resources import find_config
+from mtlxray.train.compiled import dynamo_plugin
 from mtlxray.train.logs import build_trackers
 
 __all__ = ["build_accelerator", "deepspeed_config", "keep_deepspeed_collectives_on_gloo",
@@ -106,8 +107,6 @@ def build_accelerator(cfg: Config, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import (DDPCommunicationHookType, DeepSpeedPlugin, DistributedDataParallelKwargs,
                                   ProjectConfiguration)
-
-    from mtlxray.train.compiled import dynamo_plugin
 
     world = resolve_world()
     distributed = world.world_size > 1 or cfg.run.backend == "deepspeed"

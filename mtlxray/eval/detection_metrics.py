@@ -3,7 +3,7 @@
 `mean_average_precision` is torchmetrics' `MeanAveragePrecision` (COCO's definition: 101-point
 interpolated precision, up to 100 boxes per image) with the faster-coco-eval backend, or
 pycocotools where only that is installed; mtlxray does not reimplement it. Infection is one
-class. `det_summary` turns an evaluation's per-image candidates (`mtlxray.evaluation.Records.det`)
+class. `det_summary` turns an evaluation's per-image candidates (`mtlxray.eval.records.Records.det`)
 into the kept boxes (NMS, `mtlxray.model.detection.postprocess`) and the metrics:
 
 - `det_map` (mAP@[.5:.95]) and `det_map_50` (mAP@0.5) over the images annotated with infection
@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from mtlxray.model.detection import postprocess
 
 __all__ = ["mean_average_precision", "kept_boxes", "det_summary", "map_backend"]
 
@@ -51,8 +53,6 @@ def mean_average_precision(preds: Sequence[Tensor], targets: Sequence[Sequence[S
 
 def kept_boxes(det: Tensor, nms_iou: float, max_boxes: int) -> list[Tensor]:
     """Per image (det: N×k×5 candidates) the boxes kept after NMS, M×5, best first."""
-    from mtlxray.model.detection import postprocess
-
     return [postprocess(c, nms_iou, max_boxes) for c in det]
 
 

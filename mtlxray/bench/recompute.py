@@ -79,7 +79,7 @@ class _Worker:
         # more (the recomputing ones) in time, so step time is measured by separate workers with
         # the allocator's defaults.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
-        cmd = [sys.executable, "-m", "mtlxray.bench.checkpointing", "--worker", ",".join(names),
+        cmd = [sys.executable, "-m", "mtlxray.bench.recompute", "--worker", ",".join(names),
                "--batch", str(batch), "--size", str(size)] + (["--smoke"] if smoke else [])
         self.names = names
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -23,7 +23,7 @@ of names, which training logs as `val/<name>` and `evaluate` writes to metrics.j
   thresholded at 0.5 on its own (an image may then be predicted in no class or in several);
 - with a detection head (`model.det_head`): `det_map` (mAP@[.5:.95]), `det_map_50`, `det_n`,
   `det_fp_share` (negative images with a box scoring at least `model.det_score_threshold`) and
-  `det_negatives_n` (see `mtlxray.detection_metrics`);
+  `det_negatives_n` (see `mtlxray.eval.detection_metrics`);
 - with a gate (`phase.teacher_forcing.gate`, or evaluate's `--gate-source`): `gate_sensitivity`
   and `gate_specificity` (positives passed, negatives stopped), and the same infection and box
   figures as an image the gate stops reports them (no mask, no box): `inf_dice_gated`,
@@ -45,12 +45,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mtlxray import metrics as M
+from mtlxray.eval import metrics as M
+from mtlxray.eval.detection_metrics import det_summary
+from mtlxray.model.detection import det_candidates
 
 __all__ = ["Records", "RecordCollector", "summarise", "metric_names", "threshold_f1", "CI_METRICS"]
 
-SEG = ("dice", "iou", "pixel_accuracy", "sensitivity", "specificity")
-CLS = ("precision", "recall", "specificity", "f1")
 CI_METRICS = ("lung_dice", "inf_dice", "accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_macro",
               "f1_at_0.5_macro")
 """Headline metrics that get bootstrap confidence intervals."""
@@ -136,7 +136,7 @@ class RecordCollector:
     def add(self, out: dict, batch: dict, gate: Optional[Tensor] = None) -> None:
         """out: the model's dict (lung/inf B×1×H×W logits, cls B×C logits, det B×N×6, or None);
         batch: a device batch with `lung`, `inf` masks, `label`, `has_inf`, `key` (and `boxes`
-        with det); gate: B probabilities of a positive class under the gate (`mtlxray.train.gating`)."""
+        with det); gate: B probabilities of a positive class under the gate (`mtlxray.train.teacher_forcing`)."""
         part: dict = {"keys": list(batch["key"]), "labels": batch["label"].detach(),
                       "inf_annotated": batch["has_inf"].detach().bool()}
         lung_pred = None
@@ -154,8 +154,6 @@ class RecordCollector:
             logits = out["cls"].detach().float()
             part["probs"] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
         if out.get("det") is not None:
-            from mtlxray.model.detection import det_candidates
-
             part["det"] = det_candidates(out["det"], tuple(batch["img"].shape[-2:]))
             part["gt_boxes"] = [[list(b) for b in boxes] for boxes in batch["boxes"]]
         if gate is not None:
@@ -181,32 +179,26 @@ class RecordCollector:
 def metric_names(tasks: Sequence[str], class_names: Sequence[str], multilabel: bool = False,
                  gated: bool = False) -> list[str]:
     """The metric names `summarise` produces for a model with outputs `tasks` (lung, inf, cls, det),
-    a multi-label class head (`multilabel`), and records with the gate's probabilities (`gated`)."""
-    names = ["n_images"]
-    for task in ("lung", "inf"):
-        if task in tasks:
-            names += [f"{task}_{m}{s}" for m in SEG for s in ("", "_global")] + [f"{task}_n"]
-    if "inf" in tasks:
-        names += ["inf_fp_share", "inf_fp_area_pct", "inf_negatives_n", "inf_positives_n"]
-    if "cls" in tasks:
-        names += ["accuracy", *(f"{m}_macro" for m in (*CLS, "auc"))]
-        names += [f"{m}/{c}" for m in (*CLS, "auc") for c in class_names]
-        if multilabel:
-            names += ["f1_at_0.5_macro", *(f"f1_at_0.5/{c}" for c in class_names)]
-    if "det" in tasks:
-        names += ["det_map", "det_map_50", "det_n", "det_fp_share", "det_negatives_n"]
-    if gated:
-        names += ["gate_sensitivity", "gate_specificity"]
-        if "inf" in tasks:
-            names += ["inf_dice_gated", "inf_fp_share_gated", "inf_fp_area_pct_gated"]
-        if "det" in tasks:
-            names += ["det_map_gated", "det_map_50_gated", "det_fp_share_gated"]
-    return names
+    a multi-label class head (`multilabel`), and records with the gate's probabilities (`gated`).
+
+    Read off `summarise` itself on two blank images with those outputs, so that the names have one
+    source; which images are positive changes no name."""
+    n, c = 2, len(class_names)
+    counts, zeros = torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    no = torch.zeros(n, dtype=torch.bool)
+    probe = Records(keys=["a", "b"], labels=zeros, inf_annotated=no,
+                    probs=torch.full((n, c), 1.0 / c) if "cls" in tasks else None,
+                    lung=counts if "lung" in tasks else None, lung_area=zeros if "lung" in tasks else None,
+                    inf=counts if "inf" in tasks else None, inf_area=zeros if "inf" in tasks else None,
+                    inf_any=no if "inf" in tasks else None,
+                    det=torch.zeros(n, 1, 5) if "det" in tasks else None, gt_boxes=[[], []] if "det" in tasks else None,
+                    gate=torch.zeros(n) if gated else None)
+    return list(summarise(probe, class_names, [0], multilabel=multilabel)["metrics"])
 
 
 def threshold_f1(probs: Tensor, labels: Tensor, threshold: float = 0.5) -> tuple[list[float], float]:
     """Per-class F1 of independent decisions `probs[:, c] >= threshold` against `labels == c`, and
-    their macro average over the classes present in `labels` (0/0 is 0, as in `mtlxray.metrics`).
+    their macro average over the classes present in `labels` (0/0 is 0, as in `mtlxray.eval.metrics`).
 
     probs: N×C, labels: N class indices. Returns ([f1 per class], macro); macro is nan with no images."""
     pred = probs >= threshold  # N×C
@@ -290,8 +282,6 @@ def summarise(records: Records, class_names: Sequence[str], inf_classes: Sequenc
             boot["inf_dice_gated"] = lambda idx: gated_dice[idx][scored[idx]].mean().item() if scored[idx].any() \
                 else math.nan
     if records.det is not None:
-        from mtlxray.detection_metrics import det_summary
-
         det_values, shown = det_summary(records.det, records.gt_boxes, records.inf_annotated, ~positive,
                                         score_threshold=det_score_threshold, nms_iou=det_nms_iou,
                                         max_boxes=det_max_boxes, passed=passed)

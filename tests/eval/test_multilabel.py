@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mtlxray import CLASS_NAMES
-from mtlxray.evaluation import RecordCollector, Records, metric_names, summarise, threshold_f1
+from mtlxray.eval.records import RecordCollector, Records, metric_names, summarise, threshold_f1
 from mtlxray.report.markdown import classification_tables
 from mtlxray.train.losses import class_loss
 

@@ -6,9 +6,9 @@ import torch
 
 from mtlxray.config import load_config
 from mtlxray.errors import ConfigError
-from mtlxray.gate import FirstStage, Gate, positive_probability
-from mtlxray.train.gating import PositiveSelector, coin_flips
+from mtlxray.eval.gate import FirstStage, Gate, positive_probability
 from mtlxray.train.losses import phase_loss
+from mtlxray.train.teacher_forcing import PositiveSelector, coin_flips
 
 from _train_support import DEMO2, TINY_MODEL
 

@@ -1,4 +1,4 @@
-"""mtlxray.evaluation: per-image records and the one summary that validation and `evaluate` share."""
+"""mtlxray.eval.records: per-image records and the one summary that validation and `evaluate` share."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtlxray import CLASS_NAMES
-from mtlxray.evaluation import RecordCollector, Records, metric_names, summarise
+from mtlxray.eval.records import RecordCollector, Records, metric_names, summarise
 
 COVID = CLASS_NAMES.index("COVID-19")
 
