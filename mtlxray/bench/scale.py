@@ -176,7 +176,8 @@ def stage_row(what: str, m: dict) -> dict:
     seconds = m.get("audit_seconds", m["seconds"])  # hashes: the audit, not drawing the hashes
     cpu = m["cpu_s"] + m["workers_cpu_s"]
     return {"stage": what, "images": m["images"], "s": seconds, "img/s": m["images"] / seconds,
-            "img/cpu_s": m["images"] / cpu if cpu and "audit_seconds" not in m else None, "peak_MiB": m["peak_mib"], "after_imports_MiB": m["base_mib"], "workers_peak_MiB": m["workers_peak_mib"],
+            "img/cpu_s": m["images"] / cpu if cpu and "audit_seconds" not in m else None, "peak_MiB": m["peak_mib"],
+            "after_imports_MiB": m["base_mib"], "workers_peak_MiB": m["workers_peak_mib"],
             "load": f"{m['load_before']}-{m['load_after']}"}
 
 

@@ -123,7 +123,8 @@ def test_predict_files_writes_each_batch_before_taking_the_next_input(tiny_ckpt,
 
     records, failures = predict_files(model, cfg.model.img_size, inputs(), out, batch_size=1)
     assert written_before_second == [True]
-    assert [r["name"] for r in records] == ["first", "second"] and failures == [Failure("missing.png", "no such file or folder")]
+    assert [r["name"] for r in records] == ["first", "second"]
+    assert failures == [Failure("missing.png", "no such file or folder")]
 
 
 def test_predict_of_only_missing_files_stops_before_creating_the_output_folder(tiny_ckpt, tmp_path, capsys):
