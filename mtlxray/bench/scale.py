@@ -5,7 +5,10 @@
   process: wall time, images/s and peak resident memory. With `--quick` the paper-scale tree holds
   hard links to the `small` scale's 350 rendered images instead (the same files per folder,
   repeated up to the paper's counts: ~114 copies of each image, which the audit reports as groups);
-  rendering 39,746 phantoms takes longer than the build it feeds.
+  rendering 39,746 phantoms takes longer than the build it feeds. Then one `evaluate` pass over the
+  shards it built (`evaluate_model`, untrained: the pass is measured, not the figures): the demo
+  model at 256² over every subset and split, all 39,746 images (`--quick`: a narrower model over
+  the infection test split, `QUICK_SPLITS`), with its images/s and peak memory.
 - `hashes`: the audit alone (`audit._scan`, what `shards audit` runs after reading manifests) on
   1,000,000 synthetic 256-bit hashes with planted near pairs (distances 1 to the threshold) and one
   group of 50,000 equal hashes: time, peak memory and the recall of the planted pairs.
@@ -37,21 +40,39 @@ from mtlxray.resources import proc_status_kib as status
 for module in scale.IMPORTS[sys.argv[1]]:
     importlib.import_module(module)
 
+def cpu(who):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
 Path("/proc/self/clear_refs").write_text("5")
 base = status("VmRSS")
-t0 = time.perf_counter()
+t0, cpu0 = time.perf_counter(), cpu(resource.RUSAGE_SELF)
 extra = scale.stage(sys.argv[1], json.loads(sys.argv[2]))
 print("STAGE_RESULT", json.dumps({"seconds": time.perf_counter() - t0, "peak_mib": status("VmHWM") / 1024,
       "base_mib": base / 1024, "workers_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-      **extra}), flush=True)
+      "cpu_s": cpu(resource.RUSAGE_SELF) - cpu0, "workers_cpu_s": cpu(resource.RUSAGE_CHILDREN), **extra}),
+      flush=True)
 """
 
 IMPORTS = {"build": ["mtlxray.data.shards"], "audit": ["mtlxray.data.audit", "mtlxray.data.loader"],
-           "hashes": ["mtlxray.data.audit", "scipy.sparse.csgraph"]}
+           "hashes": ["mtlxray.data.audit", "scipy.sparse.csgraph"],
+           "evaluate": ["mtlxray.report.evaluate", "mtlxray.data.loader", "mtlxray.model", "mtlxray.config",
+                        "accelerate", "matplotlib.pyplot"]}
 """What each stage's child imports before its peak memory is reset."""
 HASHES = 1_000_000
 EQUAL_GROUP = 50_000
 PLANTED = 10_000
+SPLITS = [(subset, split) for subset in ("lung", "infection") for split in ("train", "val", "test")]
+"""The evaluate stage's passes in a full run: together every image of the set, once."""
+QUICK_SPLITS = [("infection", "test")]
+"""`--quick`'s evaluate pass: 1,166 images at the paper scale (the model's forward pass, not the
+bookkeeping, sets the rate: all 39,746 images would take ~25 min on 2 idle cores)."""
+EVAL_MODEL = {"full": ["model.img_size=256"],
+              "quick": ["model.img_size=256", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[1,2]",
+                        "model.ppm_channels=8", "model.ppm_bins=[1,2]", "model.decoder_channels=[8,4]",
+                        "model.cross_attn_heads=[1,1]", "model.head_channels=4", "model.cls_channels=8"]}
+"""Overrides of `configs/demo.yaml` for the evaluated model (untrained: the stage measures the pass,
+not the figures): the demo model at 256² (`--quick`: two narrow stages, 134 MFLOP an image)."""
 
 
 def planted_hashes(n: int, equal: int, planted: int, threshold: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +124,22 @@ def stage(name: str, args: dict) -> dict:
 
         result = audit([args["out"]], args["audit_out"])
         return {"images": sum(result.images.values()), "pairs": result.total_pairs, "groups": result.n_groups}
+    if name == "evaluate":
+        from mtlxray.config import load_config
+        from mtlxray.model import build_model
+        from mtlxray.report.evaluate import evaluate_model
+
+        cfg = load_config("demo", [*args["overrides"], "data.workers=0"])
+        model = build_model(cfg.model)
+        model.set_mode(cfg.phase.name)
+        model.eval()
+        source = {"checkpoint": None, "model_config": "demo", "overrides": args["overrides"]}
+        images = 0
+        for subset, split in args["splits"]:
+            summary = evaluate_model(model, cfg, args["out"], source, Path(args["eval_out"]) / f"{subset}-{split}",
+                                     split=split, subset=subset, n_boot=args["n_boot"], overwrite=True)
+            images += int(summary["metrics"]["n_images"])
+        return {"images": images}
     if name == "hashes":
         from mtlxray.data.audit import NEAR_THRESHOLD, _scan
 
@@ -135,8 +172,10 @@ def _measure(name: str, args: dict) -> dict:
 def stage_row(what: str, m: dict) -> dict:
     """A table row of a measured stage."""
     seconds = m.get("audit_seconds", m["seconds"])  # hashes: the audit, not drawing the hashes
+    cpu = m["cpu_s"] + m["workers_cpu_s"]
     return {"stage": what, "images": m["images"], "s": seconds, "img/s": m["images"] / seconds,
-            "peak_MiB": m["peak_mib"], "after_imports_MiB": m["base_mib"], "workers_peak_MiB": m["workers_peak_mib"],
+            "img/cpu_s": m["images"] / cpu if cpu and "audit_seconds" not in m else None, "peak_MiB": m["peak_mib"],
+            "after_imports_MiB": m["base_mib"], "workers_peak_MiB": m["workers_peak_mib"],
             "load": f"{m['load_before']}-{m['load_after']}"}
 
 
@@ -167,10 +206,16 @@ def run(ctx):
                   "workers": 2, "size": size}
         stages[f"build {scale} (workers 2)"] = _measure("build", common)
         stages[f"audit {scale}"] = _measure("audit", common)
+        splits = ctx.pick(SPLITS, QUICK_SPLITS, QUICK_SPLITS)
+        stages[f"evaluate {scale} ({'all splits' if splits == SPLITS else ', '.join('/'.join(s) for s in splits)})"] = \
+            _measure("evaluate", {"out": common["out"], "eval_out": str(tmp_path / "eval"), "splits": splits,
+                                  "n_boot": ctx.pick(1000, 1000, 20),
+                                  "overrides": EVAL_MODEL["quick" if ctx.quick else "full"]
+                                  + ([f"model.img_size={size}"] if size != 256 else [])})
     stages[f"audit {n_hashes:,} hashes"] = _measure("hashes", {"n": n_hashes, "equal": equal, "planted": planted})
     for what, m in stages.items():
         result.rows.append(stage_row(what, m))
-    build, aud, hashes = stages.values()
+    build, aud, evaluation, hashes = stages.values()
     result.targets = [
         Target(f"{scale} build peak RSS", build["peak_mib"] / 1024, 2.0, "max", " GiB"),
         Target(f"{scale} build time, 2 workers", build["seconds"], 90.0, "max", " s"),
@@ -182,6 +227,7 @@ def run(ctx):
                       "tree": "hard links to the small scale's 350 images" if linked else "rendered phantoms",
                       "note": "peak_MiB: the stage process's peak resident memory, counted from after its imports "
                               "(their transient peak excluded, what they keep resident included: after_imports_MiB); "
-                              "workers_peak_MiB: the largest child process; load: 1-minute load average "
-                              "before-after (2 cores)"}
+                              "workers_peak_MiB: the largest child process; img/cpu_s: images per CPU second of "
+                              "the stage's process and its workers together (what one core does; less sensitive "
+                              "than img/s to a shared host's load); load: 1-minute load average before-after (2 cores)"}
     return result

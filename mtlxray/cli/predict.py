@@ -36,22 +36,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import itertools
+
     from mtlxray.errors import DataError, MtlxError
     from mtlxray.report.outdir import claim_output_dir
-    from mtlxray.report.predict import (IMAGE_SUFFIXES, PREDICT_OUTPUTS, check_gate, collect_inputs, load_predictor,
-                                        predict_files, predict_gate, write_predictions)
+    from mtlxray.report.predict import (IMAGE_SUFFIXES, PREDICT_OUTPUTS, Failure, check_gate, collect_inputs,
+                                        load_predictor, predict_files, predict_gate, write_predictions)
 
     check_gate(args.gate)
-    paths, failures = collect_inputs(args.inputs)
-    if not paths:  # before the output folder exists: no folder holding an empty CSV
+    inputs = collect_inputs(args.inputs)
+    failures: list = []  # those met before the first image; predict_files reports the rest
+    first = None
+    for item in inputs:
+        if isinstance(item, Failure):
+            failures.append(item)
+        else:
+            first = item
+            break
+    if first is None:  # before the output folder exists: no folder holding an empty CSV
         raise DataError("nothing to predict: " + ("; ".join(f"{f.path}: {f.error}" for f in failures)
                                                   or f"no {'/'.join(IMAGE_SUFFIXES)} files in {' '.join(args.inputs)}"))
+    paths = itertools.chain([first], inputs)
     model, cfg = load_predictor(args.checkpoint)
     gating = predict_gate(cfg, **gate_options(args))
     with claim_output_dir(args.out, PREDICT_OUTPUTS, overwrite=args.overwrite, command="predict") as out:
         try:
             records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,
-                                         batch_size=args.batch_size, gating=gating, input_range=args.input_range)
+                                         batch_size=args.batch_size, gating=gating, input_range=args.input_range,
+                                         progress=True)
             failures += bad
             write_predictions(out, records, failures)
         except OSError as e:  # a full disk or a folder removed under us: one line, not a traceback

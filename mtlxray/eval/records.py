@@ -2,8 +2,8 @@
 
 A `RecordCollector` turns each batch's model outputs into small per-image records (confusion
 counts of the masks, predicted areas, class probabilities, the label), kept on the device until
-the end so that evaluating a batch never waits for the host. `Records` from every rank are
-gathered once, de-duplicated by sample key, and `summarise` computes every metric under one set
+the end so that evaluating a batch never waits for the host (on the CPU, as Python numbers).
+`Records` from every rank are gathered once, de-duplicated by sample key, and `summarise` computes every metric under one set
 of names, which training logs as `val/<name>` and `evaluate` writes to metrics.json:
 
 - `n_images`;
@@ -123,7 +123,8 @@ class Records:
 
 
 class RecordCollector:
-    """Accumulates `Records` batch by batch from model outputs, without host synchronisation.
+    """Accumulates `Records` batch by batch from model outputs, without host synchronisation on an
+    accelerator (on the CPU, as Python numbers).
 
     Class probabilities are the softmax of the class logits, or with `multilabel` (a model trained
     with `model.cls_loss: bce_multilabel`) each logit's sigmoid."""
@@ -158,7 +159,11 @@ class RecordCollector:
             part["gt_boxes"] = [[list(b) for b in boxes] for boxes in batch["boxes"]]
         if gate is not None:
             part["gate"] = gate.detach().float()
-        self._parts.append(part)
+        # On the CPU each record is kept as Python numbers: tiny tensors kept for the whole evaluation
+        # pinned the heap around each batch's freed activations (glibc), and the process grew by
+        # 0.2-0.9 MB an image at 256² (3.2 GiB peak over 6,788 images, 1.3 GiB over 932).
+        self._parts.append({k: (v.tolist(), v.dtype) if isinstance(v, Tensor) and v.device.type == "cpu" else v
+                            for k, v in part.items()})
 
     def records(self) -> Records:
         """Everything added so far, on the CPU (one copy per field)."""
@@ -172,7 +177,8 @@ class RecordCollector:
             elif any(v is None for v in values):
                 out[f.name] = None
             else:
-                out[f.name] = torch.cat(values).cpu()
+                out[f.name] = torch.cat([torch.tensor(v[0], dtype=v[1]) if isinstance(v, tuple) else v
+                                         for v in values]).cpu()
         return Records(**out)
 
 

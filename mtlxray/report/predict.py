@@ -40,17 +40,19 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mtlxray import CLASS_NAMES
 from mtlxray.checkpoint import load_model_from_checkpoint
@@ -119,27 +121,29 @@ def _not_a_file(path: Path) -> str:
     return "a folder (folders inside folders are not searched)" if path.is_dir() else "not a regular file"
 
 
-def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Files named directly plus the image files of named folders (sorted, not recursive).
+def collect_inputs(inputs: Iterable[str | Path]) -> Iterator[Path | Failure]:
+    """Files named directly plus the image files of named folders (not recursive), yielded as found.
 
-    Every folder entry with an image suffix (not hidden) is either a file to predict or a failure
-    saying why not (a broken or looping link, a folder), never dropped."""
-    files: list[Path] = []
-    failures: list[Failure] = []
+    Lazy, so that predicting a folder of 40k images starts at its first image and keeps no list of
+    them: each folder's image names are read (`os.scandir`, no stat) and sorted, then checked one by
+    one as they are used. Every folder entry with an image suffix (not hidden) is either a file to
+    predict or a `Failure` saying why not (a broken or looping link, a folder), never dropped."""
     for item in map(Path, inputs):
         if item.is_dir():
-            for p in sorted(item.iterdir()):
-                if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
-                    continue
-                if p.is_file():
-                    files.append(p)
-                else:
-                    failures.append(Failure(str(p), _not_a_file(p)))
+            try:
+                with os.scandir(item) as entries:
+                    names = sorted(e.name for e in entries
+                                   if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and not e.name.startswith("."))
+            except OSError as e:  # an unreadable folder is a failed input, not a failed write to --out
+                yield Failure(str(item), f"unreadable folder: {e.strerror or e}")
+                continue
+            for name in names:
+                p = item / name
+                yield p if p.is_file() else Failure(str(p), _not_a_file(p))
         elif item.is_file():
-            files.append(item)
+            yield item
         else:
-            failures.append(Failure(str(item), _not_a_file(item)))
-    return files, failures
+            yield Failure(str(item), _not_a_file(item))
 
 
 def load_gray(path: Path, max_pixels: int | None = None, input_range: str = "auto") -> np.ndarray:
@@ -277,11 +281,15 @@ def _record(path: Path, name: str, image: np.ndarray, lung_p: np.ndarray, inf_p:
     }
 
 
-def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, *, gate: float | None = None,
-                  batch_size: int = 8, max_pixels: int | None = None,
-                  device: torch.device | str = "cpu", gating=None,
-                  input_range: str = "auto") -> tuple[list[dict], list[Failure]]:
+def predict_files(model, img_size: int, paths: Iterable[Path | Failure], out: str | Path, *,
+                  gate: float | None = None, batch_size: int = 8, max_pixels: int | None = None,
+                  device: torch.device | str = "cpu", gating=None, input_range: str = "auto",
+                  progress: bool = False) -> tuple[list[dict], list[Failure]]:
     """Run `model` on image files, writing masks and overlays under `out`; (records, failures).
+
+    `paths` is consumed lazily, batch by batch (`collect_inputs`' walk: its `Failure`s are kept in
+    order with those of unreadable files). `progress`: a count and rate on a terminal's stderr (no
+    total: the walk is not counted first).
 
     The model runs as given (its device, dtype and attention kernel); `load_predictor` prepares
     one for CPU. `gate`: report infection and boxes only when P(COVID-19) under the class head is
@@ -305,20 +313,25 @@ def predict_files(model, img_size: int, paths: Sequence[Path], out: str | Path, 
     used: set[str] = set()
     device = torch.device(device)
     classes = ClassScheme.of(model)
-    for start in range(0, len(paths), batch_size):
-        loaded: list[tuple[Path, np.ndarray]] = []
-        for path in paths[start : start + batch_size]:
-            try:
-                loaded.append((path, load_gray(path, max_pixels, input_range)))
-            except DataError as e:
-                logger.warning("%s", e)
-                failures.append(Failure(str(path), str(e)))
-        if not loaded:
-            continue
-        results = _infer(model, [im for _, im in loaded], img_size, device, gating)
-        for (path, image), (lung_p, inf_p, probs, has_inf, gate_p, boxes) in zip(loaded, results):
-            records.append(_record(path, _unique_name(path, used), image, lung_p, inf_p, probs, has_inf,
-                                   gate, out, gate_p, boxes, classes))
+    items = iter(paths)
+    with tqdm(desc="predict", unit="img", disable=None if progress else True) as bar:
+        while batch := list(itertools.islice(items, batch_size)):
+            loaded: list[tuple[Path, np.ndarray]] = []
+            for path in batch:
+                if isinstance(path, Failure):
+                    failures.append(path)
+                    continue
+                try:
+                    loaded.append((path, load_gray(path, max_pixels, input_range)))
+                except DataError as e:
+                    logger.warning("%s", e)
+                    failures.append(Failure(str(path), str(e)))
+            if loaded:
+                results = _infer(model, [im for _, im in loaded], img_size, device, gating)
+                for (path, image), (lung_p, inf_p, probs, has_inf, gate_p, boxes) in zip(loaded, results):
+                    records.append(_record(path, _unique_name(path, used), image, lung_p, inf_p, probs, has_inf,
+                                           gate, out, gate_p, boxes, classes))
+            bar.update(len(batch))
     return records, failures
 
 

@@ -105,10 +105,12 @@ def test_shards_suite_compares_builds_with_tar(ctx):
     assert all(r["images"] > 0 and r["img/s"] > 0 for r in data["rows"])
 
 
-def test_scale_suite_measures_build_audit_and_the_hash_audit_with_full_recall(ctx):
+def test_scale_suite_measures_build_audit_evaluate_and_the_hash_audit_with_full_recall(ctx):
     data = _run("scale", ctx)
-    assert [r["stage"].split()[0] for r in data["rows"]] == ["build", "audit", "audit"]
+    assert [r["stage"].split()[0] for r in data["rows"]] == ["build", "audit", "evaluate", "audit"]
     assert all(r["peak_MiB"] > 0 and r["images"] > 0 for r in data["rows"])
+    evaluated = data["rows"][2]
+    assert evaluated["images"] == 1 + 1 + 2 and evaluated["img/cpu_s"] > 0  # the tiny scale's infection test split
     hashes = data["details"]["stages"]["audit 20,000 hashes"]
     assert hashes["planted_found"] == hashes["planted"] == 200 and hashes["largest_group"] == 2_000
 

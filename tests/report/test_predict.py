@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mtlxray.errors import DataError
-from mtlxray.report.predict import collect_inputs, load_gray, to_model_input
+from mtlxray.report.predict import Failure, collect_inputs, load_gray, to_model_input
 
 
 def _write_png(path, size=(40, 30), mode="RGB"):
@@ -60,13 +60,19 @@ def test_load_gray_turns_pil_bomb_warning_into_error(tmp_path, monkeypatch):
         load_gray(p, max_pixels=10**9)
 
 
+def _collected(inputs):
+    """collect_inputs' walk split into (files, failures)."""
+    items = list(collect_inputs(inputs))
+    return [i for i in items if not isinstance(i, Failure)], [i for i in items if isinstance(i, Failure)]
+
+
 def test_collect_inputs_takes_folder_images_and_reports_missing_paths(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     for name in ("b.png", "a.JPG", "c.jpeg"):
         _write_png(d / name)
     (d / "readme.txt").write_text("x")
-    files, failures = collect_inputs([d, tmp_path / "missing.png"])
+    files, failures = _collected([d, tmp_path / "missing.png"])
     assert [f.name for f in files] == ["a.JPG", "b.png", "c.jpeg"]
     assert [f.path for f in failures] == [str(tmp_path / "missing.png")]
 
@@ -81,7 +87,7 @@ def test_collect_inputs_lists_broken_and_looping_links_instead_of_dropping_them(
     (d / "pong.png").symlink_to(d / "ping.png")
     (d / "scans.png").mkdir()
     (d / "linked.png").symlink_to(d / "good.png")
-    files, failures = collect_inputs([d, tmp_path / "gone.png"])
+    files, failures = _collected([d, tmp_path / "gone.png"])
     assert [f.name for f in files] == ["good.png", "linked.png"]
     why = {Path(f.path).name: f.error for f in failures}
     assert why == {"dangling.png": f"broken symbolic link (to {tmp_path / 'gone.png'})",
@@ -89,6 +95,37 @@ def test_collect_inputs_lists_broken_and_looping_links_instead_of_dropping_them(
                    "scans.png": "a folder (folders inside folders are not searched)",
                    "gone.png": "no such file or folder"}
     assert len(files) + len(failures) == len(list(d.iterdir())) + 1  # every entry, and the missing argument
+
+
+def test_collect_inputs_walks_lazily_reading_a_folder_only_when_its_turn_comes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _write_png(a / "1.png")
+    walk = collect_inputs([a, b])
+    assert next(walk) == a / "1.png"
+    _write_png(b / "2.png")  # after the first image was handed out: a listed-up-front walk misses it
+    assert list(walk) == [b / "2.png"]
+
+
+def test_predict_files_writes_each_batch_before_taking_the_next_input(tiny_ckpt, tmp_path):
+    from mtlxray.checkpoint import load_model_from_checkpoint
+    from mtlxray.report.predict import predict_files
+
+    model, cfg = load_model_from_checkpoint(tiny_ckpt)
+    first, second = _write_png(tmp_path / "first.png"), _write_png(tmp_path / "second.png")
+    out = tmp_path / "o"
+    written_before_second = []
+
+    def inputs():
+        yield first
+        written_before_second.append((out / "masks" / "first_lung.png").is_file())
+        yield Failure("missing.png", "no such file or folder")
+        yield second
+
+    records, failures = predict_files(model, cfg.model.img_size, inputs(), out, batch_size=1)
+    assert written_before_second == [True]
+    assert [r["name"] for r in records] == ["first", "second"]
+    assert failures == [Failure("missing.png", "no such file or folder")]
 
 
 def test_predict_of_only_missing_files_stops_before_creating_the_output_folder(tiny_ckpt, tmp_path, capsys):
