@@ -28,19 +28,22 @@ LAYERS = {"model", "data", "checkpoint", "eval", "preflight", "memory_plan", "tr
           "cli", "demo", "doctor"}
 
 
+def _imported(node: ast.AST) -> list[str]:
+    """The modules an absolute import statement names ([] for any other node)."""
+    if isinstance(node, ast.ImportFrom) and node.module == "mtlxray" and node.level == 0:
+        return [f"mtlxray.{a.name}" for a in node.names]  # from mtlxray import eval
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module]
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return []
+
+
 def _imports(path: Path) -> set[str]:
     """mtlxray subpackages/modules imported by a file (absolute imports, any depth)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "mtlxray" and node.level == 0:
-            names = [f"mtlxray.{a.name}" for a in node.names]  # from mtlxray import eval
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        for name in names:
+        for name in _imported(node):
             parts = name.split(".")
             if parts[0] == "mtlxray" and len(parts) > 1:
                 found.add(parts[1])
@@ -169,13 +172,7 @@ def test_mtlxray_modules_are_imported_at_module_level():
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    modules = [node.module]
-                elif isinstance(node, ast.Import):
-                    modules = [a.name for a in node.names]
-                else:
-                    continue
-                for module in modules:
+                for module in _imported(node):
                     if module.split(".")[0] == "mtlxray" and (rel, module) not in LAZY_IMPORTS_ALLOWED:
                         hidden.append(f"mtlxray/{rel}:{node.lineno} {function.name} imports {module}")
     assert hidden == []
