@@ -299,7 +299,6 @@ def _backend(cfg) -> tuple[str, dict]:
     """(memory-plan backend name, DeepSpeed bucket settings) of the config."""
     if cfg.run.backend != "deepspeed":
         return "ddp", {}
-
     ds = deepspeed_config(cfg)
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
