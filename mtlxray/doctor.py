@@ -37,9 +37,17 @@ from typing import Any, Optional
 
 import torch
 
+from mtlxray.data import remote
+from mtlxray.data.loader import shard_urls
+from mtlxray.data.manifest import read_manifest, shard_subsets
 from mtlxray.errors import ConfigError, MtlxError
-from mtlxray.hardware import cuda_devices
+from mtlxray.hardware import cpu_has_native_bf16, cuda_devices, resolve_attention, resolve_precision
+from mtlxray.memory_plan import (CARDS, DS_BUCKET_DEFAULT, max_batch, measure_activations, model_params,
+                                 ours_from_config, project)
+from mtlxray.model.swin import WindowAttention
 from mtlxray.preflight import check_run
+from mtlxray.train.accelerator import deepspeed_config
+from mtlxray.train.compiled import compiles
 
 __all__ = ["Problem", "Diagnosis", "diagnose", "render"]
 
@@ -139,8 +147,6 @@ def _backends() -> dict[str, Any]:
 def window_attention_shapes(model: torch.nn.Module, img_size: int) -> list[tuple[torch.nn.Module, tuple]]:
     """One representative window attention per distinct (input shape, heads, window, shift) of
     `model`, with its input shape (1, H, W, C), found by a batch-1 forward with hooks."""
-    from mtlxray.model.swin import WindowAttention
-
     seen: dict[tuple, tuple[torch.nn.Module, tuple]] = {}
 
     def hook(module, args):
@@ -230,10 +236,6 @@ def _first_line(text: str, limit: int = 240) -> str:
 def check_shards(cfg, diag: Diagnosis) -> dict:
     """With a readable manifest: every listed shard present with its size, readable, and the split
     counts complete, for the training and validation splits the config reads."""
-    from mtlxray.data import remote
-    from mtlxray.data.loader import shard_urls
-    from mtlxray.data.manifest import read_manifest, shard_subsets
-
     root = cfg.data.shards
     out: dict[str, Any] = {"root": str(root)}
     try:
@@ -297,9 +299,6 @@ def _backend(cfg) -> tuple[str, dict]:
     """(memory-plan backend name, DeepSpeed bucket settings) of the config."""
     if cfg.run.backend != "deepspeed":
         return "ddp", {}
-    from mtlxray.memory_plan import DS_BUCKET_DEFAULT
-    from mtlxray.train.accelerator import deepspeed_config
-
     ds = deepspeed_config(cfg)
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
@@ -312,8 +311,6 @@ def _backend(cfg) -> tuple[str, dict]:
 def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict:
     """Project the config's per-GPU memory (`mtlxray.memory_plan`) on the smallest GPU seen, or
     on the memory plan's cards without GPU; warn when it would not fit."""
-    from mtlxray.memory_plan import CARDS, max_batch, measure_activations, model_params, project
-
     backend, bucket = _backend(cfg)
     n_gpus = max(1, cfg.launch.nodes * cfg.launch.gpus_per_node)
     batch = cfg.data.batch_size
@@ -343,8 +340,6 @@ def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict
 
 def diagnose(cfg=None) -> Diagnosis:
     """Everything `doctor` reports, for `cfg` (a loaded Config) or for the node alone."""
-    from mtlxray.hardware import cpu_has_native_bf16, resolve_attention, resolve_precision
-
     diag = Diagnosis()
     diag.sections["versions"] = versions()
     seen = cuda_devices()
@@ -381,8 +376,6 @@ def diagnose(cfg=None) -> Diagnosis:
 
     if cfg.run.backend == "deepspeed":
         try:
-            from mtlxray.train.accelerator import deepspeed_config
-
             deepspeed_config(cfg)
             diag.sections["deepspeed_ops"] = deepspeed_ops()
         except ConfigError:
@@ -392,8 +385,6 @@ def diagnose(cfg=None) -> Diagnosis:
 
     model = None
     if cfg.model.name == "mtl_swin_unet":
-        from mtlxray.memory_plan import ours_from_config
-
         try:
             model = ours_from_config(cfg)
         except MtlxError as e:  # e.g. a model.encoder_pretrained file that is not there
@@ -421,8 +412,6 @@ def diagnose(cfg=None) -> Diagnosis:
 
 
 def _compile_verdict(cfg) -> str:
-    from mtlxray.train.compiled import compiles
-
     if not cfg.run.compile:
         return "off (eager)"
     if not compiles(cfg):
@@ -431,8 +420,6 @@ def _compile_verdict(cfg) -> str:
 
 
 def _sdpa_verdicts(cfg, rows: list[dict], precision: str, device: torch.device, diag: Diagnosis) -> None:
-    from mtlxray.hardware import resolve_attention
-
     kernel = resolve_attention(cfg.model.attention, precision, device.type)
     if kernel != "sdpa" or not rows:
         return

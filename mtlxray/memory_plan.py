@@ -44,6 +44,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from mtlxray.hardware import resolve_attention
+from mtlxray.model import build_model
+from mtlxray.train.phases import apply_freezing
+
 __all__ = ["ActivationBytes", "measure_activations", "model_params", "state_bytes", "project", "max_batch",
            "ours_from_config", "place", "tensor_sum", "DTYPES", "BACKENDS", "CHECKPOINT_MODES", "CARDS",
            "RUNTIME_BYTES", "ALLOCATOR_MARGIN", "DS_BUCKET_DEFAULT"]
@@ -75,9 +79,6 @@ report it (H100/A100 80 GB: 81,559 MiB; H200 141 GB: 143,771 MiB)."""
 
 def ours_from_config(cfg, phase: str | None = None) -> nn.Module:
     """The model of a loaded `Config` in `phase` (default: the config's), frozen as training freezes it."""
-    from mtlxray.model import build_model
-    from mtlxray.train.phases import apply_freezing
-
     phase = phase or cfg.phase.name
     model = build_model(cfg.model)
     model.set_mode(phase)
@@ -91,8 +92,6 @@ def place(model: nn.Module, dtype: str, device: str | torch.device = "cpu", atte
     `dtype` on `device`, as the trainer does where it places the model; models without window
     attention (MONAI's) are returned unchanged."""
     if hasattr(model, "set_attention"):
-        from mtlxray.hardware import resolve_attention
-
         model.set_attention(resolve_attention(attention, DTYPES[dtype], torch.device(device).type))
     return model
 

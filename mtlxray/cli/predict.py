@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     import itertools
 
     from mtlxray.errors import DataError, MtlxError
+    from mtlxray.eval.gate import resolve_gate
     from mtlxray.report.outdir import claim_output_dir
     from mtlxray.report.predict import (IMAGE_SUFFIXES, PREDICT_OUTPUTS, Failure, check_gate, collect_inputs,
-                                        load_predictor, predict_files, predict_gate, write_predictions)
+                                        load_predictor, predict_files, write_predictions)
 
     check_gate(args.gate)
     inputs = collect_inputs(args.inputs)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                                                   or f"no {'/'.join(IMAGE_SUFFIXES)} files in {' '.join(args.inputs)}"))
     paths = itertools.chain([first], inputs)
     model, cfg = load_predictor(args.checkpoint)
-    gating = predict_gate(cfg, **gate_options(args))
+    gating = resolve_gate(cfg, **gate_options(args))
     with claim_output_dir(args.out, PREDICT_OUTPUTS, overwrite=args.overwrite, command="predict") as out:
         try:
             records, bad = predict_files(model, cfg.model.img_size, paths, out, gate=args.gate,

@@ -43,6 +43,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import fft, ndimage
 
+from mtlxray.data import hashsearch
+from mtlxray.data.manifest import read_manifest
+from mtlxray.data.remote import normalise_root
+from mtlxray.data.tarstream import tar_samples
 from mtlxray.errors import ShardError
 from mtlxray.io import atomic_path
 
@@ -144,9 +148,6 @@ class Pair:
 
 
 def _read(root_or_manifest) -> tuple[str, dict]:
-    from mtlxray.data.manifest import read_manifest
-    from mtlxray.data.remote import normalise_root
-
     if isinstance(root_or_manifest, dict):
         return str(root_or_manifest.get("source", {}).get("root", "<manifest>")), root_or_manifest
     root = normalise_root(root_or_manifest)
@@ -265,8 +266,6 @@ def _scan(words: np.ndarray, content: np.ndarray, split: np.ndarray, n_splits: i
     (`hashsearch.pairs_within`), and pairs inside a node or between two near nodes are counted from
     per-split image counts, so N copies of one image cost O(N), not N^2/2 pairs. `pair_sink(i, j,
     exact, distance)`, when given, receives every pair in blocks (for a full audit.csv)."""
-    from mtlxray.data import hashsearch
-
     n = len(words)
     if n == 0:
         z = np.zeros((n_splits, n_splits), np.int64)
@@ -379,7 +378,6 @@ def _matches(words_a: np.ndarray, content_a: np.ndarray, words_b: np.ndarray, co
     dist = np.zeros(n_a, np.int64)
     if n_a == 0 or len(words_b) == 0:
         return match, dist
-    from mtlxray.data import hashsearch
 
     uniq, node = np.unique(np.concatenate([words_a, words_b]), axis=0, return_inverse=True)
     node = node.ravel()
@@ -565,8 +563,7 @@ def _group_report(scan: _Scan, images: Sequence[ImageRef], content: np.ndarray, 
 
 def _pixels_of(refs: Iterable[ImageRef], roots: dict[str, str], manifests: dict[str, dict]) -> dict[tuple[str, str], np.ndarray]:
     """The stored images of `refs`, read from their shards (local or remote), one pass per shard."""
-    from mtlxray.data.loader import decode_image, shard_location
-    from mtlxray.data.tarstream import tar_samples
+    from mtlxray.data.loader import decode_image, shard_location  # the loader imports torch; hashing needs none
 
     wanted: dict[tuple[str, str], set[str]] = {}
     for r in refs:

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from mtlxray.data import audit as audit_mod
+from mtlxray.data import audit as audit_mod, images
 from mtlxray.data.boxes import bounding_boxes
 from mtlxray.data.images import ImageReadError, read_grayscale
 from mtlxray.data.sources import (CLASS_SCHEMES, RADIOGRAPHY_RELEASE, Record, list_source,
@@ -391,8 +391,6 @@ def build_shards(input: str | Path, output: str | Path, *, layout: str = "covid-
     copies) are left out of this build. `max_pixels`: the pixel limit (default `images.MAX_PIXELS`,
     the limit `predict` applies).
     """
-    from mtlxray.data import images
-
     max_pixels = images.MAX_PIXELS if max_pixels is None else int(max_pixels)
     if format not in ("png", "raw"):
         raise DataError(f"unknown shard format {format!r}; choose png or raw")

@@ -26,7 +26,7 @@ from mtlxray.config import Config
 from mtlxray.errors import ConfigError
 from mtlxray.hardware import resolve_attention
 
-__all__ = ["positive_probability", "ground_truth", "FirstStage", "Gate"]
+__all__ = ["positive_probability", "ground_truth", "FirstStage", "Gate", "resolve_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +131,12 @@ class Gate:
     def describe(self) -> str:
         where = f"first stage {self.first_stage.path}" if self.first_stage else "the class head"
         return f"P(classes {self.classes}) >= {self.threshold:g} under {where}"
+
+
+def resolve_gate(cfg: Config, device: torch.device | str = "cpu", *, threshold: Optional[float] = None,
+                 source: Optional[str] = None, first_stage: Optional[str] = None) -> Optional[Gate]:
+    """The gate of `evaluate` and `predict`: the checkpoint's `phase.teacher_forcing` gate, with `threshold` (the
+    class head when the config has no gate), `source` and `first_stage` overriding it; None for no gate."""
+    if source is None and threshold is not None and cfg.phase.teacher_forcing.gate == "none":
+        source = "cls_head"  # --gate P alone: the class head
+    return Gate.from_config(cfg, device, source=source, threshold=threshold, first_stage=first_stage)

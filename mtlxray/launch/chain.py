@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from mtlxray.config import Config, load_config
 from mtlxray.errors import ConfigError
+from mtlxray.preflight import check_run
 from mtlxray.resources import find_config
 
 __all__ = ["PhasePlan", "plan_chain", "validate_chain"]
@@ -80,8 +81,6 @@ def validate_chain(configs: Sequence[str | Path], overrides: Sequence[str] = (),
     earlier phase among them). ShardError (or the loader's own error): a phase's shards are missing
     or unreadable.
     """
-    from mtlxray.preflight import check_run
-
     plans = plan_chain(configs, overrides, phase_overrides)
     writers: dict[Path, PhasePlan] = {}
     for plan in plans:

@@ -302,25 +302,9 @@ def core_slots(jobs: int, cores: Optional[Sequence[int]] = None) -> list[list[in
     return [[cores[i % len(cores)]] for i in range(jobs)]
 
 
-def run_commands(commands: Sequence[Sequence[str]]) -> int:
-    """Run `mtlxray` commands one after another in this process; the first non-zero exit stops them.
-
-    One interpreter per element (its phases, then its evaluations) pays the start-up once."""
-    from mtlxray.cli import main
-
-    print(f"# pid {os.getpid()} on cores {sorted(os.sched_getaffinity(0))}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-    for args in commands:
-        print(f"$ mtlxray {' '.join(args)}", flush=True)
-        rc = main(list(args))
-        if rc != 0:
-            print(f"mtlxray {args[0]} exited {rc}", flush=True)
-            return rc
-    return 0
-
-
 def _run_element_local(element: Element, cores: list[int], cwd: Path) -> str:
-    """The element's phases and evaluations in a child process pinned to `cores` (OMP threads = their number)."""
+    """The element's phases and evaluations in a child process pinned to `cores` (OMP threads = their number),
+    one interpreter for all of them (`mtlxray.cli.sequence`)."""
     log = element.dir / "sweep.log"
     element.dir.mkdir(parents=True, exist_ok=True)
     commands = [["train", "--config", plan.config, *plan.overrides] for plan in element.plans]
@@ -329,7 +313,7 @@ def _run_element_local(element: Element, cores: list[int], cwd: Path) -> str:
     with open(log, "a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        rc = subprocess.run([sys.executable, "-m", "mtlxray.launch.sweep", json.dumps(commands)], env=env, cwd=cwd,
+        rc = subprocess.run([sys.executable, "-m", "mtlxray.cli.sequence", json.dumps(commands)], env=env, cwd=cwd,
                             stdout=f, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: os.sched_setaffinity(0, cores)).returncode
     if rc != 0:
@@ -515,7 +499,3 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, wait: bool = True) -> Sweep:
             _wait_slurm(sweep, todo, arrays)
     sweep.save()
     return sweep
-
-
-if __name__ == "__main__":
-    sys.exit(run_commands(json.loads(sys.argv[1])))

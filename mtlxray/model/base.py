@@ -15,17 +15,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 
+from mtlxray.config import Config, dump_config, load_config
 from mtlxray.errors import CheckpointError, error_line
+from mtlxray.io import atomic_path, write_text_atomic
 from mtlxray.model.registry import build_model
 from mtlxray.model.swin import WindowAttention, check_kernel
-
-if TYPE_CHECKING:
-    from mtlxray.config import Config
 
 __all__ = ["MTLModel", "Mode", "WEIGHTS_NAME", "CONFIG_NAME", "under_prefix", "read_weights"]
 
@@ -104,9 +103,6 @@ class MTLModel(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from mtlxray.config import dump_config
-        from mtlxray.io import atomic_path, write_text_atomic
-
         cfg = cfg if cfg is not None else self.config
         if cfg is None:
             raise ValueError("save_pretrained needs the run config the model was built from (cfg=...)")
@@ -132,8 +128,6 @@ class MTLModel(nn.Module):
         mismatches. The window-attention kernel is the config's (`auto`: SDPA) until
         `set_attention`.
         """
-        from mtlxray.config import load_config
-
         folder = Path(folder)
         if folder.is_file() and folder.name == WEIGHTS_NAME:
             folder = folder.parent

@@ -27,6 +27,7 @@ from mtlxray.model.decoder import PPM, CrossAttention, DecoderBranch, UpConv
 from mtlxray.model.detection import detect
 from mtlxray.model.base import MTLModel, Mode, check_mode
 from mtlxray.model.heads import ClassHead, MaskHead
+from mtlxray.model.pretrained import load_timm_swin_encoder
 from mtlxray.model.registry import register_model
 from mtlxray.model.swin import SwinEncoder
 
@@ -204,7 +205,5 @@ def mtl_swin_unet(cfg: ModelConfig, pretrained: bool) -> MTLModel:
     """The paper's model (encoder from scratch, or from the timm Swin-T file `model.encoder_pretrained`)."""
     model = MTLSwinUNet(cfg)
     if pretrained and cfg.encoder_pretrained:
-        from mtlxray.model.pretrained import load_timm_swin_encoder
-
         load_timm_swin_encoder(model.encoder, cfg.encoder_pretrained, cfg)
     return model

@@ -14,6 +14,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtlxray.config import Config
+from mtlxray.model.net import MultiTaskUNet
+from mtlxray.model.registry import build_model
 from mtlxray.paper import PART_PARAMS
 
 __all__ = ["count_params_by_part", "count_params_by_child", "count_flops", "summarise_model"]
@@ -95,9 +97,6 @@ def _child_table(counts: dict[str, int], flops: dict[str, float], name: str, img
 def summarise_model(cfg: Config, as_json: bool = False) -> str:
     """The parameter counts per part and GFLOPs per image of the model `cfg` builds (no weights
     loaded), as a table or as JSON."""
-    from mtlxray.model.net import MultiTaskUNet
-    from mtlxray.model.registry import build_model
-
     model = build_model(cfg.model, pretrained=False)  # counting needs no weights
     mode = cfg.phase.name
     model.set_mode(mode)

@@ -51,7 +51,7 @@ from mtlxray.dist import export_torch_env, process_group_kwargs, resolve_world
 from mtlxray.errors import (CheckpointError, ConfigError, DataError, MtlxError, ShardError, ShardsNotFoundError,
                             unwrap_worker_error)
 from mtlxray.eval import metrics as M
-from mtlxray.eval.gate import Gate
+from mtlxray.eval.gate import resolve_gate
 from mtlxray.eval.records import RecordCollector, Records, summarise
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_error, write_json_atomic, write_text_atomic
@@ -339,7 +339,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, *, split: st
     """Evaluate a checkpoint on a split; every rank returns the summary, rank 0 writes the files.
 
     `gate`: overrides of the checkpoint's teacher-forcing gate (`source`, `threshold`,
-    `first_stage`, as `mtlxray.eval.gate.Gate.from_config` takes them); with a gate, metrics come
+    `first_stage`, as `mtlxray.eval.gate.resolve_gate` takes them); with a gate, metrics come
     gated and ungated. `out`: a folder that must be empty unless `overwrite` (the default folder,
     `default_out_dir`, is replaced).
 
@@ -435,10 +435,7 @@ def _evaluate_into(model, cfg, shards, source: dict, out_dir: Path, accelerator,
                                world_size=accelerator.num_processes, batch_size=batch_size)
     by_infection = model.mode == "phase2" and "inf" in model.tasks and subset == "infection"
 
-    gate = dict(gate or {})
-    if gate.get("threshold") is not None and gate.get("source") is None and cfg.phase.teacher_forcing.gate == "none":
-        gate["source"] = "cls_head"  # --gate P alone: the class head
-    gating = Gate.from_config(cfg, accelerator.device, **gate)
+    gating = resolve_gate(cfg, accelerator.device, **(gate or {}))
     records, best, worst = run_model(model, loader, accelerator.device, by_infection,
                                      cfg.phase.positive_classes, multilabel, gating)
     records = Records.concat(gather_object([records])).unique_by_key()

@@ -383,12 +383,3 @@ def load_predictor(checkpoint: str | Path, device: torch.device | str = "cpu"):
     model = model.to(device).float().eval()
     model.set_attention(resolve_attention(cfg.model.attention, torch.float32, device.type))
     return model, cfg
-
-
-def predict_gate(cfg, device: torch.device | str = "cpu", *, threshold: float | None = None,
-                 source: str | None = None, first_stage: str | None = None):
-    """The gate of `predict`: the checkpoint's `phase.teacher_forcing` gate, with `threshold` (the
-    class head when the config has no gate), `source` and `first_stage` overriding it; None for no gate."""
-    if source is None and threshold is not None and cfg.phase.teacher_forcing.gate == "none":
-        source = "cls_head"
-    return Gate.from_config(cfg, device, source=source, threshold=threshold, first_stage=first_stage)

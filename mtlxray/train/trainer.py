@@ -36,6 +36,9 @@ from mtlxray.errors import EXIT_REQUEUE, CheckpointError, ConfigError, DataError
 from mtlxray.eval.gate import Gate
 from mtlxray.hardware import resolve_attention
 from mtlxray.io import write_json_atomic, write_text_atomic
+from mtlxray.model import build_model
+from mtlxray.model.base import read_weights
+from mtlxray.model.pretrained import load_state_dict_transfer
 from mtlxray.preflight import check_run, raise_first
 from mtlxray.train.accelerator import build_accelerator, deepspeed_config, keep_grads_in_parameter_layout
 from mtlxray.train.checkpoints import save_checkpoint
@@ -195,10 +198,6 @@ class Trainer:
     # set-up
 
     def _build_model(self, target: Optional[Path]):
-        from mtlxray.model import build_model
-        from mtlxray.model.base import read_weights
-        from mtlxray.model.pretrained import load_state_dict_transfer
-
         cfg = self.cfg
         # Library weights (model.pretrained, model.encoder_pretrained) only for a fresh start: a
         # resumed or initialised model gets all its weights from the checkpoint.

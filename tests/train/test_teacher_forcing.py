@@ -1,12 +1,12 @@
 """Positive-case training and teacher forcing: p=1 is ground-truth gating, p=0 is the gate's, the coins are
-reproducible, a first-stage classifier gates as its own predictions say, and a step still reads nothing back."""
+reproducible, and a step still reads nothing back (the gate itself: tests/eval/test_gate.py)."""
 
 import pytest
 import torch
 
 from mtlxray.config import load_config
 from mtlxray.errors import ConfigError
-from mtlxray.eval.gate import FirstStage, Gate, positive_probability
+from mtlxray.eval.gate import Gate
 from mtlxray.train.losses import phase_loss
 from mtlxray.train.teacher_forcing import PositiveSelector, coin_flips
 
@@ -99,31 +99,6 @@ def test_the_losses_see_exactly_the_selected_samples():
     for task in ("inf", "det"):
         assert forced[task] > 0 and torch.allclose(forced[task], selected_only[task], rtol=1e-5, atol=0), task
         assert not torch.allclose(forced[task], truth[task], rtol=1e-3, atol=0), task  # other samples, other loss
-
-
-def test_a_first_stage_checkpoint_gates_by_its_own_frozen_predictions(tmp_path):
-    from mtlxray.model import build_model
-
-    stage_cfg = _cfg("phase.name=phase1")
-    torch.manual_seed(1)
-    stage = build_model(stage_cfg.model, pretrained=False)
-    stage.set_mode("phase1")
-    folder = stage.save_pretrained(tmp_path / "classifier", stage_cfg)
-    cfg = _cfg(f"model.first_stage={folder}", "phase.teacher_forcing={gate: first_stage, p: 0.0, threshold: 0.4}")
-    gate = Gate.from_config(cfg, "cpu")
-    assert isinstance(gate.first_stage, FirstStage)
-    assert not any(p.requires_grad for p in gate.first_stage.model.parameters())
-    img = torch.rand(6, 1, 64, 64)
-    expected = positive_probability(stage.eval()(img)["cls"], [2])
-    assert torch.allclose(gate.probability({"cls": None}, img), expected, atol=1e-6)
-    selector = PositiveSelector(cfg, gate, rank=0)
-    got = selector.select({"cls": None}, {"label": LABELS[:6], "img": img}, step=0, batch_index=0)
-    assert torch.equal(got, expected >= 0.4)
-    with pytest.raises(ConfigError, match="has 3 classes, the model 2"):
-        Gate.from_config(_cfg(f"model.first_stage={folder}", "model.num_classes=2", "phase.positive_classes=[1]",
-                              "data.label_map={Normal: 0, Non-COVID: 0, COVID-19: 1}",
-                              "data.class_names=[other, COVID-19]", "phase.teacher_forcing={gate: first_stage}"),
-                         "cpu")
 
 
 def test_config_checks_of_positive_classes_and_the_gate():
