@@ -343,7 +343,7 @@ def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict
 
 def diagnose(cfg=None) -> Diagnosis:
     """Everything `doctor` reports, for `cfg` (a loaded Config) or for the node alone."""
-    from mtlxray.hardware import cpu_has_native_bf16, resolve_attention, resolve_precision
+    from mtlxray.hardware import cpu_has_native_bf16, resolve_attention, resolve_precision, resolve_workers
 
     diag = Diagnosis()
     diag.sections["versions"] = versions()
@@ -377,7 +377,9 @@ def diagnose(cfg=None) -> Diagnosis:
                             "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size,
                             "attention": resolve_attention(cfg.model.attention, precision, device.type),
                             "attention_config": cfg.model.attention,
-                            "compile": _compile_verdict(cfg)}
+                            "compile": _compile_verdict(cfg),
+                            "workers": resolve_workers(cfg.data.workers, augment_in_loader=cfg.data.augment.in_loader,
+                                                       device_type=device.type)}
 
     if cfg.run.backend == "deepspeed":
         try:
@@ -477,6 +479,7 @@ def render(diag: Diagnosis) -> str:
                      f"{r['grad_checkpoint']}")
         lines.append(f"window attention: {r['attention']} (model.attention={r.get('attention_config', 'auto')}); "
                      f"compile: {r['compile']}")
+        lines.append("data workers: {} per training process ({})".format(*r["workers"]))
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())
         lines.append(f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}")
