@@ -123,8 +123,8 @@ CPU_WORKER_MIN_CORES = 4
 """On a CPU, `auto` gives one loader process from this many CPUs per training process, none below.
 The model computes on every core the process has, so a loader process takes its core from it: the
 demo on 2 cores trained in 134 s decoding in the training process against 218 s with one loader
-process (docs/demo.md), while one core decodes and augments several hundred images per second against
-the paper model's few per second on a CPU."""
+process (docs/demo.md), while one core decodes and augments several hundred images per second and
+the paper model trains on under one per second on such a CPU (benchmarks/README.md)."""
 
 
 def cpus_per_process(env: Mapping[str, str], world: WorldInfo) -> int:
