@@ -106,14 +106,14 @@ LOADER_CORES_PER_GPU: dict[str, tuple[int, int]] = {
     # one training process needs to feed its GPU: (augmentation in the loader, augment.on_device or no
     # augmentation). benchmarks/README.md, "Loader cores per GPU": ceil(images/s at 30% of the card's
     # dense bf16 peak in phase 1, 82.1 GFLOP per image, over one loader core's rate on raw shards:
-    # 584 samples/s augmenting, 4,196 drawing the parameters only). That target is ~7x the speed
+    # 896 samples/s augmenting, 7,129 drawing the parameters only). That target is ~7x the speed
     # measured today, so the figures cover any speed-up up to it; PNG shards need about twice as many.
-    "b200": (15, 2),
-    "h200": (7, 1),
-    "h100": (7, 1),  # SXM
-    "h100 nvl": (6, 1),
-    "h100 pcie": (5, 1),
-    "l40s": (3, 1),
+    "b200": (10, 2),
+    "h200": (5, 1),
+    "h100": (5, 1),  # SXM
+    "h100 nvl": (4, 1),
+    "h100 pcie": (4, 1),
+    "l40s": (2, 1),
     "a100": (2, 1),
     "a10g": (1, 1),
     "a10": (1, 1),
