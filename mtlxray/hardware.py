@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal, Optional, Union
 
@@ -128,16 +129,21 @@ the paper model trains on under one per second on such a CPU (benchmarks/README.
 
 
 def cpus_per_process(env: Mapping[str, str], world: WorldInfo) -> int:
-    """CPUs one training process may use: those it may run on (its affinity mask), capped by Slurm's
-    SLURM_CPUS_PER_TASK where set, shared with the other processes of its node unless each is a Slurm
-    task of its own (whose CPUs are its own; torchrun's and accelerate's processes share theirs)."""
+    """CPUs one training process may use: those it may run on (its affinity mask), shared with the
+    other training processes of its node. Where Slurm gives each task SLURM_CPUS_PER_TASK, they are
+    the cap, and only the processes started inside one task share them: one Slurm task per process
+    (the sbatch scripts, `mtlxray submit`, whose submitit sets torchrun's variables) has its own,
+    while torchrun or `accelerate launch` in one task splits the task's CPUs."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    sharing = max(1, world.local_world_size)
     raw = env.get("SLURM_CPUS_PER_TASK", "")
     if raw:
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"SLURM_CPUS_PER_TASK={raw!r} is not a positive integer")
         cpus = min(cpus, int(raw))
-    sharing = 1 if world.source == "slurm" else max(1, world.local_world_size)
+        tasks = re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", ""))  # `8(x2)`: 8 tasks on each of 2 nodes
+        tasks_here = world.local_world_size if world.source == "slurm" else int(tasks[0]) if tasks else 1
+        sharing = -(-sharing // max(1, tasks_here))
     return max(1, cpus // sharing)
 
 

@@ -107,11 +107,14 @@ def test_cpus_per_process_counts_the_affinity_slurm_and_the_processes_sharing_th
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     alone = WorldInfo(0, 0, 1, 1, 0, "local")
     torchrun8 = WorldInfo(0, 0, 8, 8, 0, "torchrun")
-    task = WorldInfo(3, 3, 8, 8, 0, "slurm")  # one Slurm task per GPU: its CPUs are its own
+    task = WorldInfo(3, 3, 8, 8, 0, "slurm")  # one Slurm task per GPU (the sbatch scripts)
     assert hw.cpus_per_process({}, alone) == 64
     assert hw.cpus_per_process({}, torchrun8) == 8
     assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "8"}, task) == 8
-    assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "32"}, torchrun8) == 4  # torchrun in one 32-CPU task
+    # `mtlxray submit`: submitit sets torchrun's variables in each of a node's 8 tasks of 8 CPUs
+    assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "8", "SLURM_TASKS_PER_NODE": "8(x2)"}, torchrun8) == 8
+    # torchrun or accelerate launch with 8 processes in one task of 32 CPUs
+    assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "32", "SLURM_TASKS_PER_NODE": "1"}, torchrun8) == 4
     assert hw.cpus_per_process({}, WorldInfo(0, 0, 128, 128, 0, "torchrun")) == 1
     with pytest.raises(ConfigError, match="SLURM_CPUS_PER_TASK='x' is not a positive integer"):
         hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "x"}, task)
