@@ -72,6 +72,11 @@ class AugmentConfig:
                 raise ConfigError(f"data.augment.{name} must be < 1 (the factor is 1 ± {name}), "
                                   f"got {getattr(self, name)}")
 
+    @property
+    def in_loader(self) -> bool:
+        """Whether the loader processes warp the samples (the costly part of their work)."""
+        return self.enabled and not self.on_device
+
 
 SOURCE_TASKS = ("lung", "inf", "det", "cls")
 """Labels a training source can carry: lung masks, infection masks, infection boxes, the class."""
@@ -131,8 +136,10 @@ class DataConfig:
     micro-batch fits `batch_size`), so a recipe means the same on 1 GPU or 32; the resolved values
     are what the run's config.yaml records."""
     eval_batch_size: int = 32
-    workers: int = 4
-    """DataLoader worker processes per rank."""
+    workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per training process, or `auto`: what the device needs to be fed
+    (a table per GPU model from the `loader` benchmark), at most the process's CPUs less one; on a
+    CPU one from 4 CPUs on, else none. The run's config.yaml records the number it resolved to."""
     shuffle_buffer: int = 1000
     samples_per_epoch: Optional[int] = None
     """Global samples per training epoch; default: the manifest's count for the training split."""
@@ -188,8 +195,10 @@ class DataConfig:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         _require_at_least("data", self, 1, "global_batch_size", "samples_per_epoch")
-        _require_at_least("data", self, 0, "workers", "shuffle_buffer", "fraction_seed", "remote_retries",
-                          "remote_backoff_s")
+        if self.workers != "auto" and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                       or self.workers < 0):
+            raise ConfigError(f"data.workers must be auto or an integer >= 0, got {self.workers!r}")
+        _require_at_least("data", self, 0, "shuffle_buffer", "fraction_seed", "remote_retries", "remote_backoff_s")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
         if not self.remote_timeout_s > 0.0:
@@ -658,6 +667,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `int or 'auto'`, `float or null`
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

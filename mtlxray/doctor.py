@@ -41,7 +41,7 @@ from mtlxray.data import remote
 from mtlxray.data.loader import shard_urls
 from mtlxray.data.manifest import read_manifest, shard_subsets
 from mtlxray.errors import ConfigError, MtlxError
-from mtlxray.hardware import cpu_has_native_bf16, cuda_devices, resolve_attention, resolve_precision
+from mtlxray.hardware import cpu_has_native_bf16, cuda_devices, resolve_attention, resolve_precision, resolve_workers
 from mtlxray.memory_plan import (CARDS, DS_BUCKET_DEFAULT, max_batch, measure_activations, model_params,
                                  ours_from_config, project)
 from mtlxray.model.swin import WindowAttention
@@ -372,7 +372,9 @@ def diagnose(cfg=None) -> Diagnosis:
                             "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size,
                             "attention": resolve_attention(cfg.model.attention, precision, device.type),
                             "attention_config": cfg.model.attention,
-                            "compile": _compile_verdict(cfg)}
+                            "compile": _compile_verdict(cfg),
+                            "workers": resolve_workers(cfg.data.workers, augment_in_loader=cfg.data.augment.in_loader,
+                                                       device_type=device.type)}
 
     if cfg.run.backend == "deepspeed":
         try:
@@ -464,6 +466,7 @@ def render(diag: Diagnosis) -> str:
                      f"{r['grad_checkpoint']}")
         lines.append(f"window attention: {r['attention']} (model.attention={r.get('attention_config', 'auto')}); "
                      f"compile: {r['compile']}")
+        lines.append("data workers: {} per training process ({})".format(*r["workers"]))
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())
         lines.append(f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}")

@@ -135,8 +135,22 @@ def test_cli_config_show_unknown_key_exits_nonzero_with_suggestion():
     ("model.num_heads=[3,5,12,24]", "model.num_heads[1]=5 does not divide stage 1's width"),
     ("model.cross_attn_heads=[8,5,2,1]", "model.cross_attn_heads[1]=5 does not divide model.decoder_channels[1]=192"),
     ("model.in_chans=3", "model.in_chans must be 1"),
+    ("data.workers=-1", "data.workers must be auto or an integer >= 0, got -1"),
+    ("data.workers=four", "`data.workers` expects int or 'auto', got 'four' (str)"),
+    ("data.workers=2.5", "`data.workers` expects int or 'auto', got 2.5 (float)"),
+    ("data.workers=true", "`data.workers` expects int or 'auto', got True (bool)"),
 ])
 def test_values_that_would_misbehave_later_are_refused_at_load_in_one_line(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_data_workers_takes_a_count_or_auto_and_nothing_else():
+    from mtlxray.config import DataConfig
+
+    assert load_config(None, ["data.workers=auto"]).data.workers == "auto"
+    assert load_config(None, ["data.workers=3"]).data.workers == 3
+    assert DataConfig().workers == "auto"
+    with pytest.raises(ConfigError, match="data.workers must be auto or an integer >= 0, got 'Auto'"):
+        DataConfig(workers="Auto")  # built in code, past the YAML type check

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,10 +38,13 @@ def doctor(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the report of a node without GPU")
 def test_doctor_reports_no_gpu_and_passes_the_demo_config(shards_128, tmp_path):
-    res = doctor("--config", str(DEMO), f"data.shards={shards_128}", f"run.output_dir={tmp_path}")
+    res = doctor("--config", str(DEMO), f"data.shards={shards_128}", f"run.output_dir={tmp_path}", "data.workers=auto")
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "gpu: no GPU (torch.cuda.is_available() is False): CPU only" in out
+    # data.workers=auto resolved for this node, with the reason, in one line
+    workers = re.search(r"^data workers: (\d+) per training process \(auto on CPU with (\d+) CPUs", out, re.M)
+    assert workers and int(workers[1]) == (1 if int(workers[2]) >= 4 else 0), out
     assert "versions: python" in out and "torch" in out and "cuDNN" in out and "NCCL" in out
     # the window attention of the demo model (window 4: N=16) under each SDPA kernel
     sdpa = [line for line in out.splitlines() if line.startswith("sdpa ")]

@@ -1,7 +1,12 @@
 """`auto` precision: bf16 only where the device runs it natively; an explicit bf16 is kept, with a
-warning. `auto` attention: the measured kernel per device and precision, decided here, once."""
+warning. `auto` attention: the measured kernel per device and precision, decided here, once. `auto`
+loader workers: what the device needs, within the CPUs the process has."""
 
+import json
 import logging
+import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +78,59 @@ def test_flex_attention_is_refused_on_cpu_in_one_named_line():
     with pytest.raises(ConfigError, match="flex.*no backward on CPU"):
         resolve_attention("flex", "fp32", "cpu")
     assert resolve_attention("flex", "bf16", "cuda") == "flex"
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("cpus, device_type, name, augmenting, expected", [
+    (16, "cuda", H100, True, 5),  # the card's need, CPUs to spare
+    (4, "cuda", H100, True, 3),  # all the CPUs less one for the training process
+    (1, "cuda", H100, True, 0),  # no CPU to spare: decode in the training process
+    (16, "cuda", H100, False, 1),  # augment.on_device: the loader only draws parameters
+    (16, "cuda", "NVIDIA H100 PCIe", True, 4),  # the longest matching name wins over `h100`
+    (16, "cuda", "NVIDIA A100-SXM4-80GB", True, 2),
+    (64, "cuda", "NVIDIA Z900", True, 10),  # a card not in the table: the most any card there needs
+    (2, "cpu", "", True, 0),  # a CPU computes on every core: load in the training process
+    (4, "cpu", "", True, 1),
+    (64, "cpu", "", False, 1),
+])
+def test_auto_workers_follow_the_cpus_and_what_the_device_needs(cpus, device_type, name, augmenting, expected):
+    n, why = hw.auto_workers(cpus=cpus, device_type=device_type, device_name=name, augment_in_loader=augmenting)
+    assert n == expected and f"{cpus} CPUs" in why and "\n" not in why
+
+
+def test_cpus_per_process_counts_the_affinity_slurm_and_the_processes_sharing_them(monkeypatch):
+    from mtlxray.dist import WorldInfo
+    from mtlxray.errors import ConfigError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    alone = WorldInfo(0, 0, 1, 1, 0, "local")
+    torchrun8 = WorldInfo(0, 0, 8, 8, 0, "torchrun")
+    task = WorldInfo(3, 3, 8, 8, 0, "slurm")  # one Slurm task per GPU (the sbatch scripts)
+    assert hw.cpus_per_process({}, alone) == 64
+    assert hw.cpus_per_process({}, torchrun8) == 8
+    assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "8"}, task) == 8
+    # `mtlxray submit`: submitit sets torchrun's variables in each of a node's 8 tasks of 8 CPUs
+    assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "8", "SLURM_TASKS_PER_NODE": "8(x2)"}, torchrun8) == 8
+    # torchrun or accelerate launch with 8 processes in one task of 32 CPUs
+    assert hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "32", "SLURM_TASKS_PER_NODE": "1"}, torchrun8) == 4
+    assert hw.cpus_per_process({}, WorldInfo(0, 0, 128, 128, 0, "torchrun")) == 1
+    with pytest.raises(ConfigError, match="SLURM_CPUS_PER_TASK='x' is not a positive integer"):
+        hw.cpus_per_process({"SLURM_CPUS_PER_TASK": "x"}, task)
+
+
+def test_a_configured_worker_count_is_kept():
+    assert hw.resolve_workers(3, augment_in_loader=True, env={}, device_type="cpu") == (3, "as configured")
+
+
+def test_the_loader_core_table_is_the_benchmarks_figures():
+    """Each card's row is ceil(its 30%-of-peak phase-1 images/s / a loader core's rate), from the
+    benchmark record that benchmarks/README.md cites and the cards' data-sheet peaks."""
+    from mtlxray.bench.gpus import bf16_dense_peak
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/loader_cores.json").read_text())
+    rate, target = record["per_core_samples_s"], record["target"]
+    for card, cores in hw.LOADER_CORES_PER_GPU.items():
+        img_s = target["fraction_of_peak"] * bf16_dense_peak(card) / (target["phase1_gflop_per_image"] * 1e9)
+        assert cores == (math.ceil(img_s / rate["raw_aug"]), math.ceil(img_s / rate["raw_aug_on_device"])), card

@@ -61,6 +61,7 @@ from mtlxray.data.remote import RetryPolicy
 from mtlxray.data.sources import CLASS_SCHEMES, scheme_labels
 from mtlxray.data.tarstream import ShardSkips, tar_samples, tar_to_samples
 from mtlxray.errors import ConfigError, DataError, ShardError
+from mtlxray.hardware import resolve_workers
 from mtlxray.io import sha256_file
 
 __all__ = ["train_batches_per_epoch", "build_train_loader", "build_eval_loader", "collate", "batch_to_device",
@@ -438,6 +439,11 @@ def loader_options(workers: int) -> dict:
     return options
 
 
+def loader_workers(cfg: DataConfig, *, augmenting: bool) -> int:
+    """cfg.workers; `auto` (which a training run resolves once, in its config) for this process."""
+    return resolve_workers(cfg.workers, augment_in_loader=augmenting)[0]
+
+
 def build_train_loader(cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
                        start_batch: int = 0) -> TrainLoader:
     """Training batches for one rank and epoch: exactly train_batches_per_epoch - start_batch of them.
@@ -460,7 +466,8 @@ def build_train_loader(cfg: DataConfig, *, seed: int, epoch: int, rank: int, wor
     dataset = _TrainStream(urls, cfg, manifest.format, manifest.image_size, seed=seed, epoch=epoch,
                            rank=rank, start_batch=start_batch, sizes=sizes, labels=_labels(cfg, manifest, subsets),
                            keep=keep)
-    loader = wds.WebLoader(dataset, batch_size=None, **loader_options(cfg.workers))
+    workers = loader_workers(cfg, augmenting=cfg.augment.in_loader)
+    loader = wds.WebLoader(dataset, batch_size=None, **loader_options(workers))
     return TrainLoader(loader.with_epoch(total - start_batch), total - start_batch)
 
 
@@ -522,4 +529,5 @@ def build_eval_loader(cfg: DataConfig, *, subset: str, split: str, rank: int, wo
         _EvalStream(pieces, manifest.format, manifest.image_size, _labels(cfg, manifest, [subset]), policy),
         wds.batched(batch_size or cfg.eval_batch_size, collation_fn=collate, partial=True),
     )
-    return wds.WebLoader(dataset, batch_size=None, **loader_options(min(cfg.workers, len(pieces))))
+    workers = min(loader_workers(cfg, augmenting=False), len(pieces))
+    return wds.WebLoader(dataset, batch_size=None, **loader_options(workers))

@@ -6,7 +6,10 @@ differs from it only in the keys the environment decides, each logged as `key fi
 - `run.precision` and `run.compile` from `accelerate launch --mixed_precision/--dynamo_backend`
   (which accelerate passes to the processes as ACCELERATE_MIXED_PRECISION and
   ACCELERATE_DYNAMO_BACKEND), then `auto` precision from the device;
-- `data.batch_size` and `optim.grad_accum` from `data.global_batch_size` and the world size.
+- `data.batch_size` and `optim.grad_accum` from `data.global_batch_size` and the world size;
+- `data.workers: auto` from the CPUs this process has and what its device needs
+  (`mtlxray.hardware.resolve_workers`); on a resume, the count the checkpoint trained with
+  (`replay_workers`), since an epoch's batches depend on it.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple, Optional
+
+import yaml
 
 from mtlxray.config import Config, config_to_dict
 from mtlxray.dist import WorldInfo
 from mtlxray.errors import ConfigError
-from mtlxray.hardware import resolve_precision
+from mtlxray.hardware import resolve_precision, resolve_workers
 from mtlxray.train.rundir import flatten
 
-__all__ = ["Resolved", "resolve", "resolve_global_batch"]
+__all__ = ["Resolved", "resolve", "resolve_global_batch", "replay_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +103,26 @@ def resolve(cfg: Config, env: Mapping[str, str], world: WorldInfo, device_type: 
     source = _launcher_flags(out, env) or f"run.precision={cfg.run.precision}"
     out.run.precision = resolve_precision(out.run.precision, device_type)
     resolve_global_batch(out, world.world_size)
+    out.data.workers, why = resolve_workers(out.data.workers, augment_in_loader=out.data.augment.in_loader,
+                                            env=env, world=world, device_type=device_type)
+    if cfg.data.workers == "auto" and world.rank == 0:
+        logger.info("data.workers: %s", why)
     before, after = flatten(config_to_dict(cfg)), flatten(config_to_dict(out))
     for key in after:
         if before.get(key) != after[key] and world.rank == 0:  # every rank resolves the same
             logger.info("config: %s %s -> %s", key, before.get(key), after[key])
     return Resolved(out, source)
+
+
+def replay_workers(cfg: Config, ckpt: Path) -> None:
+    """`data.workers: auto` resumed from `ckpt`: the count it trained with, in place (logged where it
+    differs from the one resolved here). The loader interleaves one stream per worker, so the count
+    decides an epoch's batches, and a resume that changed it would be refused as another run."""
+    saved = ckpt / "config.yaml"
+    if not saved.is_file():
+        return  # verify_checkpoint names the missing part
+    trained = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("workers")
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained != cfg.data.workers:
+        logger.info("config: data.workers %s -> %s (the count %s trained with; data.workers: auto)",
+                    cfg.data.workers, trained, ckpt)
+        cfg.data.workers = trained

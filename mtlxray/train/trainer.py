@@ -50,7 +50,7 @@ from mtlxray.train.multisource import IdleParameters, batches_per_epoch, source_
 from mtlxray.train.nonfinite import NonFiniteGuard
 from mtlxray.train.optim import build_optimizer, build_scheduler
 from mtlxray.train.phases import prepare_phase
-from mtlxray.train.resolve import resolve
+from mtlxray.train.resolve import replay_workers, resolve
 from mtlxray.train.rundir import RUN_INFO_NAME, RunLock, clear_previous_run, config_changes, describe_changes
 from mtlxray.train.signals import StopFlag, agree
 from mtlxray.train.teacher_forcing import PositiveSelector
@@ -102,6 +102,7 @@ class Trainer:
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.stop = StopFlag.install()  # before anything slow: a signal now is recorded, not fatal
+        workers = cfg.data.workers
         cfg, precision_source = resolve(cfg, os.environ, resolve_world())  # a copy: the caller's is left as it was
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -110,6 +111,8 @@ class Trainer:
             clear_previous_run(self.run_dir, overwrite=False)  # refuses a used folder, before any work
         target = resume_target(cfg, resume)
         if target is not None:
+            if workers == "auto":
+                replay_workers(cfg, target)
             _check_same_run(cfg, target, allow_config_change)
         preflight(cfg, target)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)

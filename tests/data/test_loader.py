@@ -149,7 +149,7 @@ def test_start_batch_skips_without_decoding(tiny_shards, monkeypatch):
     assert len(calls) == (total - 4) * 2 + 1
 
 
-@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, 0), (7, 1)])
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, "auto"), (7, 1)])  # auto: as `evaluate` builds it
 def test_eval_covers_every_sample_exactly_once_across_ranks(tiny_shards, world_size, workers):
     manifest = read_manifest(tiny_shards)
     keys = []

@@ -47,7 +47,8 @@ def _numeric_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, typ
         if key in FORMER_NAMES:
             continue
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            # `int | Literal["auto"]` (data.workers) draws as an int; its keyword is checked in test_config
+            args = [a for a in typing.get_args(tp) if a is not type(None) and typing.get_origin(a) is not typing.Literal]
             tp = args[0] if len(args) == 1 else None
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import os
 
 import pytest
 
@@ -64,3 +65,19 @@ def test_global_batch_size_derives_the_micro_batch_and_accumulation():
         assert cfg.data.batch_size * cfg.optim.grad_accum * world == 128
     with pytest.raises(ConfigError, match="3 processes"):
         resolve_global_batch(load_config(DEMO, ["data.global_batch_size=128"]), 3)
+
+
+@pytest.mark.parametrize("cpus, world, expected", [
+    (8, ONE, 1),  # a CPU run with CPUs to spare: one loader process
+    (8, WorldInfo(0, 0, 4, 4, 0, "torchrun"), 0),  # four processes share the 8: 2 each, decode in process
+    (3, ONE, 0),
+])
+def test_workers_auto_resolves_from_the_cpus_and_processes_and_is_logged(monkeypatch, caplog, cpus, world, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    cfg = load_config(DEMO, ["data.workers=auto", "run.precision=fp32"])
+    with caplog.at_level(logging.INFO, logger="mtlxray.train.resolve"):
+        resolved, _ = resolve(cfg, {}, world, device_type="cpu")
+    assert resolved.data.workers == expected and cfg.data.workers == "auto"
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"config: data.workers auto -> {expected}" in messages
+    assert any(m.startswith("data.workers: auto on CPU with ") for m in messages)

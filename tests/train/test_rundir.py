@@ -106,3 +106,17 @@ def test_resume_auto_without_a_complete_checkpoint_restarts_the_log_at_step_0(ti
     assert run_training(tiny_cfg("schedule.max_steps=2", name="nc"), "auto") == 0
     assert _steps(run) == [1, 2]  # not [1, 2, 1, 2]
     assert any("starting at step 0, and dropped the" in r.getMessage() for r in caplog.records)
+
+
+def test_workers_auto_trains_and_a_resume_keeps_the_count_it_trained_with(tiny_cfg, tmp_path, monkeypatch, caplog):
+    # 4 CPUs: auto gives one loader process on a CPU, which config.yaml records
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert run_training(tiny_cfg("schedule.max_steps=2", "data.workers=auto", name="wa"), "none") == 0
+    run = tmp_path / "wa"
+    assert "workers: 1\n" in (run / "config.yaml").read_text()
+    # Requeued where auto gives 0: the epoch's batches depend on the count, so the resume keeps 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    with caplog.at_level("INFO", logger="mtlxray.train.resolve"):
+        assert run_training(tiny_cfg("schedule.max_steps=3", "data.workers=auto", name="wa"), "auto") == 0
+    assert _steps(run) == [1, 2, 3] and "workers: 1\n" in (run / "config.yaml").read_text()
+    assert any(r.getMessage().startswith("config: data.workers 0 -> 1 (the count") for r in caplog.records)
