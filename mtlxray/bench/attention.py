@@ -6,12 +6,14 @@ and runs eagerly as its reference implementation: its forward is measured, its f
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 
 from mtlxray.bench.common import Context, SuiteResult, measure_side_by_side
+from mtlxray.model.swin import SwinBlock, WindowAttention
 
 WINDOW = 7
 HEAD_DIM = 32
@@ -50,6 +52,44 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
     fold = [t.reshape(B, nW * H, N, d) for t in (q, k, v)]
     return flex(*fold, score_mod=score_mod).view(B, nW, H, N, d)
+
+
+class FormerWindowAttention(WindowAttention):
+    """`WindowAttention` with its former gather/scatter layout (sdpa and explicit kernels), kept as
+    the baseline its block is measured against and tested equal to: windows gathered as
+    (B, nW·N, 3C), q, k, v permuted to (B, nW, heads, N, d) views that the kernels copy, and the
+    output transposed back to (B, nW·N, C) before a second copy scatters it to the map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if (H, W) != self.input_size:
+            self.set_input_size(H, W)
+        N, h = self.window_size ** 2, self.num_heads
+        qkv = self.qkv(x).reshape(B, H * W, 3 * C)
+        gather, scatter, mask = self.window_gather, self.window_scatter, self.attn_mask
+        nW = gather.numel() // N
+        win = qkv.index_select(1, gather).view(B, nW, N, 3, h, C // h)  # padded, rolled windows
+        q, k, v = win.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, heads, N, d
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
+        bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)  # heads, N, N
+        if mask is not None:
+            bias = bias + mask.to(q.dtype)  # nW, heads, N, N
+        if self.kernel == "sdpa":
+            bias = bias.expand(nW, h, N, N).reshape(1, nW * h, N, N)
+            fold = [t.reshape(B, nW * h, N, C // h) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*fold, attn_mask=bias).view(B, nW, h, N, C // h)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, nW, heads, N, N
+            out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
+        out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
+        return self.proj(out.view(B, H, W, C))
+
+
+def with_former_layout(block: SwinBlock) -> SwinBlock:
+    """A copy of `block` (same weights and buffers) whose window attention runs the former layout."""
+    former = copy.deepcopy(block)
+    former.attn.__class__ = FormerWindowAttention  # same state, only forward differs
+    return former
 
 
 def _inputs(batch: int, windows: int, heads: int, dtype: torch.dtype):
