@@ -343,7 +343,7 @@ def check_memory(cfg, precision: str, seen: list[dict], diag: Diagnosis) -> dict
 
 def diagnose(cfg=None) -> Diagnosis:
     """Everything `doctor` reports, for `cfg` (a loaded Config) or for the node alone."""
-    from mtlxray.hardware import cpu_has_native_bf16, resolve_attention, resolve_precision
+    from mtlxray.hardware import attention_choice, cpu_has_native_bf16, resolve_attention, resolve_precision
 
     diag = Diagnosis()
     diag.sections["versions"] = versions()
@@ -377,6 +377,8 @@ def diagnose(cfg=None) -> Diagnosis:
                             "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size,
                             "attention": resolve_attention(cfg.model.attention, precision, device.type),
                             "attention_config": cfg.model.attention,
+                            "attention_measured": attention_choice(precision, device.type).describe(
+                                device.type, precision) if cfg.model.attention == "auto" else "as configured",
                             "compile": _compile_verdict(cfg)}
 
     if cfg.run.backend == "deepspeed":
@@ -475,8 +477,9 @@ def render(diag: Diagnosis) -> str:
         lines.append(f"run: {r['config_model']}, {r['img_size']}², batch {r['batch_size']} per process, precision "
                      f"here {r['precision_here']} on {r['device']}, backend {r['backend']}, checkpointing "
                      f"{r['grad_checkpoint']}")
-        lines.append(f"window attention: {r['attention']} (model.attention={r.get('attention_config', 'auto')}); "
-                     f"compile: {r['compile']}")
+        lines.append(f"attention: {r.get('attention_config', 'auto')} -> {r['attention']} "
+                     f"({r.get('attention_measured', 'as configured')})")
+        lines.append(f"compile: {r['compile']}")
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())
         lines.append(f"sdpa {row['shape']} ({row['mask']}, {row['dtype']}): {acc}")

@@ -42,6 +42,9 @@ def test_doctor_reports_no_gpu_and_passes_the_demo_config(shards_128, tmp_path):
     out = res.stdout
     assert "gpu: no GPU (torch.cuda.is_available() is False): CPU only" in out
     assert "versions: python" in out and "torch" in out and "cuDNN" in out and "NCCL" in out
+    # `auto`'s kernel with the row of the measurement table it follows
+    assert any(line.startswith("attention: auto -> explicit (cpu, ") and "bench attention 2026-" in line
+               for line in out.splitlines())
     # the window attention of the demo model (window 4: N=16) under each SDPA kernel
     sdpa = [line for line in out.splitlines() if line.startswith("sdpa ")]
     assert sdpa and all("math yes" in line for line in sdpa)
