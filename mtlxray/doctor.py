@@ -41,7 +41,8 @@ from mtlxray.data import remote
 from mtlxray.data.loader import shard_urls
 from mtlxray.data.manifest import read_manifest, shard_subsets
 from mtlxray.errors import ConfigError, MtlxError
-from mtlxray.hardware import cpu_has_native_bf16, cuda_devices, resolve_attention, resolve_precision, resolve_workers
+from mtlxray.hardware import (attention_choice, cpu_has_native_bf16, cuda_devices, resolve_attention, resolve_precision,
+                              resolve_workers)
 from mtlxray.memory_plan import (CARDS, DS_BUCKET_DEFAULT, max_batch, measure_activations, model_params,
                                  ours_from_config, project)
 from mtlxray.model.swin import WindowAttention
@@ -372,6 +373,8 @@ def diagnose(cfg=None) -> Diagnosis:
                             "batch_size": cfg.data.batch_size, "img_size": cfg.model.img_size,
                             "attention": resolve_attention(cfg.model.attention, precision, device.type),
                             "attention_config": cfg.model.attention,
+                            "attention_measured": attention_choice(precision, device.type).describe(
+                                device.type, precision) if cfg.model.attention == "auto" else "as configured",
                             "compile": _compile_verdict(cfg),
                             "workers": resolve_workers(cfg.data.workers, augment_in_loader=cfg.data.augment.in_loader,
                                                        device_type=device.type)}
@@ -464,8 +467,9 @@ def render(diag: Diagnosis) -> str:
         lines.append(f"run: {r['config_model']}, {r['img_size']}², batch {r['batch_size']} per process, precision "
                      f"here {r['precision_here']} on {r['device']}, backend {r['backend']}, checkpointing "
                      f"{r['grad_checkpoint']}")
-        lines.append(f"window attention: {r['attention']} (model.attention={r.get('attention_config', 'auto')}); "
-                     f"compile: {r['compile']}")
+        lines.append(f"attention: {r.get('attention_config', 'auto')} -> {r['attention']} "
+                     f"({r.get('attention_measured', 'as configured')})")
+        lines.append(f"compile: {r['compile']}")
         lines.append("data workers: {} per training process ({})".format(*r["workers"]))
     for row in s.get("sdpa", []):
         acc = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in row["accepts"].items())

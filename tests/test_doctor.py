@@ -46,6 +46,9 @@ def test_doctor_reports_no_gpu_and_passes_the_demo_config(shards_128, tmp_path):
     workers = re.search(r"^data workers: (\d+) per training process \(auto on CPU with (\d+) CPUs", out, re.M)
     assert workers and int(workers[1]) == (1 if int(workers[2]) >= 4 else 0), out
     assert "versions: python" in out and "torch" in out and "cuDNN" in out and "NCCL" in out
+    # `auto`'s kernel with the row of the measurement table it follows
+    assert any(line.startswith("attention: auto -> explicit (cpu, ") and "bench attention 2026-" in line
+               for line in out.splitlines())
     # the window attention of the demo model (window 4: N=16) under each SDPA kernel
     sdpa = [line for line in out.splitlines() if line.startswith("sdpa ")]
     assert sdpa and all("math yes" in line for line in sdpa)

@@ -40,6 +40,23 @@ def test_auto_attention_resolves_per_device_and_dtype(monkeypatch):
     assert hw.resolve_attention("auto", torch.bfloat16, "cuda") == "sdpa"
 
 
+def test_auto_follows_the_first_matching_row_of_the_measurement_table(monkeypatch):
+    expected = {  # (device, dtype, native bf16) -> today's kernel
+        ("cpu", "fp32", True): "explicit", ("cpu", "fp32", False): "explicit",
+        ("cpu", "bf16", True): "explicit", ("cpu", "bf16", False): "sdpa",
+        ("cpu", "fp16", True): "explicit", ("cuda", "fp32", True): "sdpa", ("cuda", "bf16", True): "sdpa",
+        ("mps", "fp32", True): "sdpa",
+    }
+    for (device, dtype, native), kernel in expected.items():
+        monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: native)
+        row = hw.attention_choice(dtype, device)
+        assert row in hw.ATTENTION_TABLE and row.kernel == kernel == hw.resolve_attention("auto", dtype, device)
+        assert "bench" in row.measured or "tests/gpu" in row.measured  # each row names its measurement
+    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
+    assert hw.attention_choice(torch.bfloat16, "cpu").describe("cpu", "bf16").startswith(
+        "cpu, bf16, AVX2 only (no native bf16): sdpa 7.0× explicit")
+
+
 def test_a_configured_kernel_wins_and_nonsense_is_refused(monkeypatch):
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: True)
     assert hw.resolve_attention("sdpa", torch.bfloat16, "cpu") == "sdpa"

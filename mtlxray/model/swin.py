@@ -179,52 +179,54 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         if (H, W) != self.input_size:  # a size other than the one built for: rebuild (eager use)
             self.set_input_size(H, W)
-        N, h = self.window_size ** 2, self.num_heads
-        qkv = self.qkv(x).reshape(B, H * W, 3 * C)
+        N, h, d = self.window_size ** 2, self.num_heads, C // self.num_heads
         gather, scatter, mask = self.window_gather, self.window_scatter, self.attn_mask
         nW = gather.numel() // N
-        win = qkv.index_select(1, gather).view(B, nW, N, 3, h, C // h)  # padded, rolled windows
-        q, k, v = win.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, heads, N, d
+        # Heads outside the windows: one gather reads the padded, rolled windows of q, k and v
+        # straight into (3, B, heads, nW·N, d), so each is contiguous and the kernels (and SDPA's
+        # fold of the windows into its head axis) need no further copy.
+        qkv = self.qkv(x).view(B, H * W, 3, h, d).permute(2, 0, 3, 1, 4)  # 3, B, heads, H*W, d (a view)
+        q, k, v = qkv.index_select(3, gather).view(3, B, h, nW, N, d).unbind(0)  # each B, heads, nW, N, d
         if self.kernel == "flex":
             out = self._flex(q, k, v)
-            out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
-            return self.proj(out.view(B, H, W, C))
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
-        bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)  # heads, N, N
-        if mask is not None:
-            bias = bias + mask.to(q.dtype)  # nW, heads, N, N
-        if self.kernel == "sdpa":
-            # SDPA's fused CUDA kernels take 4-D inputs only: fold the windows into the head axis,
-            # (B, nW·heads, N, d), where the per-window mask broadcasts over the batch unchanged.
-            bias = bias.expand(nW, h, N, N).reshape(1, nW * h, N, N)
-            fold = [t.reshape(B, nW * h, N, C // h) for t in (q, k, v)]
-            out = F.scaled_dot_product_attention(*fold, attn_mask=bias).view(B, nW, h, N, C // h)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, nW, heads, N, N
-            out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # softmax in fp32 under autocast
-        out = out.transpose(2, 3).reshape(B, nW * N, C).index_select(1, scatter)  # B, H*W, C
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
+            bias = bias.view(N, N, h).permute(2, 0, 1).unsqueeze(1).to(q.dtype)  # heads, 1, N, N
+            if mask is not None:
+                bias = bias + mask.squeeze(1).to(q.dtype)  # heads, nW, N, N
+            if self.kernel == "sdpa":
+                # SDPA's fused CUDA kernels take 4-D inputs only: fold the windows into the head axis,
+                # (B, heads·nW, N, d) (views), where the per-window mask broadcasts over the batch.
+                bias = bias.expand(h, nW, N, N).reshape(1, h * nW, N, N)
+                fold = [t.reshape(B, h * nW, N, d) for t in (q, k, v)]
+                out = F.scaled_dot_product_attention(*fold, attn_mask=bias).view(B, h, nW, N, d)
+            else:
+                attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, heads, nW, N, N
+                out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # softmax in fp32 under autocast
+        # One gather reads each map token's slot back, heads and channels merged: (B, H*W, heads, d).
+        out = out.view(B, h, nW * N, d).transpose(1, 2).index_select(1, scatter)
         return self.proj(out.view(B, H, W, C))
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """flex_attention with the relative position bias read from its table in `score_mod`.
-        q, k, v: (B, nW, heads, N, d) -> (B, nW, heads, N, d).
+        q, k, v: (B, heads, nW, N, d) -> (B, heads, nW, N, d).
 
         The windows are folded into flex's head axis. The shift/padding mask is added in
         `score_mod` too rather than given as a block mask: a block mask skips whole 128×128 tiles,
         and a window of N ≤ 49 tokens is one partial tile, so it would skip nothing."""
         from torch.nn.attention.flex_attention import flex_attention
 
-        B, nW, h, N, d = q.shape
+        B, h, nW, N, d = q.shape
         table, index, mask = self.relative_position_bias_table, self.relative_position_index, self.attn_mask
 
-        def score_mod(score, b, head, q_idx, kv_idx):  # head = window * heads + head of the window
-            score = score + table[index[q_idx, kv_idx], head % h].to(score.dtype)
+        def score_mod(score, b, head, q_idx, kv_idx):  # head = head of the window * nW + window
+            score = score + table[index[q_idx, kv_idx], head // nW].to(score.dtype)
             if mask is not None:
-                score = score + mask[head // h, 0, q_idx, kv_idx].to(score.dtype)
+                score = score + mask[head % nW, 0, q_idx, kv_idx].to(score.dtype)
             return score
 
-        fold = [t.reshape(B, nW * h, N, d) for t in (q, k, v)]
-        return flex_attention(*fold, score_mod=score_mod, scale=self.scale).view(B, nW, h, N, d)
+        fold = [t.reshape(B, h * nW, N, d) for t in (q, k, v)]
+        return flex_attention(*fold, score_mod=score_mod, scale=self.scale).view(B, h, nW, N, d)
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, shift_size={self.shift_size}, attention={self.attention}"

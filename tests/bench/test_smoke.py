@@ -51,6 +51,11 @@ def test_attention_suite_compares_sdpa_and_explicit(ctx):
     assert set(data["details"]["faster_fwd_bwd"].values()) <= {"sdpa", "explicit"}
     # flex (forward only on CPU) is left out at smoke size: its eager first call takes seconds
     assert all("flex_ms" in r for r in data["rows"] if r["stage"] != "all (x depth)")
+    (layout,) = data["details"]["tables"].values()  # the block with the current vs the former window layout
+    assert {(r["dtype"], r["kernel"]) for r in layout} == {
+        (d, k) for d in ("fp32", "bf16") for k in ("explicit", "sdpa")}
+    assert all(r["current_ms"] > 0 and r["former_ms"] > 0 for r in layout)
+    assert all(r["copies current"] < r["copies former"] for r in layout if r["dtype"] == "fp32")
 
 
 def test_model_suite_compares_ours_monai_channels_last_and_compiled(ctx):

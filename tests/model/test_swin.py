@@ -123,6 +123,31 @@ def test_sdpa_and_explicit_attention_agree_forward_and_backward_and_flex_forward
     torch.testing.assert_close(grads["sdpa"], grads["explicit"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_window_layout_equals_the_former_layout_forward_and_backward(attention):
+    """q, k, v gathered head-major in one copy give the outputs and gradients of the former
+    window-major layout (mtlxray.bench.attention's baseline): fp32 to 1e-6, bf16 autocast loosely."""
+    from mtlxray.bench.attention import with_former_layout
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, num_heads=2, window_size=4, shift_size=2, attention=attention, input_size=(10, 9))
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    former = with_former_layout(block)
+    x = torch.randn(2, 10, 9, 16)  # padded to 12×12, shifted: bias and mask both live
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        results = []
+        for b in (block, former):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype, enabled=dtype == torch.bfloat16):
+                out = b(xi)
+            out.float().square().sum().backward()
+            results.append([out.float(), xi.grad] + [p.grad.clone() for p in b.parameters()])
+            b.zero_grad()
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 def test_kernel_is_fixed_at_construction_and_switched_only_by_set_attention(monkeypatch):
     import mtlxray.hardware as hw
 
