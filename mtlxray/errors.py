@@ -37,7 +37,7 @@ class NonFiniteLossError(MtlxError):
     """The training loss became NaN or inf."""
 
 
-# Exit code of a run that saved its state on SIGUSR1/SIGTERM and wants to be requeued
+# Exit code of a run that saved its state on SIGUSR2, SIGUSR1 or SIGTERM and wants to be requeued
 # (EX_TEMPFAIL). The sbatch scripts and the submitit trainer map it to a requeue.
 EXIT_REQUEUE = 75
 

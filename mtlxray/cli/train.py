@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train one phase (works under accelerate launch, torchrun and srun)",
         description="Train one phase as configured. Run it plainly for one process, or under "
-                    "`accelerate launch`, `torchrun` or `srun` for many. On SIGUSR1/SIGTERM it saves "
-                    "`last` and exits 75 so a launcher can requeue it.",
+                    "`accelerate launch`, `torchrun` or `srun` for many. On SIGUSR2 (Slurm preemption), "
+                    "SIGUSR1 or SIGTERM it saves `last` and exits 75 so a launcher can requeue it.",
         epilog=TRAIN_EPILOG)
     config_args(p)
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
