@@ -136,9 +136,10 @@ def test_pipeline_refuses_a_broken_chain_or_an_impossible_request_with_nothing_q
 
 def test_failed_phase1_leaves_phase2_dependency_never_satisfied(slurm_cluster, demo_overrides, tmp_path):
     runs = tmp_path / "runs"
-    # Phase 1 fails on the node: its model does not fit the shards' image size (checked by the trainer).
+    # Phase 1 passes the chain's checks at submission and fails on the node: a learning rate of 1e30
+    # makes step 2's loss non-finite, and with no skip budget the trainer stops with an error.
     env = {"MTLX_CPU": "1", "MTLX_OVERRIDES": " ".join(demo_overrides(runs, 2)),
-           "MTLX_PHASE1_OVERRIDES": "model.img_size=64"}
+           "MTLX_PHASE1_OVERRIDES": "optim.lr=1e30 optim.grad_clip=0 run.nan_skip_budget=0"}
     ids = _ids(_pipeline(slurm_cluster, env, "--nodes=1", *CPU_JOB, "configs/demo.yaml",
                          "configs/demo_phase2.yaml").stdout)
     job1, job2 = ids
@@ -152,7 +153,8 @@ def test_failed_phase1_leaves_phase2_dependency_never_satisfied(slurm_cluster, d
         # never started; a pending job may not have reached the accounting database yet (no line)
         assert slurm_cluster.sacct(job2).get("Start", "Unknown") in ("Unknown", "None")
         assert not (runs / "phase2" / "metrics.jsonl").exists()
-        assert "model.img_size=64" in (runs / "phase1" / f"slurm-{job1}.out").read_text()
+        log = (runs / "phase1" / f"slurm-{job1}.out").read_text()
+        assert "optim.lr=1e30" in log and "non-finite loss or gradients at step 2" in log
     finally:
         slurm_cluster.run("scancel", job2, check=False)
 
