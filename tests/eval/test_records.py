@@ -101,7 +101,7 @@ def test_collector_records_equal_hand_counts_and_stay_on_device_until_asked():
 _COLLECT_IN_A_CHILD = """
 import torch
 from pathlib import Path
-from mtlxray.evaluation import RecordCollector
+from mtlxray.eval.records import RecordCollector
 
 def rss_mib():
     status = Path("/proc/self/status").read_text().splitlines()
