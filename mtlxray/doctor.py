@@ -50,7 +50,7 @@ from mtlxray.preflight import check_run
 from mtlxray.train.accelerator import deepspeed_config
 from mtlxray.train.compiled import compiles
 
-__all__ = ["Problem", "Diagnosis", "diagnose", "render"]
+__all__ = ["Finding", "Diagnosis", "diagnose", "render"]
 
 _GiB = 2**30
 
@@ -60,7 +60,9 @@ SLURM_EXTRA = ("CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "RANK", "WO
 
 
 @dataclass
-class Problem:
+class Finding:
+    """One line of the verdict (a `mtlxray.preflight.Problem` becomes an error finding)."""
+
     level: str  # "error": the config cannot run here; "warning": it can, with the caveat given
     text: str
 
@@ -70,14 +72,14 @@ class Diagnosis:
     """What `doctor` found: named sections (for the report and --json) and the problems."""
 
     sections: dict[str, Any] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
 
     def error(self, text: str) -> None:
-        if Problem("error", text) not in self.problems:  # the preflight and the shard read may meet one fault
-            self.problems.append(Problem("error", text))
+        if Finding("error", text) not in self.problems:  # the preflight and the shard read may meet one fault
+            self.problems.append(Finding("error", text))
 
     def warn(self, text: str) -> None:
-        self.problems.append(Problem("warning", text))
+        self.problems.append(Finding("warning", text))
 
     @property
     def ok(self) -> bool:
@@ -376,7 +378,8 @@ def diagnose(cfg=None) -> Diagnosis:
                             "attention_measured": attention_choice(precision, device.type).describe(
                                 device.type, precision) if cfg.model.attention == "auto" else "as configured",
                             "compile": _compile_verdict(cfg),
-                            "workers": resolve_workers(cfg.data.workers, augment_in_loader=cfg.data.augment.in_loader,
+                            "workers": resolve_workers(cfg.data.workers,
+                                                       augment_in_loader=cfg.data.augment.in_loader,
                                                        device_type=device.type)}
 
     if cfg.run.backend == "deepspeed":

@@ -9,8 +9,9 @@ the model's metrics, no positive `phase.loss_weights` for an output the model do
 `mtlxray submit` checks every phase of a chain before submitting it.
 
 What the model produces and whether it resizes its input come from its `ModelSpec`
-(`mtlxray.model.registry`); the prefixes of `phase.frozen` and `phase.lr_mult` need the built model's parameter names and are
-checked where the model is built (`mtlxray.train.phases`, `mtlxray.train.optim`).
+(`mtlxray.model.registry`); the prefixes of `phase.frozen` and `phase.lr_mult` need the built
+model's parameter names and are checked where the model is built (`mtlxray.train.phases`,
+`mtlxray.train.optim`).
 """
 
 from __future__ import annotations
