@@ -4,7 +4,8 @@ with CUDA graphs, beside timm's and MONAI's Swin-T, in one run of under 8 minute
 bf16 autocast, 256², phases 1 and 2, per-GPU batches 16 (the paper's 128 over 8 GPUs), 32, 64 and
 128. Per row: img/s, TFLOP/s from FlopCounterMode, the fraction of the card's dense bf16 peak, and
 peak memory. A torch.profiler summary of the compiled phase-2 step at batch 64: the top 15 kernels
-by GPU time, kernels launched per step, and the GPU's idle share of the step.
+by GPU time, kernels launched per step, and the GPU's idle share of the step. After the flex
+kernel, the decoders in channels_last, compiled at batch 64, against the default layout.
 
 Compiles are the slow part (about a minute each for the full model), so the run is ordered by
 what the targets need and every later measurement is skipped, with the reason in its row, once
@@ -23,7 +24,7 @@ from torch import nn
 
 from mtlxray.bench.common import Context, SuiteResult, SuiteUnavailable, Target, count_flops
 from mtlxray.bench.gpus import bf16_dense_peak
-from mtlxray.bench.workloads import TINY, monai_swin_t, ours
+from mtlxray.bench.workloads import TINY, channels_last_decoder, monai_swin_t, ours, timm_swin_t
 from mtlxray.errors import error_line
 from mtlxray.memory_plan import tensor_sum
 
@@ -116,14 +117,6 @@ def profile_summary(step: Callable[[], None], device: str, steps: int = 3, top: 
 
 def _anchors(smoke: bool) -> dict[str, tuple[Callable[[], nn.Module], int]]:
     """name -> (builder, image side) of the encoders measured beside ours."""
-    def timm_swin(size: int) -> nn.Module:
-        try:
-            import timm
-        except ImportError as e:
-            raise SuiteUnavailable(f"timm is not installed (pip install 'mtlxray[zoo]'): {e}") from None
-        return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, in_chans=1, img_size=size,
-                                 num_classes=0)
-
     def ours_encoder(size: int) -> nn.Module:
         return ours([*TINY, f"model.img_size={size}"] if smoke else [f"model.img_size={size}"]).encoder
 
@@ -131,7 +124,7 @@ def _anchors(smoke: bool) -> dict[str, tuple[Callable[[], nn.Module], int]]:
         return {"ours_encoder_64": (lambda: ours_encoder(64), 64)}
     out: dict[str, tuple[Callable[[], nn.Module], int]] = {}
     for s in (224, 256):
-        out[f"timm_swin_t_{s}"] = (lambda s=s: timm_swin(s), s)
+        out[f"timm_swin_t_{s}"] = (lambda s=s: timm_swin_t(s), s)
         out[f"ours_encoder_{s}"] = (lambda s=s: ours_encoder(s), s)
     out["monai_swin_t_256"] = (monai_swin_t, 256)
     return out
@@ -139,7 +132,7 @@ def _anchors(smoke: bool) -> dict[str, tuple[Callable[[], nn.Module], int]]:
 
 def _plan(smoke: bool) -> list[tuple[str, str, int, str, str]]:
     """(net, phase, batch, mode, window-attention kernel) in the order measured: what the targets
-    need first, then the flex kernel, then the rest."""
+    need first, then the flex kernel and the decoders in channels_last, then the rest."""
     if smoke:
         return [("ours_full", "phase2", 2, "eager", "explicit"), ("anchors", "", 0, "", "")]
     plan = [("ours_full", p, b, "eager", "sdpa") for p in ("phase2", "phase1") for b in BATCHES]
@@ -147,9 +140,14 @@ def _plan(smoke: bool) -> list[tuple[str, str, int, str, str]]:
     plan += [("ours_full", "phase2", 16, m, "sdpa") for m in MODES[:0:-1]]
     plan += [("anchors", "", 0, "", "")]
     plan += [("ours_full", "phase2", 64, "compiled", "flex")]
+    plan += [("ours_full_channels_last", "phase2", 64, "compiled", "sdpa")]
     plan += [("ours_full", "phase2", b, m, "sdpa") for b in (32, 128) for m in MODES[1:]]
     plan += [("ours_full", "phase1", b, m, "sdpa") for b in BATCHES for m in MODES[1:]]
     return plan
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def run(ctx: Context) -> SuiteResult:
@@ -209,7 +207,8 @@ def run(ctx: Context) -> SuiteResult:
         name = f"{net}_{phase}"
         if name not in models:
             torch.manual_seed(0)
-            models[name] = ours(TINY if ctx.smoke else [], phase=phase).to(device).train()
+            model = ours(TINY if ctx.smoke else [], phase=phase)
+            models[name] = (channels_last_decoder(model) if net.endswith("channels_last") else model).to(device).train()
         models[name].set_attention(kernel)
         result.rows.append(measure(net, models[name], batch, size, mode, phase=phase, attention=kernel))
         torch._dynamo.reset()
@@ -234,8 +233,10 @@ def run(ctx: Context) -> SuiteResult:
     best64 = max((f for f in (frac(64, m) for m in MODES) if f is not None), default=None)
     b16, b64 = rate("ours_full", "phase2", 16, "compiled+cudagraphs"), max(
         (r for r in (rate("ours_full", "phase2", 64, m) for m in MODES) if r), default=None)
-    enc = rate("ours_encoder_256", "encoder", 64, "compiled") or rate("ours_encoder_256", "encoder", 64, "eager")
-    timm256 = rate("timm_swin_t_256", "encoder", 64, "compiled") or rate("timm_swin_t_256", "encoder", 64, "eager")
+    def best(net: str) -> float | None:
+        return max((r for r in (rate(net, "encoder", 64, m) for m in ("eager", "compiled")) if r), default=None)
+
+    enc, timm256 = best("ours_encoder_256"), best("timm_swin_t_256")
     result.targets = [
         Target("full model phase 2 bf16 batch 64, fraction of dense bf16 peak", best64, 0.30),
         Target("batch 16 (CUDA graphs) per-image time / batch 64's", b64 / b16 if b16 and b64 else None, 1.5,
@@ -247,6 +248,8 @@ def run(ctx: Context) -> SuiteResult:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
         "torch": torch.__version__, "dense_bf16_peak_flops": peak, "img_size": size,
         "budget_s": BUDGET_S, "elapsed_s": round(time.perf_counter() - t_start, 1),
+        "channels_last_decoder_vs_default_compiled_b64": _ratio(
+            rate("ours_full_channels_last", "phase2", 64, "compiled"), rate("ours_full", "phase2", 64, "compiled")),
         "profile": {"variant": f"ours_full phase2 batch {profile_batch} {profile_mode}", **(profile or {})},
     }
     if profile:

@@ -1,12 +1,15 @@
-"""`model`: forward+backward throughput of our encoder and full model against MONAI's Swin-T
-encoder, with FLOPs counted; on a GPU when there is one (bf16 and fp32, MFU against the card's
+"""`model`: forward+backward throughput of our encoder and full model against the Swin-T encoders
+of MONAI and timm (`swin_tiny_patch4_window7_224` at the same size, with our stochastic depth),
+with FLOPs counted; on a GPU when there is one (bf16 and fp32, MFU against the card's
 dense bf16 peak), else on this CPU (fp32, and bf16 where the CPU has it natively, against the
 measured matmul peak). Side by side in the same run:
 
 - the full model with its decoder, pyramid pooling and heads in `channels_last` (the encoder's
   maps are NHWC already; the question is whether the convolutions after it gain from it);
 - eager against `torch.compile` (inductor) on the tiny model; a compile failure is recorded
-  with its error instead of a figure.
+  with its error instead of a figure;
+- on a CPU with native bf16, in full runs: our encoder and timm's compiled, beside both eager, in
+  bf16 (each compile takes one to two minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -22,31 +25,20 @@ from torch import nn
 from mtlxray.bench.common import (Context, SuiteResult, Target, count_flops, matmul_peak, measure_side_by_side)
 from mtlxray.bench.gpus import bf16_dense_peak
 from mtlxray.bench.profiling import top_ops
-from mtlxray.bench.workloads import TINY, monai_swin_t, ours, train_step
+from mtlxray.bench.workloads import TINY, channels_last_decoder, monai_swin_t, ours, timm_swin_t, train_step
 from mtlxray.memory_plan import DTYPES
 from mtlxray.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
-DECODER_PARTS = ("ppm", "lung_decoder", "inf_decoder", "lung_head", "inf_head", "cls_head")
-
-
-def channels_last_decoder(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose decoder-side convolutions hold their weights in channels_last."""
-    model = copy.deepcopy(model)
-    for name in DECODER_PARTS:
-        part = getattr(model, name, None)
-        if part is not None:
-            part.to(memory_format=torch.channels_last)
-    return model
-
-
 def _variants(ctx: Context) -> dict[str, tuple[nn.Module, object]]:
     """name -> (module whose parameters train, forward callable)."""
     monai = monai_swin_t(tiny=ctx.smoke).to(ctx.device)
+    timm = timm_swin_t(64 if ctx.smoke else 256, tiny=ctx.smoke).to(ctx.device)
     full = ours(TINY if ctx.smoke else [], phase="phase2").to(ctx.device)
     cl = channels_last_decoder(full)
-    return {"monai_encoder": (monai, monai), "ours_encoder": (full.encoder, full.encoder), "ours_full": (full, full),
+    return {"monai_encoder": (monai, monai), "timm_encoder": (timm, timm.forward_features),
+            "ours_encoder": (full.encoder, full.encoder), "ours_full": (full, full),
             "ours_full_channels_last": (cl, cl)}
 
 
@@ -104,6 +96,25 @@ def compiled_vs_eager(ctx: Context, dtype: str) -> tuple[list[dict], dict]:
     return rows, details
 
 
+def compiled_encoders(ctx: Context, variants: dict, x: torch.Tensor) -> list[dict]:
+    """Our encoder and timm's, eager and compiled (inductor), bf16, side by side; [] where that is
+    not measured (smoke and quick runs, and CPUs without native bf16: a GPU has the gpu suite)."""
+    if ctx.smoke or ctx.quick or ctx.device != "cpu" or not cpu_has_native_bf16():
+        return []
+    steps = {}
+    for net in ("ours_encoder", "timm_encoder"):
+        module, forward = variants[net]
+        steps[net] = train_step(module, x, "bf16", forward)
+        steps[f"{net}_compiled"] = train_step(module, x, "bf16", torch.compile(forward))
+        t0 = time.perf_counter()
+        steps[f"{net}_compiled"]()  # the first call compiles forward and backward
+        log.info("compiled %s in %.0f s", net, time.perf_counter() - t0)
+    times = measure_side_by_side(steps, warmup=1, repeats=7)
+    timm = times["timm_encoder"].median
+    return [{"net": n, "dtype": "bf16", "device": ctx.device, "batch": len(x), "img/s": t.rate(len(x)),
+             "iqr%": t.iqr_pct, "step_ms": 1e3 * t.median, "vs_timm_enc": timm / t.median} for n, t in times.items()]
+
+
 def run(ctx: Context) -> SuiteResult:
     cuda = ctx.device == "cuda"
     batch = ctx.pick(32, 32, 2) if cuda else ctx.pick(8, 8, 2)  # >= 2: batch norm after the 1x1 PPM pool
@@ -123,18 +134,23 @@ def run(ctx: Context) -> SuiteResult:
     for dtype in dtypes:
         steps = {n: train_step(m, x, dtype, f) for n, (m, f) in variants.items()}
         times = measure_side_by_side(steps, warmup=2 if cuda else 1, repeats=repeats)
+        rate.update({(n, dtype): t.rate(batch) for n, t in times.items()})
         for n, t in times.items():
             img_s = t.rate(batch)
             achieved = img_s * flops[n]
-            rate[(n, dtype)] = img_s
             result.rows.append({
                 "net": n, "dtype": dtype, "device": ctx.device, "batch": batch, "img/s": img_s, "iqr%": t.iqr_pct,
                 "GFLOP/img": flops[n] / 1e9, "TFLOP/s": achieved / 1e12, "peak_frac": achieved / peaks[dtype][0],
                 "vs_monai_enc": img_s / rate[("monai_encoder", dtype)],
+                "vs_timm_enc": img_s / rate[("timm_encoder", dtype)],
             })
 
     def ratio(a: str, b: str, dtype: str) -> float | None:
         return rate[(a, dtype)] / rate[(b, dtype)] if (a, dtype) in rate and (b, dtype) in rate else None
+
+    encoder_rows = compiled_encoders(ctx, variants, x)
+    result.rows += encoder_rows
+    compiled = {r["net"]: r["img/s"] for r in encoder_rows}
 
     compile_dtype = "bf16" if cuda and "bf16" in dtypes else "fp32"
     compile_rows, compile_details = compiled_vs_eager(ctx, compile_dtype)
@@ -145,6 +161,11 @@ def run(ctx: Context) -> SuiteResult:
         f"not measured: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16")
     result.targets = [
         Target("encoder bf16 ours/MONAI", ratio("ours_encoder", "monai_encoder", "bf16"), 1.3, unit="x", note=no_bf16),
+        Target("encoder bf16 ours/timm Swin-T, eager", ratio("ours_encoder", "timm_encoder", "bf16"), 1.3, unit="x",
+               note=no_bf16),
+        Target("encoder bf16 ours/timm Swin-T, both compiled",
+               compiled["ours_encoder_compiled"] / compiled["timm_encoder_compiled"] if compiled else None, 1.3,
+               unit="x", note="" if compiled else "full runs on a CPU with native bf16 only"),
         Target("encoder fp32 ours/MONAI", ratio("ours_encoder", "monai_encoder", "fp32"), 1.0, unit="x"),
         Target("full model bf16 fraction of " + ("the card's dense bf16 peak (MFU)" if cuda else "bf16 matmul peak"),
                full_bf16, 0.45 if not cuda else 0.30, note=no_bf16),
@@ -154,6 +175,7 @@ def run(ctx: Context) -> SuiteResult:
         "peak_source": {d: s for d, (_, s) in peaks.items()}, "flops_per_image_fwd_bwd": flops, "img_size": size,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "channels_last_decoder_vs_default": {d: ratio("ours_full_channels_last", "ours_full", d) for d in dtypes},
+        "encoder_vs_timm": {d: ratio("ours_encoder", "timm_encoder", d) for d in dtypes},
         "compiled_vs_eager": next((r["vs_eager"] for r in compile_rows if r["net"] == "ours_tiny_compiled"
                                    and r.get("vs_eager")), None),
         **compile_details,

@@ -98,6 +98,73 @@ def _relative_position_index(ws: int) -> torch.Tensor:
     return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
 
 
+def gather_windows(qkv: torch.Tensor, gather: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, H·W, 3, heads, d) -> q, k, v, each (B, heads, nW·N, d) and contiguous: the padded,
+    rolled windows, heads outside them."""
+    return qkv.permute(2, 0, 3, 1, 4).index_select(3, gather).unbind(0)
+
+
+def read_slots(slots: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+    """(B, heads, nW·N, d) window slots -> (B, H·W, heads, d) map tokens."""
+    return slots.transpose(1, 2).index_select(1, scatter)
+
+
+def _with_own_backward() -> bool:
+    """Whether the window gathers take their own backward (`_GatherWindows`, `_ReadSlots`): only
+    where one will run, and never under torch.jit.trace (and the TorchScript ONNX exporter), which
+    cannot record a Python autograd.Function."""
+    return torch.is_grad_enabled() and not torch.jit.is_tracing()
+
+
+class _GatherWindows(torch.autograd.Function):
+    """q, k, v = gather_windows(qkv, gather), with a backward of two passes instead of four.
+
+    qkv: the qkv Linear's output viewed as (B, H·W, 3, heads, d); each output is
+    (B, heads, nW·N, d), contiguous. Torch's own backward of that pair stacks the three
+    gradients, zero-fills a source-shaped tensor, accumulates into it with `index_add_` (a slow
+    path along an inner dimension on CPU) and copies the result into the Linear's layout: four
+    passes over every window slot. Here each map token reads its gradient from the one slot that
+    holds it (`scatter`), and one stack lays the three out as the Linear's output (an `out=` into
+    that strided layout would save the stack, but dynamo cannot trace it). The padding slots also
+    read token 0, but their gradient is exactly zero: they are masked as keys, and as queries
+    their outputs are never read back (`_ReadSlots`), so nothing is dropped."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor):
+        ctx.save_for_backward(scatter)
+        ctx.qkv_shape = qkv.shape
+        return gather_windows(qkv, gather)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        (scatter,) = ctx.saved_tensors
+        B, HW, _, h, d = ctx.qkv_shape
+        like = next(g for g in grads if g is not None)
+        tokens = [like.new_zeros(B, HW, h, d) if g is None else g.index_select(2, scatter).transpose(1, 2)
+                  for g in grads]  # each B, H·W, heads, d
+        return torch.stack(tokens, dim=2), None, None  # B, H·W, 3, heads, d: the Linear's layout
+
+
+class _ReadSlots(torch.autograd.Function):
+    """(B, heads, nW·N, d) window slots -> (B, H·W, heads, d) map tokens, `scatter[t]` being the slot
+    of token t. Backward writes each token's gradient into its slot of a (B, heads, nW·N, d) tensor
+    that is contiguous for the attention's matmuls, padding slots zero; torch's backward of
+    index_select would accumulate with `index_add_` into a tensor the matmuls then copy again."""
+
+    @staticmethod
+    def forward(ctx, slots: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scatter)
+        ctx.slots_shape = slots.shape
+        return read_slots(slots, scatter)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scatter,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.slots_shape)
+        out.transpose(1, 2).index_copy_(1, scatter, grad)
+        return out, None
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample while training."""
 
@@ -185,13 +252,17 @@ class WindowAttention(nn.Module):
         # Heads outside the windows: one gather reads the padded, rolled windows of q, k and v
         # straight into (3, B, heads, nW·N, d), so each is contiguous and the kernels (and SDPA's
         # fold of the windows into its head axis) need no further copy.
-        qkv = self.qkv(x).view(B, H * W, 3, h, d).permute(2, 0, 3, 1, 4)  # 3, B, heads, H*W, d (a view)
-        q, k, v = qkv.index_select(3, gather).view(3, B, h, nW, N, d).unbind(0)  # each B, heads, nW, N, d
+        qkv = self.qkv(x).view(B, H * W, 3, h, d)
+        own = _with_own_backward()
+        qkv = _GatherWindows.apply(qkv, gather, scatter) if own else gather_windows(qkv, gather)
+        q, k, v = (t.view(B, h, nW, N, d) for t in qkv)
         if self.kernel == "flex":
             out = self._flex(q, k, v)
         else:
             bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # N*N, heads
-            bias = bias.view(N, N, h).permute(2, 0, 1).unsqueeze(1).to(q.dtype)  # heads, 1, N, N
+            # Contiguous, as timm makes it: a permuted bias would make each add over the
+            # (B, heads, nW, N, N) map a strided walk, 10× slower on CPU.
+            bias = bias.to(q.dtype).view(N, N, h).permute(2, 0, 1).contiguous().unsqueeze(1)  # heads, 1, N, N
             if mask is not None:
                 bias = bias + mask.squeeze(1).to(q.dtype)  # heads, nW, N, N
             if self.kernel == "sdpa":
@@ -201,10 +272,16 @@ class WindowAttention(nn.Module):
                 fold = [t.reshape(B, h * nW, N, d) for t in (q, k, v)]
                 out = F.scaled_dot_product_attention(*fold, attn_mask=bias).view(B, h, nW, N, d)
             else:
-                attn = (q * self.scale) @ k.transpose(-2, -1) + bias  # B, heads, nW, N, N
-                out = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # softmax in fp32 under autocast
+                # The bias is added in place (the product is not saved for backward), and the softmax
+                # runs in the activations' dtype: under CUDA autocast that is fp32 anyway (softmax is on
+                # its fp32 list); the CPU's bf16 softmax accumulates in fp32 and rounds once, the same
+                # values as fp32 then a cast but without an fp32 copy of the map (its backward then
+                # reads the rounded probabilities, as timm's bf16 Swin does).
+                attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(bias)  # B, heads, nW, N, N
+                out = attn.softmax(dim=-1) @ v
         # One gather reads each map token's slot back, heads and channels merged: (B, H*W, heads, d).
-        out = out.view(B, h, nW * N, d).transpose(1, 2).index_select(1, scatter)
+        out = out.view(B, h, nW * N, d)
+        out = _ReadSlots.apply(out, scatter) if own else read_slots(out, scatter)
         return self.proj(out.view(B, H, W, C))
 
     def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtlxray import memory_plan as plan
+from mtlxray.bench import gpu as gpu_suite
 from mtlxray.bench import memory as mem
 from mtlxray.bench.common import Context
 from mtlxray.bench.gpus import bf16_dense_peak
@@ -58,19 +60,23 @@ def test_attention_suite_compares_sdpa_and_explicit(ctx):
     assert all(r["copies current"] < r["copies former"] for r in layout if r["dtype"] == "fp32")
 
 
-def test_model_suite_compares_ours_monai_channels_last_and_compiled(ctx):
+def test_model_suite_compares_ours_monai_timm_channels_last_and_compiled(ctx):
     data = _run("model", ctx)
     measured = {(r["net"], r["dtype"]) for r in data["rows"] if r.get("img/s")}
-    nets = ("monai_encoder", "ours_encoder", "ours_full", "ours_full_channels_last")
+    nets = ("monai_encoder", "timm_encoder", "ours_encoder", "ours_full", "ours_full_channels_last")
     assert measured == {(n, d) for n in nets for d in ("fp32", "bf16")}
     assert {r["device"] for r in data["rows"]} == {"cpu"}
     flops = data["details"]["flops_per_image_fwd_bwd"]
     assert flops["ours_full"] > flops["ours_encoder"] > 0 and flops["monai_encoder"] > 0
     assert flops["ours_full_channels_last"] == flops["ours_full"]  # same maths, another layout
+    assert flops["timm_encoder"] > 0 and set(data["details"]["encoder_vs_timm"]) == {"fp32", "bf16"}
+    assert all(r["vs_timm_enc"] > 0 for r in data["rows"] if r.get("GFLOP/img"))
     assert set(data["details"]["channels_last_decoder_vs_default"]) == {"fp32", "bf16"}
     compiled = [r for r in data["rows"] if r["net"] == "ours_tiny_compiled"]
     assert len(compiled) == 1 and compiled[0]["note"]  # smoke runs do not compile; the row says so
-    assert len(data["targets"]) == 3
+    targets = {t["name"]: t for t in data["targets"]}
+    assert len(targets) == 5 and targets["encoder bf16 ours/timm Swin-T, eager"]["value"] > 0
+    assert targets["encoder bf16 ours/timm Swin-T, both compiled"]["met"] is None  # compiled in full runs only
 
 
 def test_checkpointing_suite_measures_every_configuration(ctx):
@@ -188,3 +194,15 @@ def test_gpu_suite_refuses_without_a_gpu_in_one_line_and_runs_its_paths_at_smoke
     assert all(r["GFLOP/img"] > 0 and r["TFLOP/s"] > 0 for r in measured)
     profile = data["details"]["profile"]
     assert profile["kernels_per_step"] > 0 and 0 < len(profile["top_kernels"]) <= 15
+    full_plan = gpu_suite._plan(False)  # on a GPU: the decoders in channels_last measured compiled too
+    assert ("ours_full_channels_last", "phase2", 64, "compiled", "sdpa") in full_plan
+    assert ("ours_full", "phase2", 64, "compiled", "flex") in full_plan
+
+
+def test_matmul_peak_is_set_by_the_fastest_call_not_the_median(monkeypatch):
+    """A ceiling: slow calls on a shared machine must not lower it (a median once read 114 GFLOP/s
+    on a CPU that does 182, and the encoder then showed 111% of "peak")."""
+    from mtlxray.bench import common
+
+    monkeypatch.setattr(common, "measure", lambda fn, **kw: common.Timing.from_samples([1.0, 4.0, 4.0, 4.0, 4.0]))
+    assert common.matmul_peak(torch.float32, n=64) == pytest.approx(2 * 64**3 / 1.0 / 1e9)

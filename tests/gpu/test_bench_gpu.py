@@ -20,10 +20,10 @@ def test_model_benchmark_on_the_gpu_reports_mfu_beside_monai(tmp_path):
     print("\n" + render(data))  # the table to record in benchmarks/README.md (pytest -s)
     assert data["status"] == "ok" and data["details"]["device"] == "cuda"
     rows = {(r["net"], r["dtype"]): r for r in data["rows"]}
-    for net in ("monai_encoder", "ours_encoder", "ours_full", "ours_full_channels_last"):
+    for net in ("monai_encoder", "timm_encoder", "ours_encoder", "ours_full", "ours_full_channels_last"):
         r = rows[(net, "bf16")]
         assert r["device"] == "cuda" and r["img/s"] > 0 and 0 < r["peak_frac"] < 1, r
-        assert r["vs_monai_enc"] > 0
+        assert r["vs_monai_enc"] > 0 and r["vs_timm_enc"] > 0
     if bf16_dense_peak(torch.cuda.get_device_name()) is not None:
         assert "data sheet" in data["details"]["peak_source"]["bf16"]  # MFU against the card's peak
     compiled = rows[("ours_tiny_compiled", "bf16")]

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtlxray.model.swin import SwinBlock, SwinEncoder, WindowAttention, window_layout, window_partition
 
@@ -241,3 +242,67 @@ def test_grad_checkpointing_gradients_equal_plain(mode):
 def test_unknown_checkpoint_mode_is_rejected():
     with pytest.raises(ValueError, match="grad_checkpoint"):
         SwinEncoder(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), grad_checkpoint="all")
+
+
+class _OpLog(TorchDispatchMode):
+    """Every aten op run inside, with its arguments and output (tensors as they were then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((str(func.overloadpacket), args, out))
+        return out
+
+
+def _shifted_padded_block(attention: str) -> SwinBlock:
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, num_heads=2, window_size=4, shift_size=2, attention=attention, input_size=(10, 9))
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    return block
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_window_gathers_backward_reads_each_tokens_slot_without_index_add_and_equals_torchs(attention, monkeypatch):
+    """Torch's backward of the window gathers zero-fills and accumulates with index_add_ (four
+    passes); theirs reads each token's gradient from its slot. Gradients are bit-identical in fp32:
+    the padding slots, which also read token 0, receive exactly zero gradient."""
+    from mtlxray.model import swin
+
+    block = _shifted_padded_block(attention)
+    x = torch.randn(2, 10, 9, 16)  # padded to 12×12, shifted: padding slots and the mask both live
+    grads = {}
+    for own in (True, False):
+        monkeypatch.setattr(swin, "_with_own_backward", lambda own=own: own)
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        with _OpLog() as ops:
+            out.square().sum().backward()
+        if own:
+            assert not [name for name, _, _ in ops.calls if name.startswith("aten.index_add")]
+        grads[own] = [xi.grad] + [p.grad.clone() for p in block.parameters()]
+        block.zero_grad()
+    for got, want in zip(grads[True], grads[False]):
+        assert torch.equal(got, want)
+
+
+def test_explicit_attention_adds_a_contiguous_bias_and_keeps_no_fp32_copy_of_the_map_in_bf16():
+    """A permuted bias made the add over the (B, heads, nW, N, N) map a strided walk (10× slower on
+    CPU), and a softmax to fp32 then back copied the map twice; under bf16 autocast the map stays
+    bf16 from the scores to the product with v."""
+    block = _shifted_padded_block("explicit")
+    x = torch.randn(2, 10, 9, 16, requires_grad=True)
+    with _OpLog() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    N = block.window_size ** 2
+
+    def is_map(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 5 and tuple(t.shape[-2:]) == (N, N)
+
+    adds = [args for name, args, _ in ops.calls if name in ("aten.add", "aten.add_") and is_map(args[0])]
+    assert adds and all(args[1].is_contiguous() for args in adds)
+    maps = [out for _, _, out in ops.calls if is_map(out)]
+    assert maps and {m.dtype for m in maps} == {torch.bfloat16}
