@@ -132,16 +132,12 @@ class _GatherWindows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor):
         ctx.save_for_backward(scatter)
-        ctx.qkv_shape = qkv.shape
         return gather_windows(qkv, gather)
 
     @staticmethod
-    def backward(ctx, *grads: Optional[torch.Tensor]):
+    def backward(ctx, *grads: torch.Tensor):  # autograd gives zeros for an output without a gradient
         (scatter,) = ctx.saved_tensors
-        B, HW, _, h, d = ctx.qkv_shape
-        like = next(g for g in grads if g is not None)
-        tokens = [like.new_zeros(B, HW, h, d) if g is None else g.index_select(2, scatter).transpose(1, 2)
-                  for g in grads]  # each B, H·W, heads, d
+        tokens = [g.index_select(2, scatter).transpose(1, 2) for g in grads]  # each B, H·W, heads, d
         return torch.stack(tokens, dim=2), None, None  # B, H·W, 3, heads, d: the Linear's layout
 
 
