@@ -233,16 +233,16 @@ def run(ctx: Context) -> SuiteResult:
     best64 = max((f for f in (frac(64, m) for m in MODES) if f is not None), default=None)
     b16, b64 = rate("ours_full", "phase2", 16, "compiled+cudagraphs"), max(
         (r for r in (rate("ours_full", "phase2", 64, m) for m in MODES) if r), default=None)
+
     def best(net: str) -> float | None:
         return max((r for r in (rate(net, "encoder", 64, m) for m in ("eager", "compiled")) if r), default=None)
 
     enc, timm256 = best("ours_encoder_256"), best("timm_swin_t_256")
     result.targets = [
         Target("full model phase 2 bf16 batch 64, fraction of dense bf16 peak", best64, 0.30),
-        Target("batch 16 (CUDA graphs) per-image time / batch 64's", b64 / b16 if b16 and b64 else None, 1.5,
+        Target("batch 16 (CUDA graphs) per-image time / batch 64's", _ratio(b64, b16), 1.5,
                kind="max", unit="x"),
-        Target("encoder 256² ours / timm Swin-T (best of eager, compiled)", enc / timm256 if enc and timm256 else None,
-               1.3, unit="x"),
+        Target("encoder 256² ours / timm Swin-T (best of eager, compiled)", _ratio(enc, timm256), 1.3, unit="x"),
     ]
     result.details = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",

@@ -245,7 +245,8 @@ def test_unknown_checkpoint_mode_is_rejected():
 
 
 class _OpLog(TorchDispatchMode):
-    """Every aten op run inside, with its arguments and output (tensors as they were then)."""
+    """Every aten op run inside, with its arguments and output. Tensors are kept by reference, so
+    one changed in place later shows the change; the tests here read only layouts and dtypes."""
 
     def __init__(self) -> None:
         super().__init__()
