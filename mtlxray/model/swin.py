@@ -24,7 +24,7 @@ from mtlxray.model.recompute import CHECKPOINT_MODES, CheckpointMode, run_checkp
 
 __all__ = [
     "SwinEncoder", "SwinBlock", "WindowAttention", "PatchEmbed", "PatchMerging", "DropPath",
-    "window_partition", "window_layout", "AttnImpl", "AttnKernel", "ATTENTION_KERNELS", "DEFAULT_KERNEL",
+    "window_partition", "window_layout", "with_own_backward", "AttnImpl", "AttnKernel", "ATTENTION_KERNELS", "DEFAULT_KERNEL",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,11 @@ def read_slots(slots: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
     return slots.transpose(1, 2).index_select(1, scatter)
 
 
-def _with_own_backward() -> bool:
-    """Whether the window gathers take their own backward (`_GatherWindows`, `_ReadSlots`): only
-    where one will run, and never under torch.jit.trace (and the TorchScript ONNX exporter), which
-    cannot record a Python autograd.Function."""
+def with_own_backward() -> bool:
+    """Whether the model's own autograd Functions (here the window gathers `_GatherWindows` and
+    `_ReadSlots`) replace their plain ops: only where a backward will run, and never under
+    torch.jit.trace (and the TorchScript ONNX exporter), which cannot record a Python
+    autograd.Function."""
     return torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
@@ -249,7 +250,7 @@ class WindowAttention(nn.Module):
         # straight into (3, B, heads, nW·N, d), so each is contiguous and the kernels (and SDPA's
         # fold of the windows into its head axis) need no further copy.
         qkv = self.qkv(x).view(B, H * W, 3, h, d)
-        own = _with_own_backward()
+        own = with_own_backward()
         qkv = _GatherWindows.apply(qkv, gather, scatter) if own else gather_windows(qkv, gather)
         q, k, v = (t.view(B, h, nW, N, d) for t in qkv)
         if self.kernel == "flex":

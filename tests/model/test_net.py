@@ -143,7 +143,7 @@ def test_the_class_head_and_softmaxes_run_in_fp32_under_bf16_autocast():
     model.set_mode("phase2")
     seen = {}
     model.cls_head.register_forward_pre_hook(lambda m, args: seen.update(cls_in=args[0].dtype))
-    model.cls_head.conv_phase2.register_forward_hook(lambda m, a, out: seen.update(cls_conv=out.dtype))
+    model.cls_head.fc.register_forward_pre_hook(lambda m, args: seen.update(cls_pooled=args[0].dtype))
     gates, windows = [], []
 
     class Softmaxes(torch.overrides.TorchFunctionMode):
@@ -159,7 +159,7 @@ def test_the_class_head_and_softmaxes_run_in_fp32_under_bf16_autocast():
 
     with torch.autocast("cpu", dtype=torch.bfloat16), Softmaxes():
         out = model(torch.rand(2, 1, cfg.img_size, cfg.img_size))
-    assert seen == {"cls_in": torch.float32, "cls_conv": torch.float32}
+    assert seen == {"cls_in": torch.float32, "cls_pooled": torch.float32}
     assert gates and set(gates) == {torch.float32}  # the cross-attention gates
     assert windows and all(windows)  # every window attention: fp32 values, rounded once
     assert out["cls"].dtype == torch.float32 and out["lung"].dtype == torch.bfloat16

@@ -277,7 +277,7 @@ def test_window_gathers_backward_reads_each_tokens_slot_without_index_add_and_eq
     x = torch.randn(2, 10, 9, 16)  # padded to 12×12, shifted: padding slots and the mask both live
     grads = {}
     for own in (True, False):
-        monkeypatch.setattr(swin, "_with_own_backward", lambda own=own: own)
+        monkeypatch.setattr(swin, "with_own_backward", lambda own=own: own)
         xi = x.clone().requires_grad_(True)
         out = block(xi)
         with _OpLog() as ops:
