@@ -8,11 +8,12 @@ NaN, and when a real element does.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from _deepspeed_exit import leave_after_deepspeed
 
 
 def main() -> None:
@@ -35,12 +36,7 @@ def main() -> None:
         shard[0] = float("nan")  # a real weight
         record["finite_with_nan_weight"] = bool(all_finite(model))
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(record))
-    torch.distributed.destroy_process_group()
-    # With deepspeed imported, a gloo thread can abort the interpreter's shutdown ("terminate called
-    # without an active exception", pytorch#190489); the result is written, so leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_after_deepspeed()
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_class_head_under_zero3_gets_its_childrens_partitioned_weights(tmp_path)
     and gathers. Every parameter partitioned (persistence threshold 0): same output and gradient."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     res = killable.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                        str(Path(__file__).with_name("_zero3_class_head.py")), str(tmp_path)], env=env, timeout=300)
+                        str(Path(__file__).parents[1] / "_zero3_class_head.py"), str(tmp_path)], env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert all(result["partitioned"]) and "error" not in result, result

@@ -12,11 +12,12 @@ parameter was partitioned, and the head's output under the engine against the sa
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
+
+from _deepspeed_exit import leave_after_deepspeed
 
 
 class _Model(torch.nn.Module):
@@ -64,12 +65,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the failure is the finding
         record["error"] = error_line(e)
     Path(sys.argv[1], "result.json").write_text(json.dumps(record))
-    torch.distributed.destroy_process_group()
-    # With deepspeed imported, a gloo thread can abort the interpreter's shutdown ("terminate called
-    # without an active exception", pytorch#190489); the result is written, so leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_after_deepspeed()
 
 
 if __name__ == "__main__":
