@@ -113,9 +113,10 @@ def pooled_conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     follow from the patches' mean and covariance, and the norm folds into the product's
     weights. That keeps K+1+C floats a pixel and makes fewer passes over the C-channel map, but
     more over the (K+1)-wide patches: it pays where C ≥ 2(K+1), the default for `fold` (the
-    paper's C=64 in both phases; not the narrow test and demo heads). Same maths as the modules
-    (to fp32 rounding, where the conv weights' gradient comes out closer to a float64 reference:
-    its sums no longer cancel through the norm's backward), and the same running statistics."""
+    paper's C=64 in both phases and the demo's 32 in phase 1; not the tests' 8). Same maths as
+    the modules (to fp32 rounding, where the conv weights' gradient comes out closer to a float64
+    reference: its sums no longer cancel through the norm's backward), and the same running
+    statistics."""
     if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1) \
             or conv.bias is None:
         raise ValueError(f"pooled_conv_bn_relu takes a 3×3 'same' conv with a bias, got {conv}")

@@ -110,10 +110,10 @@ def read_slots(slots: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
 
 
 def with_own_backward() -> bool:
-    """Whether the model's own autograd Functions (here the window gathers `_GatherWindows` and
-    `_ReadSlots`) replace their plain ops: only where a backward will run, and never under
-    torch.jit.trace (and the TorchScript ONNX exporter), which cannot record a Python
-    autograd.Function."""
+    """Whether the model's own autograd Functions (the window gathers `_GatherWindows` and
+    `_ReadSlots` here, the class head's in `mtlxray.model.heads`) replace their plain ops: only
+    where a backward will run, and never under torch.jit.trace (and the TorchScript ONNX
+    exporter), which cannot record a Python autograd.Function."""
     return torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
